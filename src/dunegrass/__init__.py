@@ -1,0 +1,49 @@
+"""dunegrass: training data attribution — which training examples made a model behave as it does.
+
+import dunegrass as dg
+attr = dg.GraSS(model, dg.ClassificationTask(), k=4096).fit(train)
+scores = attr.score(queries)        # [n_query, n_train], positive = proponent
+"""
+
+from .compress import Compressor, Gaussian, Rademacher, RandomMask, SelectiveMask, SparseJL, compressor
+from .data import TensorData
+from .errors import ConfigMismatchError, CorruptCacheError, DunegrassError, NonFiniteError
+from .eval import GroundTruth, lds, leave_one_out, loo_correlation, mislabel_auc, subset_retraining
+from .methods import TRAK, Attributor, ExactInfluence, GradientInfluence, TracIn
+from .scores import Scores
+from .task import ClassificationTask, Task
+from .train import EnsembleTrainer, Member, TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TRAK",
+    "Attributor",
+    "ClassificationTask",
+    "Compressor",
+    "ConfigMismatchError",
+    "CorruptCacheError",
+    "DunegrassError",
+    "EnsembleTrainer",
+    "ExactInfluence",
+    "Gaussian",
+    "GradientInfluence",
+    "GroundTruth",
+    "Member",
+    "NonFiniteError",
+    "Rademacher",
+    "RandomMask",
+    "Scores",
+    "SelectiveMask",
+    "SparseJL",
+    "Task",
+    "TensorData",
+    "TracIn",
+    "TrainConfig",
+    "compressor",
+    "lds",
+    "leave_one_out",
+    "loo_correlation",
+    "mislabel_auc",
+    "subset_retraining",
+]

@@ -1,0 +1,48 @@
+"""The ``dunegrass`` command: ``dunegrass demo`` and ``dunegrass bench <name>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Benchmarks live in their own modules, imported only when asked for; each has
+# ``add_arguments(parser)`` and ``main(args) -> int``.
+BENCHES = {
+    "compress": "dunegrass.bench.compress_bench",
+    "factorized": "dunegrass.bench.factorized_bench",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dunegrass", description="Training data attribution.")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="attribute a digits MLP with every method and score them by LDS")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
+    demo.add_argument("--out", default="dunegrass-demo", help="directory for results.json and report.html")
+    demo.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="speed/accuracy benchmarks that print a table and write JSON")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    for name, module in BENCHES.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
+        mod.add_arguments(bp)
+        bp.set_defaults(_bench_main=mod.main)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(quick=args.quick, out=args.out, seed=args.seed)
+        return 0
+    return int(args._bench_main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

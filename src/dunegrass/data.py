@@ -1,0 +1,103 @@
+"""Datasets as dunegrass sees them: anything indexable with a length, batched in order.
+
+Tuples/lists/dicts of tensors (examples along dim 0) are sliced directly, which is much faster
+than collating items one by one; any other map-style ``torch.utils.data.Dataset`` goes through a
+DataLoader with ``collate_fn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import DunegrassError
+
+
+class TensorData:
+    """Examples stored as a tuple or dict of tensors sharing their first dimension."""
+
+    def __init__(self, tensors: Sequence[Tensor] | Mapping[str, Tensor]):
+        self.tensors = tensors
+        values = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+        if not values or not all(isinstance(t, Tensor) for t in values):
+            raise DunegrassError("a dataset given as a tuple/dict must hold only tensors, and at least one")
+        n = values[0].shape[0] if values[0].ndim else 0
+        for t in values:
+            if t.ndim == 0 or t.shape[0] != n:
+                shapes = [tuple(v.shape) for v in values]
+                raise DunegrassError(
+                    f"the tensors of a dataset must share their first (example) dimension; got shapes {shapes}"
+                )
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def slice(self, index: slice | Tensor) -> Any:
+        if isinstance(self.tensors, Mapping):
+            return {k: v[index] for k, v in self.tensors.items()}
+        return tuple(t[index] for t in self.tensors)
+
+
+def as_data(data: Any) -> TensorData | Dataset:
+    """Accept a tuple/list/dict of tensors, a TensorData or a map-style Dataset; reject empty data."""
+    if isinstance(data, TensorData):
+        out: Any = data
+    elif isinstance(data, Tensor):
+        out = TensorData((data,))
+    elif isinstance(data, (tuple, list, Mapping)):
+        out = TensorData(data)
+    elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        out = data
+    else:
+        raise DunegrassError(
+            f"cannot use an object of type {type(data).__name__} as a dataset; pass a tuple of tensors "
+            "(X, y), a dict of tensors, or a map-style torch Dataset with __len__"
+        )
+    if len(out) == 0:
+        raise DunegrassError("the dataset is empty; attribution needs at least one example")
+    return out
+
+
+def iterate_batches(
+    data: Any,
+    batch_size: int,
+    start: int = 0,
+    stop: int | None = None,
+    collate_fn: Callable | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(offset, batch)`` over examples ``[start, stop)`` in order."""
+    if batch_size < 1:
+        raise DunegrassError(f"batch_size must be at least 1, got {batch_size}")
+    data = as_data(data)
+    stop = len(data) if stop is None else min(stop, len(data))
+    if isinstance(data, TensorData):
+        for lo in range(start, stop, batch_size):
+            yield lo, data.slice(slice(lo, min(lo + batch_size, stop)))
+        return
+    loader = DataLoader(Subset(data, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    for i, batch in enumerate(loader):
+        yield start + i * batch_size, batch
+
+
+def subset(data: Any, indices: Sequence[int] | Tensor) -> TensorData | Dataset:
+    """The examples at ``indices`` (in that order)."""
+    data = as_data(data)
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(data, TensorData):
+        return TensorData(data.slice(idx))
+    return Subset(data, idx.tolist())
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

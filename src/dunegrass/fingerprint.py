@@ -1,0 +1,50 @@
+"""Fingerprints that tie a cache to the exact weights and data it was computed from."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import as_data, iterate_batches
+
+
+def _update(h, obj: Any) -> None:
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        _update(h, torch.from_numpy(np.ascontiguousarray(obj)))
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj):
+            h.update(str(k).encode())
+            _update(h, obj[k])
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _update(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def state_fingerprint(state: Mapping[str, Tensor]) -> str:
+    """sha256 of every tensor of a state dict (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    _update(h, dict(state))
+    return h.hexdigest()
+
+
+def data_fingerprint(data: Any, batch_size: int = 64) -> str:
+    """n plus a sha256 of the first and last batches: cheap, and catches a different dataset."""
+    data = as_data(data)
+    n = len(data)
+    h = hashlib.sha256(str(n).encode())
+    for _, batch in iterate_batches(data, batch_size, 0, min(batch_size, n)):
+        _update(h, batch)
+    for _, batch in iterate_batches(data, batch_size, max(0, n - batch_size), n):
+        _update(h, batch)
+    return f"n={n}:{h.hexdigest()[:32]}"

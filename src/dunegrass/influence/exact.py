@@ -1,0 +1,122 @@
+"""Exact influence for small models: the full damped Hessian (or Gauss-Newton) in parameter space."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev, vmap
+from torch.utils._pytree import tree_map
+
+from ..data import iterate_batches
+from ..errors import DunegrassError
+from ..task import Task
+
+MAX_PARAMS = 20_000  # a p × p float64 matrix of 3.2 GB; beyond that use a compressed method
+
+
+def flat_parameters(model: nn.Module, names: Sequence[str]) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+    """The selected parameters as one vector, and a function mapping such a vector back to a dict."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def unflatten(v: Tensor) -> dict[str, Tensor]:
+        return {n: p.reshape(s) for n, p, s in zip(names, torch.split(v, sizes), shapes)}
+
+    return flat, unflatten
+
+
+def _closure(model: nn.Module, names: Sequence[str]):
+    chosen = set(names)
+    consts = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+    consts.update(dict(model.named_buffers()))
+    flat, unflatten = flat_parameters(model, names)
+
+    class _Proxy:
+        def __init__(self, v):
+            self.v = v
+
+        def __call__(self, *args, **kwargs):
+            return functional_call(model, {**consts, **unflatten(self.v)}, args, kwargs)
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+    return flat, _Proxy
+
+
+def damped_hessian(
+    model: nn.Module,
+    task: Task,
+    data: Any,
+    params: Sequence[str],
+    l2: float = 0.0,
+    mode: str = "exact",
+    batch_size: int = 256,
+) -> Tensor:
+    """``[p, p]`` float64: ∇²_θ mean_i ℓ_i (``mode="exact"``) or its Gauss-Newton part, plus ``l2`` I."""
+    if mode not in ("exact", "gauss_newton"):
+        raise DunegrassError(f"hessian mode must be 'exact' or 'gauss_newton', got {mode!r}")
+    flat, proxy = _closure(model, params)
+    p = flat.numel()
+    if p > MAX_PARAMS:
+        raise DunegrassError(
+            f"exact influence needs a {p} x {p} Hessian; that is too large (limit {MAX_PARAMS} parameters). "
+            "Restrict params=[...] to a few layers or use a compressed method (GraSS, TRAK)"
+        )
+    total = torch.zeros(p, p, dtype=torch.float64)
+    n = 0
+    for _, batch in iterate_batches(data, batch_size):
+        b = task.batch_size(batch)
+        if mode == "exact":
+
+            def batch_loss(v, batch=batch):
+                return task.loss(task.outputs(proxy(v), batch), batch).sum()
+
+            total += hessian(batch_loss)(flat).to(torch.float64)
+        else:
+            total += _gauss_newton(task, proxy, flat, batch)
+        n += b
+    return total / n + l2 * torch.eye(p, dtype=torch.float64)
+
+
+def _gauss_newton(task: Task, proxy, flat: Tensor, batch: Any) -> Tensor:
+    """Σ_i J_iᵀ (∂²ℓ_i/∂o²) J_i with J_i the Jacobian of example i's outputs."""
+
+    def outputs_one(v, example):
+        one = tree_map(lambda t: t.unsqueeze(0), example)
+        return task.outputs(proxy(v), one)[0]
+
+    def loss_of_outputs(o, example):
+        one = tree_map(lambda t: t.unsqueeze(0), example)
+        return task.loss(o.unsqueeze(0), one)[0]
+
+    jac = vmap(jacrev(outputs_one), in_dims=(None, 0))(flat, batch)  # [B, *o, p]
+    outs = vmap(outputs_one, in_dims=(None, 0))(flat, batch)
+    h_out = vmap(hessian(loss_of_outputs))(outs, batch)  # [B, *o, *o]
+    b = jac.shape[0]
+    j = jac.reshape(b, -1, flat.numel()).to(torch.float64)
+    h = h_out.reshape(b, j.shape[1], j.shape[1]).to(torch.float64)
+    return torch.einsum("bop,boq,bqr->pr", j, h, j)
+
+
+def solve_damped(h: Tensor, rhs: Tensor, damping: float = 0.0) -> Tensor:
+    """(H + damping · tr(H)/p · I)⁻¹ rhs, with an eigendecomposition fallback for indefinite H."""
+    p = h.shape[0]
+    mat = h + damping * torch.trace(h) / p * torch.eye(p, dtype=h.dtype)
+    chol, info = torch.linalg.cholesky_ex(mat)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.to(h.dtype), chol)
+    warnings.warn(
+        "the damped Hessian is not positive definite; solving with |eigenvalues| "
+        "(use hessian='gauss_newton' or more damping for a PSD curvature)",
+        stacklevel=2,
+    )
+    evals, evecs = torch.linalg.eigh(mat)
+    floor = max(float(damping * torch.trace(h).abs() / p), 1e-12)
+    return evecs @ ((evecs.T @ rhs.to(h.dtype)) / evals.abs().clamp_min(floor)[:, None])

@@ -1,0 +1,161 @@
+"""Presets of the gradient engine: TRAK, TracIn and exact influence."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import DunegrassError
+from ..influence.exact import damped_hessian, solve_damped
+from ..scores import Scores
+from ..task import ClassificationTask, Task
+from .featurize import load_weights
+from .gradient import GradientInfluence
+
+
+class TRAK(GradientInfluence):
+    """TRAK (Park et al. 2023; algorithms.md §1.2) for classification.
+
+    Features: projected ∇ of the log-odds of the correct class (Gaussian JL to ``k``), per checkpoint
+    with its own projection seed. τ = Q ⊙ mean_m φ_{z,m}ᵀ (Φ_mᵀΦ_m/n + λI)⁻¹ φ_{i,m}, Q_i = 1 − p_i
+    averaged over checkpoints. Pass several independently trained ``checkpoints`` for the usual
+    ensemble.
+    """
+
+    method_name = "trak"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        k: int = 2048,
+        projector: str = "gaussian",
+        checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
+        damping: float | None = 0.1,
+        **kwargs: Any,
+    ):
+        if not isinstance(task, ClassificationTask):
+            raise DunegrassError(
+                "TRAK needs a ClassificationTask (it explains the log-odds of the correct class); "
+                f"got {type(task).__name__}. Use dg.GradientInfluence for other tasks."
+            )
+        self.base_task = task
+        logodds = ClassificationTask(measurement="logodds")
+        super().__init__(
+            model,
+            logodds,
+            compressor=f"{projector}:{k}" if k else "identity",
+            damping=damping,
+            checkpoints=checkpoints,
+            train_signal="measurement",
+            query_signal="measurement",
+            **kwargs,
+        )
+
+    def _extra_widths(self) -> dict[str, int]:
+        return {"q": 1}
+
+    def _extra_arrays(self, state, batch) -> dict[str, np.ndarray]:
+        with torch.no_grad(), load_weights(self.model, state):
+            out = self.task.outputs(self.model, batch)
+            q = 1.0 - self.task.probability_correct(out, batch)
+        return {"q": q.detach().cpu().numpy()[:, None].astype(np.float32)}
+
+    def q_weights(self) -> Tensor:
+        """``[n_train]``: 1 − p(correct) averaged over checkpoints."""
+        self._require_fit()
+        qs = [torch.from_numpy(store.load("q")[:, 0]) for store in self.stores]
+        return torch.stack(qs).mean(0)
+
+    def score(self, queries: Any) -> Scores:
+        scores = super().score(queries)
+        scores.values = scores.values * self.q_weights()[None, :]
+        return scores
+
+    def self_scores(self) -> Tensor:
+        return super().self_scores() * self.q_weights()
+
+
+class TracIn(GradientInfluence):
+    """TracIn / gradient dot product: Σ_m η_m g_{z,m}ᵀ g_{i,m} (optionally compressed, no preconditioner).
+
+    ``learning_rates`` weight the checkpoints (default: equal weights summing to one).
+    """
+
+    method_name = "tracin"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        compressor: Any = "identity",
+        checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
+        learning_rates: Sequence[float] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            model,
+            task,
+            compressor=compressor,
+            damping=None,
+            checkpoints=checkpoints,
+            checkpoint_weights=learning_rates,
+            **kwargs,
+        )
+
+
+class _HessianSolver:
+    """Preconditioner interface over a full damped Hessian (exact influence)."""
+
+    def __init__(self, hessian: Tensor, damping: float):
+        self.hessian, self.damping = hessian, damping
+
+    def solve(self, features: Tensor) -> Tensor:
+        return solve_damped(self.hessian, features.T.to(torch.float64), self.damping).T.to(torch.float32)
+
+
+class ExactInfluence(GradientInfluence):
+    """Influence with the full Hessian in parameter space: g_zᵀ (H + λI)⁻¹ g_i (small models only).
+
+    ``l2`` is the L2 coefficient the model was trained with (it is part of the training objective's
+    Hessian); ``damping`` adds relative damping λ = damping · tr(H)/p. ``hessian="gauss_newton"``
+    uses the positive semi-definite Gauss-Newton part instead. Scores omit the 1/n factor of a
+    leave-one-out effect: τ ≈ n · (m_z(θ without z_i) − m_z(θ)).
+    """
+
+    method_name = "exact"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        params: Sequence[str] | None = None,
+        l2: float = 0.0,
+        damping: float = 0.0,
+        hessian: str = "exact",
+        **kwargs: Any,
+    ):
+        if damping < 0 or l2 < 0:
+            raise DunegrassError("l2 and damping must be non-negative")
+        super().__init__(model, task, compressor="identity", damping=None, params=params, **kwargs)
+        self.l2, self.hessian_damping, self.hessian_mode = l2, damping, hessian
+
+    def config(self, m: int) -> dict:
+        return {**super().config(m), "l2": self.l2, "hessian": self.hessian_mode}
+
+    def _fit_preconditioner(self, m: int, store):
+        with load_weights(self.model, self.checkpoints[m]):
+            h = damped_hessian(
+                self.model,
+                self.task,
+                self.train_data,
+                self.featurizers[m].params,
+                self.l2,
+                self.hessian_mode,
+                self.batch_size,
+            )
+        return _HessianSolver(h, self.hessian_damping)

@@ -1,0 +1,209 @@
+"""On-disk feature store: fixed-size shards of named arrays plus a JSON manifest.
+
+Layout of a store directory::
+
+    manifest.json          config, its hash, n, shard size, and per array its width and dtype
+    shard-00003.json       written last for shard 3: row range and sha256 of each array file
+    features-00003.npy     arrays of shard 3 (rows [3·S, 4·S)), one .npy per named array
+
+Each file is written atomically, and a shard counts as complete only once its JSON exists and its
+checksums match, so a killed writer leaves nothing half-written: ``missing()`` lists what to
+(re)compute, and resuming gives bit-identical results. Per-shard JSON files (instead of one
+manifest updated by everyone) let several processes write disjoint shards of one store.
+
+``path=None`` keeps the shards in memory with the same interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from ..errors import ConfigMismatchError, CorruptCacheError, DunegrassError
+from .atomic import atomic_save_npy, atomic_write_json
+
+FORMAT = "dunegrass-feature-store-v1"
+DTYPES = ("float32", "float16", "float64")
+
+
+def config_hash(config: Mapping) -> str:
+    """sha256 of the canonical JSON of ``config``."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FeatureStore:
+    """Rows ``[0, n)`` of named arrays, each ``[n, width]``, stored in shards of ``shard_size`` rows."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        config: Mapping,
+        n: int,
+        widths: Mapping[str, int],
+        shard_size: int = 1024,
+        dtypes: Mapping[str, str] | None = None,
+    ):
+        if n < 1:
+            raise DunegrassError("a feature store needs at least one row; the dataset is empty")
+        if shard_size < 1:
+            raise DunegrassError(f"shard_size must be at least 1, got {shard_size}")
+        dtypes = dict(dtypes or {})
+        for name, dt in dtypes.items():
+            if dt not in DTYPES:
+                raise DunegrassError(f"unsupported store dtype {dt!r} for {name!r}; choose one of {DTYPES}")
+        self.path = None if path is None else os.fspath(path)
+        self.manifest = {
+            "format": FORMAT,
+            "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
+            "config_hash": config_hash(config),
+            "n": int(n),
+            "shard_size": int(shard_size),
+            "arrays": {k: {"width": int(w), "dtype": dtypes.get(k, "float32")} for k, w in widths.items()},
+        }
+        self._memory: dict[int, dict[str, np.ndarray]] = {}
+        if self.path is not None:
+            self._open_dir()
+
+    # ---- layout
+    @property
+    def n(self) -> int:
+        return self.manifest["n"]
+
+    @property
+    def shard_size(self) -> int:
+        return self.manifest["shard_size"]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def rows(self, index: int) -> tuple[int, int]:
+        lo = index * self.shard_size
+        return lo, min(lo + self.shard_size, self.n)
+
+    def _file(self, name: str, index: int) -> str:
+        return os.path.join(self.path, f"{name}-{index:05d}.npy")
+
+    def _meta_file(self, index: int) -> str:
+        return os.path.join(self.path, f"shard-{index:05d}.json")
+
+    def _open_dir(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        mpath = os.path.join(self.path, "manifest.json")
+        for leftover in os.listdir(self.path):
+            if leftover.startswith(".tmp-"):
+                os.unlink(os.path.join(self.path, leftover))
+        if os.path.exists(mpath):
+            try:
+                with open(mpath) as f:
+                    found = json.load(f)
+            except (OSError, ValueError) as e:
+                raise CorruptCacheError(
+                    f"{mpath} is unreadable ({e}); delete the directory {self.path} to recompute"
+                ) from e
+            if found.get("config_hash") != self.manifest["config_hash"] or found.get("n") != self.n:
+                diff = _diff(found.get("config", {}), self.manifest["config"])
+                raise ConfigMismatchError(
+                    f"the cache at {self.path} was made with a different configuration ({diff}); "
+                    "use another cache_dir, or delete this one to recompute"
+                )
+            if found.get("shard_size") != self.shard_size or found.get("arrays") != self.manifest["arrays"]:
+                raise ConfigMismatchError(
+                    f"the cache at {self.path} has a different layout (shard size or arrays); "
+                    "use another cache_dir, or delete this one to recompute"
+                )
+        else:
+            atomic_write_json(mpath, self.manifest)
+
+    # ---- writing
+    def missing(self) -> list[int]:
+        """Indices of shards that are not complete yet."""
+        if self.path is None:
+            return [i for i in range(self.num_shards) if i not in self._memory]
+        return [i for i in range(self.num_shards) if not os.path.exists(self._meta_file(i))]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing()
+
+    def write(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Store shard ``index``; ``arrays`` maps every array name to ``[rows, width]``."""
+        lo, hi = self.rows(index)
+        out = {}
+        for name, spec in self.manifest["arrays"].items():
+            if name not in arrays:
+                raise DunegrassError(f"shard {index} is missing array {name!r}")
+            a = np.asarray(arrays[name])
+            if a.shape != (hi - lo, spec["width"]):
+                raise DunegrassError(
+                    f"shard {index} array {name!r} has shape {a.shape}, expected {(hi - lo, spec['width'])}"
+                )
+            out[name] = a.astype(spec["dtype"], copy=False)
+        if self.path is None:
+            self._memory[index] = {k: v.copy() for k, v in out.items()}
+            return
+        sums = {}
+        for name, a in out.items():
+            sums[name] = hashlib.sha256(atomic_save_npy(self._file(name, index), a)).hexdigest()
+        atomic_write_json(self._meta_file(index), {"index": index, "rows": [lo, hi], "sha256": sums})
+
+    # ---- reading
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        """Shard ``index`` as arrays, checked against its recorded checksums."""
+        if self.path is None:
+            if index not in self._memory:
+                raise DunegrassError(f"shard {index} has not been computed yet")
+            return self._memory[index]
+        meta_file = self._meta_file(index)
+        if not os.path.exists(meta_file):
+            raise DunegrassError(f"shard {index} of {self.path} has not been computed yet; run fit first")
+        try:
+            with open(meta_file) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CorruptCacheError(f"{meta_file} is unreadable ({e}); delete it to recompute the shard") from e
+        out = {}
+        for name in self.manifest["arrays"]:
+            fname = self._file(name, index)
+            try:
+                with open(fname, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise CorruptCacheError(
+                    f"{fname} is missing ({e}); delete {meta_file} to recompute shard {index}"
+                ) from e
+            if hashlib.sha256(data).hexdigest() != meta["sha256"].get(name):
+                raise CorruptCacheError(
+                    f"{fname} is corrupt or truncated (checksum mismatch); delete it and {meta_file} "
+                    f"to recompute shard {index}"
+                )
+            out[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        lo, hi = self.rows(index)
+        for name, a in out.items():
+            if a.shape != (hi - lo, self.manifest["arrays"][name]["width"]):
+                raise CorruptCacheError(f"{self._file(name, index)} has the wrong shape {a.shape}")
+        return out
+
+    def iter_shards(self, name: str = "features") -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, array)`` shard by shard, so memory stays flat as n grows."""
+        for i in range(self.num_shards):
+            yield self.rows(i)[0], self.read(i)[name]
+
+    def load(self, name: str = "features") -> np.ndarray:
+        """The whole ``[n, width]`` array (for small stores)."""
+        return np.concatenate([a for _, a in self.iter_shards(name)])
+
+
+def _diff(old: Mapping, new: Mapping, prefix: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, Mapping) and isinstance(b, Mapping):
+                return _diff(a, b, f"{prefix}{key}.")
+            return f"{prefix}{key}: cached {a!r}, requested {b!r}"
+    return "layout differs"

@@ -1,0 +1,165 @@
+"""Tasks: one loss signature everywhere.
+
+A Task turns ``(model, batch)`` into model outputs, and outputs into per-example values:
+``loss(outputs, batch) -> [B]`` (what training minimises) and ``measurement(outputs, batch) -> [B]``
+(what is being explained). Outputs are exposed because Daunce linearises in output space.
+
+Sign convention: on the query side dunegrass always differentiates a *loss-like* quantity,
+``query_loss = measurement`` when lower is better, ``-measurement`` when higher is better.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import DunegrassError
+
+
+class Task(ABC):
+    """Base class. Subclass it and implement ``outputs``, ``loss`` and ``measurement``.
+
+    ``measurement_higher_is_better`` says which way the measurement points (a margin or a
+    log-probability: True; a loss: False).
+    """
+
+    measurement_higher_is_better: bool = False
+
+    @abstractmethod
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        """Model outputs for a batch, e.g. logits ``[B, C]``."""
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Per-example training loss ``[B]`` (not reduced)."""
+
+    def measurement(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Per-example measurement ``[B]`` whose behaviour is being explained."""
+        return self.loss(outputs, batch)
+
+    def query_loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        """The loss-like form of the measurement ``[B]``: lower is better."""
+        m = self.measurement(outputs, batch)
+        return -m if self.measurement_higher_is_better else m
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of examples in a batch (the leading dimension of its first tensor)."""
+        return int(first_tensor(batch).shape[0])
+
+    def config(self) -> dict:
+        """JSON-able description, part of every cache's config hash."""
+        return {"task": type(self).__name__}
+
+
+def first_tensor(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            if isinstance(v, Tensor):
+                return v
+    if isinstance(batch, Sequence):
+        for v in batch:
+            if isinstance(v, Tensor):
+                return v
+    raise DunegrassError(
+        f"cannot find a tensor in a batch of type {type(batch).__name__}; "
+        "batches must be tensors, or tuples/lists/dicts of tensors with examples along dim 0"
+    )
+
+
+def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, Mapping):
+        try:
+            return batch["inputs"], batch["labels"]
+        except KeyError as e:
+            raise DunegrassError(
+                f"ClassificationTask expects batches with keys 'inputs' and 'labels', got {list(batch)}"
+            ) from e
+    if isinstance(batch, Sequence) and not isinstance(batch, Tensor) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise DunegrassError(
+        "ClassificationTask expects batches of (inputs, labels); "
+        f"got {type(batch).__name__}. Wrap your data as a tuple (X, y) or a dict with 'inputs'/'labels'."
+    )
+
+
+class ClassificationTask(Task):
+    """Cross-entropy classification on ``(inputs, labels)`` batches.
+
+    measurement:
+      - ``"loss"``: cross-entropy (lower is better);
+      - ``"margin"``: correct logit minus the largest other logit (higher is better);
+      - ``"logodds"``: log(p / (1 - p)) of the correct class, as in TRAK (higher is better).
+    """
+
+    MEASUREMENTS = ("loss", "margin", "logodds")
+
+    def __init__(self, measurement: str = "loss"):
+        if measurement not in self.MEASUREMENTS:
+            raise DunegrassError(f"unknown measurement {measurement!r}; choose one of {', '.join(self.MEASUREMENTS)}")
+        self.measurement_name = measurement
+        self.measurement_higher_is_better = measurement != "loss"
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        inputs, labels = _unpack(batch)
+        try:
+            logits = model(inputs)
+        except RuntimeError as e:
+            raise DunegrassError(
+                f"the model failed on inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {e}. "
+                "Check that the data matches the model's expected input shape and dtype."
+            ) from e
+        if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+            raise DunegrassError(
+                f"ClassificationTask expects logits of shape [B, C] with B = {labels.shape[0]} labels, "
+                f"got {tuple(logits.shape)}"
+            )
+        return logits
+
+    def _labels(self, outputs: Tensor, batch: Any) -> Tensor:
+        labels = _unpack(batch)[1]
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise DunegrassError(
+                f"ClassificationTask expects integer class labels, got dtype {labels.dtype}; "
+                "convert them with labels.long()"
+            )
+        return labels.long()
+
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        return F.cross_entropy(outputs, self._labels(outputs, batch), reduction="none")
+
+    def logodds(self, outputs: Tensor, batch: Any) -> Tensor:
+        """log(p / (1 - p)) for the correct class ``[B]``."""
+        labels = self._labels(outputs, batch)
+        correct = outputs.gather(1, labels[:, None])[:, 0]
+        others = outputs.masked_fill(_one_hot(labels, outputs.shape[1]), float("-inf"))
+        return correct - torch.logsumexp(others, dim=1)
+
+    def probability_correct(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Softmax probability of the correct class ``[B]``."""
+        labels = self._labels(outputs, batch)
+        return torch.softmax(outputs, dim=1).gather(1, labels[:, None])[:, 0]
+
+    def measurement(self, outputs: Tensor, batch: Any) -> Tensor:
+        if self.measurement_name == "loss":
+            return self.loss(outputs, batch)
+        if self.measurement_name == "logodds":
+            return self.logodds(outputs, batch)
+        labels = self._labels(outputs, batch)
+        correct = outputs.gather(1, labels[:, None])[:, 0]
+        others = outputs.masked_fill(_one_hot(labels, outputs.shape[1]), float("-inf"))
+        return correct - others.max(dim=1).values
+
+    def config(self) -> dict:
+        return {"task": type(self).__name__, "measurement": self.measurement_name}
+
+
+def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """Boolean one-hot ``[B, C]`` (F.one_hot cannot run under vmap)."""
+    return torch.arange(num_classes, device=labels.device)[None, :] == labels[:, None]
