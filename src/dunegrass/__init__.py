@@ -11,7 +11,7 @@ from .errors import ConfigMismatchError, CorruptCacheError, DunegrassError, NonF
 from .eval import GroundTruth, lds, leave_one_out, loo_correlation, mislabel_auc, subset_retraining
 from .methods import TRAK, Attributor, ExactInfluence, GradientInfluence, TracIn
 from .scores import Scores
-from .task import ClassificationTask, Task
+from .task import CausalLMTask, ClassificationTask, Task
 from .train import EnsembleTrainer, Member, TrainConfig
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TRAK",
     "Attributor",
+    "CausalLMTask",
     "ClassificationTask",
     "Compressor",
     "ConfigMismatchError",

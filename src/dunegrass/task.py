@@ -163,3 +163,69 @@ class ClassificationTask(Task):
 def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
     """Boolean one-hot ``[B, C]`` (F.one_hot cannot run under vmap)."""
     return torch.arange(num_classes, device=labels.device)[None, :] == labels[:, None]
+
+
+class CausalLMTask(Task):
+    """Next-token prediction on batches ``{"input_ids", "attention_mask"?, "labels"?}`` (Hugging Face style).
+
+    Per-example loss: mean cross-entropy over the tokens that carry labels (labels shifted by one as
+    in Hugging Face; label -100 and padding, where ``attention_mask`` is 0, are ignored). Without
+    ``labels`` the input ids are the labels.
+
+    measurement:
+      - ``"loss"``: that per-example mean token loss (lower is better);
+      - ``"logprob"``: the sequence log-probability, Σ log p(label tokens) (higher is better).
+    """
+
+    MEASUREMENTS = ("loss", "logprob")
+
+    def __init__(self, measurement: str = "loss"):
+        if measurement not in self.MEASUREMENTS:
+            raise DunegrassError(f"unknown measurement {measurement!r}; choose one of {', '.join(self.MEASUREMENTS)}")
+        self.measurement_name = measurement
+        self.measurement_higher_is_better = measurement == "logprob"
+
+    @staticmethod
+    def _fields(batch: Any) -> tuple[Tensor, Tensor | None, Tensor]:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise DunegrassError(
+                "CausalLMTask expects dict batches with 'input_ids' (and optionally 'attention_mask', 'labels'), "
+                f"got {type(batch).__name__}"
+            )
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+        elif mask is not None:
+            labels = labels.masked_fill(mask == 0, -100)
+        return ids, mask, labels
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        ids, mask, _ = self._fields(batch)
+        try:
+            out = model(input_ids=ids, attention_mask=mask) if mask is not None else model(input_ids=ids)
+        except RuntimeError as e:
+            raise DunegrassError(f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}") from e
+        return out.logits if hasattr(out, "logits") else out
+
+    def _token_logprobs(self, outputs: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        """Log-probabilities of each next-token label ``[B, T-1]`` and the mask of counted tokens."""
+        _, _, labels = self._fields(batch)
+        logits, target = outputs[:, :-1], labels[:, 1:]
+        counted = target != -100
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return picked * counted, counted
+
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        picked, counted = self._token_logprobs(outputs, batch)
+        return -picked.sum(1) / counted.sum(1).clamp_min(1)
+
+    def measurement(self, outputs: Tensor, batch: Any) -> Tensor:
+        if self.measurement_name == "loss":
+            return self.loss(outputs, batch)
+        return self._token_logprobs(outputs, batch)[0].sum(1)
+
+    def config(self) -> dict:
+        return {"task": type(self).__name__, "measurement": self.measurement_name}
