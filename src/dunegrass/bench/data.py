@@ -36,6 +36,15 @@ def digits(n_train: int = 1000, n_test: int = 300, seed: int = 0) -> tuple[Split
     return _split(d.data, d.target, n_train, n_test, seed)
 
 
+def digits_images(n_train: int = 1000, n_test: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The raw 8×8 images (0-16) of ``digits(n_train, n_test, seed)``, in the same order, for display."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images
+    perm = np.random.default_rng(seed).permutation(len(images))
+    return images[perm[:n_train]], images[perm[n_train : n_train + n_test]]
+
+
 def breast_cancer(n_train: int = 400, n_test: int = 100, seed: int = 0) -> tuple[Split, Split]:
     """scikit-learn's breast cancer (569 examples, 30 features, 2 classes), standardised."""
     from sklearn.datasets import load_breast_cancer

@@ -100,9 +100,11 @@ def _gauss_newton(task: Task, proxy, flat: Tensor, batch: Any) -> Tensor:
     outs = vmap(outputs_one, in_dims=(None, 0))(flat, batch)
     h_out = vmap(hessian(loss_of_outputs))(outs, batch)  # [B, *o, *o]
     b = jac.shape[0]
-    j = jac.reshape(b, -1, flat.numel()).to(torch.float64)
-    h = h_out.reshape(b, j.shape[1], j.shape[1]).to(torch.float64)
-    return torch.einsum("bop,boq,bqr->pr", j, h, j)
+    j = jac.reshape(b, -1, flat.numel()).to(torch.float32)
+    h = h_out.reshape(b, j.shape[1], j.shape[1]).to(torch.float32)
+    hj = torch.bmm(h, j)  # [B, o, p]: the output Hessian applied first keeps every product a plain matmul
+    # fp32 products (2-4x faster than fp64 on CPU), summed over batches in fp64 by the caller
+    return (j.reshape(-1, j.shape[-1]).T @ hj.reshape(-1, j.shape[-1])).to(torch.float64)
 
 
 def solve_damped(h: Tensor, rhs: Tensor, damping: float = 0.0) -> Tensor:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..data import as_data, iterate_batches, to_device
 from ..errors import DunegrassError
 from ..fingerprint import data_fingerprint, state_fingerprint
+from ..gradients import check_finite
 from ..influence import BlockPreconditioner, pairwise_scores, self_influence
 from ..scores import Scores
 from ..seeding import derive_seed
@@ -128,6 +129,7 @@ class GradientInfluence(Attributor):
     # ---- fit
     def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> GradientInfluence:
         data = as_data(train)
+        self._preflight(data)
         self.train_data, self.n_train = data, len(data)
         fingerprint = data_fingerprint(data)
         was_training = self.model.training
@@ -146,6 +148,13 @@ class GradientInfluence(Attributor):
         finally:
             self.model.train(was_training)
         return self
+
+    def _preflight(self, data: Any) -> None:
+        """One plain forward pass on two examples: shape/dtype errors surface with the real shapes."""
+        _, batch = next(iterate_batches(data, 2))
+        with torch.no_grad():
+            values = self.task.loss(self.task.outputs(self.model, to_device(batch, self._device())), batch)
+        check_finite(values, "training loss")
 
     def _weights_fingerprint(self, state: Mapping[str, Tensor]) -> str:
         full = {**self.model.state_dict(), **dict(state)}

@@ -65,4 +65,5 @@ class TrainConfig:
         return self.lr
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready (tuples become lists, so a saved config compares equal after loading)."""
+        return {**asdict(self), "betas": list(self.betas)}

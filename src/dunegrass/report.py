@@ -1,0 +1,83 @@
+"""The demo's HTML report: the LDS table and, for a few queries, their top proponents and opponents."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .store.atomic import atomic_write_bytes
+
+
+def _png(images: Sequence[np.ndarray], titles: Sequence[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(1.3 * len(images), 1.6))
+    for ax, img, title in zip(np.atleast_1d(axes), images, titles):
+        ax.imshow(img, cmap="gray_r", interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(
+    path: str | os.PathLike,
+    results: dict,
+    examples: list[dict],
+    train_images: np.ndarray,
+    query_images: np.ndarray,
+) -> None:
+    """Write ``path`` (HTML, self-contained: images are embedded).
+
+    ``results``: the demo's results.json content. ``examples``: one dict per shown query with keys
+    ``query`` (index), ``label``, ``method``, ``proponents``/``opponents`` (lists of (train index,
+    label, score)) and optionally ``significant`` (how many top proponents have z > 2).
+    """
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{r['lds']:.3f}</td><td>[{r['lds_ci'][0]:.3f}, {r['lds_ci'][1]:.3f}]"
+        f"</td><td>{r['seconds']:.1f}</td><td>{html.escape(r.get('notes', ''))}</td></tr>"
+        for name, r in results["methods"].items()
+    )
+    gt = results["ground_truth"]
+    blocks = []
+    for ex in examples:
+        imgs = [query_images[ex["query"]]]
+        titles = [f"query (y={ex['label']})"]
+        for kind in ("proponents", "opponents"):
+            for i, label, score in ex[kind]:
+                imgs.append(train_images[i])
+                titles.append(f"{'+' if kind == 'proponents' else '−'} #{i} y={label}\n{score:.2g}")
+        note = ""
+        if ex.get("significant") is not None:
+            note = (
+                f"<p>{ex['significant']} of the top {len(ex['proponents'])} proponents are significantly "
+                "positive (score > 2 standard errors).</p>"
+            )
+        blocks.append(
+            f"<h3>Query {ex['query']} — {html.escape(ex['method'])}</h3>{note}"
+            f"<img src='data:image/png;base64,{_png(imgs, titles)}'/>"
+        )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dunegrass demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
+<body><h1>dunegrass demo: {html.escape(results["task"])}</h1>
+<p>Model accuracy on held-out digits: {results["accuracy"]:.3f}. Ground truth: {gt["num_subsets"]} random subsets
+of {gt["alpha"]:.0%} of the {results["n_train"]} training examples, each retrained from scratch with
+{gt["num_seeds"]} seed(s) ({gt["seconds"]:.1f} s). LDS = mean Spearman correlation over {results["n_queries"]}
+queries between the predicted and the actual effect of each subset, with a 95 % confidence interval.</p>
+<table><tr><th>method</th><th>LDS</th><th>95 % CI</th><th>seconds</th><th>notes</th></tr>{rows}</table>
+<h2>Most influential training examples</h2>
+<p>For each query: the query, then its top proponents (+, training on them helped) and opponents (−).</p>
+{"".join(blocks)}
+</body></html>"""
+    atomic_write_bytes(path, page.encode())
