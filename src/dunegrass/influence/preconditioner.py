@@ -16,6 +16,8 @@ from torch import Tensor
 
 from ..errors import DunegrassError
 
+MAX_FISHER_BYTES = 4 << 30  # float64 k × k blocks beyond this are a configuration mistake, not a workload
+
 
 class BlockPreconditioner:
     """Accumulate ΦᵀΦ block by block in float64, then solve with the damped block Fisher."""
@@ -25,7 +27,14 @@ class BlockPreconditioner:
             raise DunegrassError(f"damping must be positive (or None for no preconditioning), got {damping}")
         self.blocks = [(int(a), int(b)) for a, b in blocks]
         self.damping = damping
-        self.gram = [torch.zeros(b - a, b - a, dtype=torch.float64) for a, b in self.blocks]
+        need = sum((b - a) ** 2 for a, b in self.blocks) * 8
+        if damping is not None and need > MAX_FISHER_BYTES:
+            widest = max(b - a for a, b in self.blocks)
+            raise DunegrassError(
+                f"the block Fisher needs {need / 2**30:.1f} GiB (a block of width {widest}); compress the gradients "
+                "to a smaller k (e.g. compressor='sjlt:4096'), split them into per-layer blocks, or use damping=None"
+            )
+        self.gram = [] if damping is None else [torch.zeros(b - a, b - a, dtype=torch.float64) for a, b in self.blocks]
         self.n = 0
         self._factors: list | None = None
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import as_data, iterate_batches, to_device
 from ..errors import DunegrassError
 from ..fingerprint import data_fingerprint, state_fingerprint
@@ -129,6 +130,7 @@ class GradientInfluence(Attributor):
     # ---- fit
     def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> GradientInfluence:
         data = as_data(train)
+        distributed.require_shared_cache(cache_dir)
         self._preflight(data)
         self.train_data, self.n_train = data, len(data)
         fingerprint = data_fingerprint(data)
@@ -161,7 +163,7 @@ class GradientInfluence(Attributor):
         return state_fingerprint(full)
 
     def _featurize_into(self, store: FeatureStore, m: int, state: Mapping[str, Tensor], data: Any) -> None:
-        missing = store.missing()
+        missing = distributed.my_shards(store.missing())
         bar = tqdm(
             total=len(missing),
             desc=f"{self.method_name}: featurise (ckpt {m})",
@@ -178,6 +180,7 @@ class GradientInfluence(Attributor):
             store.write(index, {k: np.concatenate(v) for k, v in parts.items()})
             bar.update(1)
         bar.close()
+        distributed.barrier()  # every rank reads all shards next
 
     def _arrays(self, m: int, state, batch, signal: str, extras: bool) -> dict[str, np.ndarray]:
         batch = to_device(batch, self._device())

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from .. import distributed
 from ..errors import ConfigMismatchError, CorruptCacheError, DunegrassError
 from .atomic import atomic_save_npy, atomic_write_json
 
@@ -95,9 +96,10 @@ class FeatureStore:
     def _open_dir(self) -> None:
         os.makedirs(self.path, exist_ok=True)
         mpath = os.path.join(self.path, "manifest.json")
-        for leftover in os.listdir(self.path):
-            if leftover.startswith(".tmp-"):
-                os.unlink(os.path.join(self.path, leftover))
+        if distributed.world_size() == 1:  # other ranks may be mid-write; their temp files are not leftovers
+            for leftover in os.listdir(self.path):
+                if leftover.startswith(".tmp-"):
+                    os.unlink(os.path.join(self.path, leftover))
         if os.path.exists(mpath):
             try:
                 with open(mpath) as f:

@@ -1,0 +1,87 @@
+"""Helpers shared by the benchmark scripts: timing, tables, JSON output, cached ground truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+import torch
+
+import dunegrass as dg
+from dunegrass.store.atomic import atomic_write_json
+
+CACHE = os.environ.get("DUNEGRASS_BENCH_CACHE", os.path.join(os.path.dirname(__file__), "..", "runs", "bench-cache"))
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
+            return f"[{v[0]:.3f}, {v[1]:.3f}]"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: str, benchmark: str, rows: list[dict], **extra) -> None:
+    atomic_write_json(path, {"benchmark": benchmark, "machine": machine(), **extra, "rows": rows})
+    print(f"\nwrote {path}")
+
+
+def ground_truth(bt, queries, num_subsets: int, num_seeds: int, seed: int = 0, tag: str = "") -> tuple:
+    """Subset-retraining ground truth for a benchmark task, cached on disk by its settings."""
+    os.makedirs(CACHE, exist_ok=True)
+    key = f"{bt.name}-{len(bt.train[0])}-{len(queries[0])}-{num_subsets}-{num_seeds}-{seed}{tag}"
+    path = os.path.join(CACHE, f"gt-{key}.npz")
+    if os.path.exists(path):
+        gt = dg.GroundTruth.load(path)
+        return gt, gt.config.get("seconds", float("nan"))
+    with Timer() as t:
+        gt = dg.subset_retraining(
+            bt.model,
+            bt.task,
+            bt.train,
+            queries,
+            bt.train_config,
+            num_subsets=num_subsets,
+            num_seeds=num_seeds,
+            seed=seed,
+            progress=True,
+        )
+    gt.config["seconds"] = t.seconds
+    gt.save(path)
+    return gt, t.seconds
+
+
+def load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
