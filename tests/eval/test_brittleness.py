@@ -1,4 +1,3 @@
-import torch
 
 import dunegrass as dg
 from dunegrass.eval import brittleness
