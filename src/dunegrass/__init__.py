@@ -9,7 +9,7 @@ from .compress import Compressor, Gaussian, Rademacher, RandomMask, SelectiveMas
 from .data import TensorData
 from .errors import ConfigMismatchError, CorruptCacheError, DunegrassError, NonFiniteError
 from .eval import GroundTruth, lds, leave_one_out, loo_correlation, mislabel_auc, subset_retraining
-from .methods import TRAK, Attributor, ExactInfluence, GradientInfluence, TracIn
+from .methods import TRAK, Attributor, ExactInfluence, FactGraSS, GradientInfluence, LoGra, TracIn
 from .scores import Scores
 from .task import CausalLMTask, ClassificationTask, Task
 from .train import EnsembleTrainer, Member, TrainConfig
@@ -27,6 +27,8 @@ __all__ = [
     "DunegrassError",
     "EnsembleTrainer",
     "ExactInfluence",
+    "FactGraSS",
+    "LoGra",
     "Gaussian",
     "GradientInfluence",
     "GroundTruth",

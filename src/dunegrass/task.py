@@ -10,6 +10,7 @@ Sign convention: on the query side dunegrass always differentiates a *loss-like*
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -169,8 +170,11 @@ class CausalLMTask(Task):
     """Next-token prediction on batches ``{"input_ids", "attention_mask"?, "labels"?}`` (Hugging Face style).
 
     Per-example loss: mean cross-entropy over the tokens that carry labels (labels shifted by one as
-    in Hugging Face; label -100 and padding, where ``attention_mask`` is 0, are ignored). Without
-    ``labels`` the input ids are the labels.
+    in Hugging Face; label -100 and padding, where ``attention_mask`` is 0, are ignored — also as the
+    position a prediction is made from). Without ``labels`` the input ids are the labels.
+
+    With an ``attention_mask``, models whose ``forward`` takes ``position_ids`` get positions that count
+    only attended tokens (as ``generate`` does), so left- and right-padded rows give the unpadded values.
 
     measurement:
       - ``"loss"``: that per-example mean token loss (lower is better);
@@ -203,20 +207,31 @@ class CausalLMTask(Task):
 
     def outputs(self, model: nn.Module, batch: Any) -> Tensor:
         ids, mask, _ = self._fields(batch)
+        kwargs = {"input_ids": ids}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+            if "position_ids" in batch:
+                kwargs["position_ids"] = batch["position_ids"]
+            elif _takes_position_ids(model):
+                # Without this, left padding would shift every real token's position embedding.
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         try:
-            out = model(input_ids=ids, attention_mask=mask) if mask is not None else model(input_ids=ids)
+            out = model(**kwargs)
         except RuntimeError as e:
             raise DunegrassError(f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}") from e
         return out.logits if hasattr(out, "logits") else out
 
     def _token_logprobs(self, outputs: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
         """Log-probabilities of each next-token label ``[B, T-1]`` and the mask of counted tokens."""
-        _, _, labels = self._fields(batch)
+        _, mask, labels = self._fields(batch)
         logits, target = outputs[:, :-1], labels[:, 1:]
         counted = target != -100
+        if mask is not None:
+            # A left-padded row would otherwise predict its first real token from a pad position.
+            counted = counted & (mask[:, :-1] != 0)
         logp = torch.log_softmax(logits.float(), dim=-1)
         picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        return picked * counted, counted
+        return torch.where(counted, picked, torch.zeros_like(picked)), counted
 
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
         picked, counted = self._token_logprobs(outputs, batch)
@@ -229,3 +244,16 @@ class CausalLMTask(Task):
 
     def config(self) -> dict:
         return {"task": type(self).__name__, "measurement": self.measurement_name}
+
+
+def _takes_position_ids(model: Any) -> bool:
+    """Whether ``model.forward`` names a ``position_ids`` argument (Hugging Face causal LMs do; a peft
+    wrapper passes it on to its base model through ``**kwargs``)."""
+    base = getattr(model, "get_base_model", None)
+    for m in (model, base() if callable(base) else None):
+        try:
+            if m is not None and "position_ids" in inspect.signature(m.forward).parameters:
+                return True
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return False

@@ -1,5 +1,6 @@
 """Per-example gradients: materialised (torch.func) and factorised capture for linear layers."""
 
+from .factorized import LinearLayer, capture_factors, layer_gradients, linear_layers
 from .per_sample import (
     FunctionalModel,
     check_finite,
@@ -8,4 +9,14 @@ from .per_sample import (
     select_parameters,
 )
 
-__all__ = ["FunctionalModel", "check_finite", "parameter_count", "per_sample_gradients", "select_parameters"]
+__all__ = [
+    "LinearLayer",
+    "capture_factors",
+    "layer_gradients",
+    "linear_layers",
+    "FunctionalModel",
+    "check_finite",
+    "parameter_count",
+    "per_sample_gradients",
+    "select_parameters",
+]

@@ -1,11 +1,15 @@
 """The attributors users call."""
 
 from .base import Attributor
+from .factorized import FactGraSS, FactorizedFeaturizer, LoGra
 from .featurize import Featurizer, MaterializedFeaturizer
 from .gradient import GradientInfluence
 from .presets import TRAK, ExactInfluence, TracIn
 
 __all__ = [
+    "FactGraSS",
+    "FactorizedFeaturizer",
+    "LoGra",
     "TRAK",
     "Attributor",
     "ExactInfluence",

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..compress import Compressor, compressor, describe
 from ..errors import DunegrassError
-from ..gradients import FunctionalModel, parameter_count, per_sample_gradients, select_parameters
+from ..gradients import parameter_count, per_sample_gradients, select_parameters
 from ..seeding import derive_seed
 
 ObjectiveFn = Callable[[Any, Any], Tensor]  # (model-like, batch) -> [B]
@@ -112,7 +112,7 @@ class _weights:
     def __enter__(self):
         if not self.state:
             return self.model
-        own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        own = {**dict(self.model.named_parameters(remove_duplicate=False)), **dict(self.model.named_buffers())}
         unknown = [k for k in self.state if k not in own]
         if unknown:
             raise DunegrassError(f"checkpoint holds tensors the model does not have: {unknown[:5]}")
@@ -124,7 +124,7 @@ class _weights:
 
     def __exit__(self, *exc):
         if self.state:
-            own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            own = {**dict(self.model.named_parameters(remove_duplicate=False)), **dict(self.model.named_buffers())}
             with torch.no_grad():
                 for k, v in self.saved.items():
                     own[k].copy_(v)
@@ -136,4 +136,4 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor]):
     return _weights(model, state)
 
 
-__all__ = ["Featurizer", "FunctionalModel", "MaterializedFeaturizer", "load_weights"]
+__all__ = ["Featurizer", "MaterializedFeaturizer", "load_weights"]

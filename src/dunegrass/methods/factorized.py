@@ -1,0 +1,261 @@
+"""LoGra and FactGraSS: the gradient engine with factorised per-layer compression (algorithms.md §1.1, §2.1).
+
+``FactorizedFeaturizer`` captures each selected linear layer's inputs and output gradients during one
+forward/backward pass and compresses them layer by layer, so neither the per-example gradient nor the
+weight gradient is ever built. Each layer is one block of the block eFIM preconditioner. ``dg.LoGra`` and
+``dg.FactGraSS`` are presets of ``GradientInfluence`` with this featurizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..compress.factorized import (
+    FactGraSSCompressor,
+    FactorizedCompressor,
+    FactorMaskConfig,
+    LoGraCompressor,
+    fit_factor_masks,
+)
+from ..compress.selective import SelectiveMask
+from ..data import as_data, iterate_batches, subset, to_device
+from ..errors import ConfigMismatchError, DunegrassError
+from ..fingerprint import data_fingerprint
+from ..gradients.factorized import LinearLayer, ModuleSelection, capture_factors, layer_gradients, linear_layers
+from ..seeding import derive_seed
+from ..store import atomic_write_json, config_hash
+from ..task import Task
+from .featurize import Featurizer, ObjectiveFn, load_weights
+from .gradient import GradientInfluence
+
+MASK_FIT_BYTES = 2 << 30  # bound on the materialised layer gradients used to learn selective masks
+
+
+class FactorizedFeaturizer(Featurizer):
+    """Features ``[B, Σ_l k_l]``: layer l's compressor applied to its captured factors; one block per layer."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[LinearLayer], compressors: Sequence[FactorizedCompressor]):
+        if len(layers) != len(compressors) or not layers:
+            raise DunegrassError("FactorizedFeaturizer needs one compressor per selected layer, and at least one")
+        for layer, comp in zip(layers, compressors):
+            if (comp.in_dim, comp.out_dim, comp.bias) != (layer.in_dim, layer.out_dim, layer.has_bias):
+                raise DunegrassError(
+                    f"the compressor for {layer.name!r} takes {comp.in_dim} -> {comp.out_dim} (bias={comp.bias}), "
+                    f"the layer is {layer.in_dim} -> {layer.out_dim} (bias={layer.has_bias}; in_dim counts it)"
+                )
+        self.model, self.layers, self.compressors = model, list(layers), list(compressors)
+        sizes = [c.k for c in self.compressors]
+        self.blocks = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+
+    def __call__(self, model: nn.Module, state: Mapping[str, Tensor], batch: Any, objective: ObjectiveFn) -> Tensor:
+        if model is not self.model:
+            raise DunegrassError("this featurizer was built for another model; build one per model")
+        parts: list[Tensor | None] = [None] * len(self.layers)
+
+        def compress(i: int, inputs: Tensor, grads: Tensor) -> None:
+            phi = self.compressors[i](inputs, grads)
+            parts[i] = phi if parts[i] is None else parts[i] + phi  # a layer called twice: gradients add
+
+        with load_weights(model, state):
+            values = capture_factors(model, self.layers, objective, batch, compress)
+        zeros = lambda k: torch.zeros(values.shape[0], k, device=values.device)  # noqa: E731  (layer unused by the loss)
+        return torch.cat([p if p is not None else zeros(c.k) for p, c in zip(parts, self.compressors)], dim=1)
+
+    def config(self) -> dict:
+        return {
+            "featurizer": "factorized",
+            "layers": [[layer.name, layer.in_dim, layer.out_dim] for layer in self.layers],
+            "compressors": [c.config() for c in self.compressors],
+        }
+
+
+def _reject(kwargs: dict, preset: str) -> None:
+    for key in ("compressor", "params", "per_parameter", "featurizer"):
+        if key in kwargs:
+            raise DunegrassError(
+                f"{preset} chooses layers with modules=... and builds its own compressors; drop {key}="
+            )
+
+
+class _FactorizedInfluence(GradientInfluence):
+    """Shared wiring: one featurizer per checkpoint, each layer with its own seed."""
+
+    def __init__(self, model, task, make: Callable[[LinearLayer, int], FactorizedCompressor], modules, **kwargs):
+        _reject(kwargs, type(self).__name__)
+        self.layers = linear_layers(model, modules)
+        self._make = make
+        seed = kwargs.get("seed", 0)
+        n_ckpt = len(kwargs["checkpoints"]) if kwargs.get("checkpoints") is not None else 1
+        featurizers = [self._featurizer(model, derive_seed(seed, m)) for m in range(max(n_ckpt, 1))]
+        super().__init__(model, task, featurizer=featurizers[0], **kwargs)
+        self.featurizers = featurizers[: len(self.checkpoints)]
+
+    def _featurizer(self, model: nn.Module, seed: int) -> FactorizedFeaturizer:
+        comps = [self._make(layer, derive_seed(seed, i)) for i, layer in enumerate(self.layers)]
+        return FactorizedFeaturizer(model, self.layers, comps)
+
+
+class LoGra(_FactorizedInfluence):
+    """LoGra (Choe et al. 2024): per-layer (P_out ⊗ P_in) Gaussian projection of G, block eFIM influence.
+
+    Args:
+        k_in, k_out: factor sizes (default 64 × 64 = 4096 features per layer; capped at the layer's dims).
+        modules: layers to use — None (every nn.Linear / Conv1D), names, fnmatch patterns or types.
+        damping: relative damping of each layer's Fisher block; None = gradient dot products.
+        Other keyword arguments (checkpoints, batch_size, seed, train_signal, ...) as GradientInfluence.
+    """
+
+    method_name = "logra"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        k_in: int = 64,
+        k_out: int = 64,
+        modules: ModuleSelection = None,
+        damping: float | None = 0.1,
+        **kwargs: Any,
+    ):
+        def make(layer: LinearLayer, seed: int) -> FactorizedCompressor:
+            return LoGraCompressor(layer.in_dim, layer.out_dim, k_in, k_out, seed=seed, bias=layer.has_bias)
+
+        super().__init__(model, task, make, modules, damping=damping, **kwargs)
+
+
+class FactGraSS(_FactorizedInfluence):
+    """FactGraSS (Hu et al. 2025): per-layer masks on both factors, then SparseJL to ``k``; block eFIM influence.
+
+    Args:
+        k: features per layer after SparseJL (default 4096).
+        mask_in, mask_out: coordinates kept of each factor (default 128 × 128; capped at the layer's dims).
+        masks: ``"random"`` (seeded) or ``"selective"`` — learned per layer and checkpoint by
+            ``fit_factor_masks`` on the per-example layer gradients of ``mask_examples`` training
+            examples (a seeded random subset), at the start of ``fit``; saved under ``cache_dir``.
+        mask_config: FactorMaskConfig (search budget) for the selective fit.
+        c: non-zeros per coordinate of the SparseJL.
+        modules, damping and other keyword arguments as LoGra.
+    """
+
+    method_name = "factgrass"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        k: int = 4096,
+        mask_in: int = 128,
+        mask_out: int = 128,
+        masks: str = "random",
+        modules: ModuleSelection = None,
+        damping: float | None = 0.1,
+        mask_examples: int = 256,
+        mask_config: FactorMaskConfig | None = None,
+        c: int = 1,
+        **kwargs: Any,
+    ):
+        if masks not in ("random", "selective"):
+            raise DunegrassError(f"masks must be 'random' or 'selective', got {masks!r}")
+        self.masks, self.mask_examples, self.mask_config = masks, int(mask_examples), mask_config
+        self.sizes = {"k": k, "mask_in": mask_in, "mask_out": mask_out, "c": c}
+
+        def make(layer: LinearLayer, seed: int) -> FactorizedCompressor:
+            return FactGraSSCompressor(
+                layer.in_dim, layer.out_dim, k, mask_in, mask_out, seed=seed, c=c, bias=layer.has_bias
+            )
+
+        super().__init__(model, task, make, modules, damping=damping, **kwargs)
+        if masks == "selective":
+            self.method_name = "factgrass-selective"
+
+    def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> FactGraSS:
+        if self.masks == "selective":
+            data = as_data(train)
+            for m, state in enumerate(self.checkpoints):
+                path = None if cache_dir is None else os.path.join(os.fspath(cache_dir), f"ckpt-{m}", "masks")
+                self._fit_masks(m, state, data, path)
+        return super().fit(train, cache_dir)
+
+    def _fit_masks(self, m: int, state: Mapping[str, Tensor], data: Any, path: str | None) -> None:
+        featurizer = self.featurizers[m]
+        key = {
+            "masks": "selective-factor-v1",
+            "data": data_fingerprint(data),
+            "weights": self._weights_fingerprint(state),
+            "examples": self.mask_examples,
+            "config": asdict(self.mask_config or FactorMaskConfig()),
+            "sizes": self.sizes,
+            "signal": self.train_signal,
+            "layers": [layer.name for layer in self.layers],
+        }
+        fitted = _load_masks(path, key, len(self.layers))
+        if fitted is None:
+            grads = self._fit_gradients(state, data)
+            fitted = [
+                fit_factor_masks(g, self.sizes["mask_out"], self.sizes["mask_in"], comp.seed, self.mask_config)
+                for g, comp in zip(grads, featurizer.compressors)
+            ]
+            _save_masks(path, key, fitted)
+        featurizer.compressors = [
+            FactGraSSCompressor(
+                c.in_dim, c.out_dim, self.sizes["k"], mi, mo, seed=c.seed, c=self.sizes["c"], bias=c.bias
+            )
+            for c, (mo, mi) in zip(featurizer.compressors, fitted)
+        ]
+
+    def _fit_gradients(self, state: Mapping[str, Tensor], data: Any) -> list[Tensor]:
+        """``[n_fit, d_out, in_dim]`` per layer: training-loss gradients of a seeded random subset."""
+        n_fit = min(self.mask_examples, len(data))
+        need = 4 * n_fit * sum(layer.out_dim * layer.in_dim for layer in self.layers)
+        if need > MASK_FIT_BYTES:
+            raise DunegrassError(
+                f"learning selective masks materialises {n_fit} per-example gradients of the selected layers "
+                f"({need / 2**30:.1f} GiB); lower mask_examples, select fewer modules, or use masks='random'"
+            )
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, 0x66697473))
+        chosen = subset(data, torch.randperm(len(data), generator=gen)[:n_fit].sort().values)
+        objective = self._objective(self.train_signal)
+        parts: list[list[Tensor]] = [[] for _ in self.layers]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with load_weights(self.model, state):
+                for _, batch in iterate_batches(chosen, self.batch_size):
+                    grads = layer_gradients(self.model, self.layers, objective, to_device(batch, self._device()))
+                    for i, g in enumerate(grads):
+                        parts[i].append(g.cpu())
+        finally:
+            self.model.train(was_training)
+        return [torch.cat(p) for p in parts]
+
+
+def _load_masks(path: str | None, key: dict, n_layers: int) -> list[tuple[SelectiveMask, SelectiveMask]] | None:
+    if path is None or not os.path.exists(os.path.join(path, "key.json")):
+        return None
+    with open(os.path.join(path, "key.json")) as f:
+        found = json.load(f)
+    if found.get("hash") != config_hash(key):
+        raise ConfigMismatchError(
+            f"the selective masks cached at {path} were learned with another configuration (data, weights or "
+            "mask settings); use another cache_dir, or delete that directory to relearn them"
+        )
+    return [
+        (SelectiveMask.load(os.path.join(path, f"{i}-out")), SelectiveMask.load(os.path.join(path, f"{i}-in")))
+        for i in range(n_layers)
+    ]
+
+
+def _save_masks(path: str | None, key: dict, fitted: list[tuple[SelectiveMask, SelectiveMask]]) -> None:
+    if path is None:
+        return
+    for i, (mask_out, mask_in) in enumerate(fitted):
+        mask_out.save(os.path.join(path, f"{i}-out"))
+        mask_in.save(os.path.join(path, f"{i}-in"))
+    atomic_write_json(os.path.join(path, "key.json"), {"hash": config_hash(key), "key": key})  # written last

@@ -1,0 +1,149 @@
+"""dg.LoGra / dg.FactGraSS end to end: equality with block influence on materialised features, invariances, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dunegrass as dg
+from dunegrass.compress import SelectiveMask
+from dunegrass.compress.factorized import FactorMaskConfig, fit_factor_masks
+from dunegrass.errors import ConfigMismatchError, DunegrassError
+from dunegrass.gradients.factorized import layer_gradients, linear_layers
+from dunegrass.methods import factorized
+from dunegrass.methods.factorized import FactGraSS, FactorizedFeaturizer, LoGra
+
+transformers = pytest.importorskip("transformers")
+
+from dunegrass.hf import tiny_gpt2  # noqa: E402
+
+TASK = dg.CausalLMTask()
+
+
+def padded(n: int, seed: int, side: str, t: int = 10, vocab: int = 40) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, t + 1, (n,), generator=gen)
+    tokens = torch.randint(1, vocab, (n, t), generator=gen)
+    ids, mask = torch.zeros(n, t, dtype=torch.long), torch.zeros(n, t, dtype=torch.long)
+    for i, length in enumerate(lengths.tolist()):
+        cols = slice(0, length) if side == "right" else slice(t - length, t)
+        ids[i, cols], mask[i, cols] = tokens[i, :length], 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt2(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, seed=0)
+
+
+PRESETS = {
+    "logra": lambda m, **kw: LoGra(m, TASK, k_in=4, k_out=5, **kw),
+    "factgrass": lambda m, **kw: FactGraSS(m, TASK, k=16, mask_in=8, mask_out=6, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_scores_invariant_to_batch_size_and_padding_side(model, name):
+    make = PRESETS[name]
+    right = make(model, batch_size=5).fit(padded(24, 0, "right")).score(padded(4, 1, "right")).values
+    left = make(model, batch_size=24).fit(padded(24, 0, "left")).score(padded(4, 1, "left")).values
+    assert right.shape == (4, 24) and right.abs().max() > 0
+    torch.testing.assert_close(right, left, rtol=1e-4, atol=1e-4 * float(right.abs().max()))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_scores_equal_block_influence_on_materialised_gradients(model, name):
+    """Σ_l φ_{q,l}ᵀ (F_l + λ_l I)⁻¹ φ_{i,l} with φ = the layer's map applied to explicitly built G."""
+    train, queries = padded(24, 0, "right"), padded(4, 1, "right")
+    attr = PRESETS[name](model, damping=0.3).fit(train)
+    featurizer = attr.featurizers[0]
+    layers = linear_layers(model)
+
+    def objective(m, b):
+        return TASK.loss(TASK.outputs(m, b), b)
+
+    g_train = layer_gradients(model, layers, objective, train)
+    g_query = layer_gradients(model, layers, objective, queries)
+    want = torch.zeros(4, 24, dtype=torch.float64)
+    for comp, gt, gq in zip(featurizer.compressors, g_train, g_query):
+        phi, psi = comp.map_gradient(gt).double(), comp.map_gradient(gq).double()
+        fisher = phi.T @ phi / 24
+        lam = 0.3 * torch.trace(fisher) / phi.shape[1]
+        want += psi @ torch.linalg.solve(fisher + lam * torch.eye(phi.shape[1], dtype=torch.float64), phi.T)
+    torch.testing.assert_close(
+        attr.score(queries).values.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max())
+    )
+
+
+def test_one_block_per_layer_and_config(model):
+    attr = FactGraSS(model, TASK, k=16, mask_in=8, mask_out=6)
+    featurizer = attr.featurizers[0]
+    assert isinstance(featurizer, FactorizedFeaturizer)
+    assert featurizer.blocks == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    cfg = featurizer.config()
+    assert [row[0] for row in cfg["layers"]][0] == "transformer.h.0.attn.c_attn"
+    assert cfg["compressors"][0]["mask_in"]["out_dim"] == 8 and cfg["compressors"][0]["sjlt"]["out_dim"] == 16
+    defaults = LoGra(model, TASK).featurizers[0].compressors[2]  # c_fc: 17 -> 64, capped from 64 × 64
+    assert (defaults.proj_in.out_dim, defaults.proj_out.out_dim) == (17, 64)
+
+
+def test_each_checkpoint_gets_its_own_seed(model):
+    state = {k: v.detach().clone() for k, v in model.named_parameters()}
+    attr = LoGra(model, TASK, k_in=4, k_out=4, checkpoints=[state, state])
+    a, b = (f.compressors[0].proj_in.seed for f in attr.featurizers)
+    assert len(attr.featurizers) == 2 and a != b
+    scores = attr.fit(padded(12, 0, "right")).score(padded(3, 1, "right"))
+    assert scores.shape == (3, 12)
+
+
+def test_materialised_options_are_rejected(model):
+    with pytest.raises(DunegrassError, match="drop params="):
+        LoGra(model, TASK, params=["transformer.wte.weight"])
+    with pytest.raises(DunegrassError, match="masks must be 'random' or 'selective'"):
+        FactGraSS(model, TASK, masks="learned")
+
+
+def test_fit_factor_masks_recovers_planted_coordinates():
+    """Signal on rows {1, 4, 7} × columns {0, 3, 5}; row 9 and column 8 are large but identical in every
+    example (high energy, no ranking information): the learned masks keep the signal, energy alone would not."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = torch.tensor([1, 4, 7]), torch.tensor([0, 3, 5])
+    u, v = torch.zeros(80, 12), torch.zeros(80, 10)
+    u[:, rows] = torch.randn(80, 3, generator=gen)
+    v[:, cols] = torch.randn(80, 3, generator=gen)
+    grads = u[:, :, None] * v[:, None, :] + 0.05 * torch.randn(80, 12, 10, generator=gen)
+    grads[:, 9, :] += 3.0
+    grads[:, :, 8] += 3.0
+    energy = grads.square().sum(0)
+    assert 9 in torch.topk(energy.sum(1), 3).indices and 8 in torch.topk(energy.sum(0), 3).indices
+    mask_out, mask_in = fit_factor_masks(grads, k_out=3, k_in=3, seed=0)
+    assert isinstance(mask_out, SelectiveMask) and mask_out.fitted
+    assert mask_out.indices.tolist() == rows.tolist()
+    assert mask_in.indices.tolist() == cols.tolist()
+    agreement = [h["holdout_agreement"] for h in mask_out.history]
+    assert max(agreement) > agreement[0] + 0.1
+
+
+def test_selective_masks_are_learned_cached_and_checked(model, tmp_path):
+    train, queries = padded(30, 0, "right"), padded(3, 1, "right")
+    cfg = FactorMaskConfig(max_rounds=2)
+
+    def make():
+        return FactGraSS(model, TASK, k=16, mask_in=8, mask_out=6, masks="selective", mask_examples=20, mask_config=cfg)
+
+    first = make().fit(train, cache_dir=tmp_path)
+    comp = first.featurizers[0].compressors[0]
+    assert isinstance(comp.mask_out, SelectiveMask) and comp.mask_out.out_dim == 6 and comp.mask_in.out_dim == 8
+    assert (tmp_path / "ckpt-0" / "masks" / "key.json").exists()
+    second = make().fit(train, cache_dir=tmp_path)  # masks and features come from the cache
+    assert torch.equal(second.featurizers[0].compressors[0].mask_in.indices, comp.mask_in.indices)
+    torch.testing.assert_close(second.score(queries).values, first.score(queries).values)
+    with pytest.raises(ConfigMismatchError, match="selective masks cached"):
+        make().fit(padded(30, 5, "right"), cache_dir=tmp_path)
+
+
+def test_selective_mask_memory_guard(model, monkeypatch):
+    monkeypatch.setattr(factorized, "MASK_FIT_BYTES", 1000)
+    attr = FactGraSS(model, TASK, k=16, masks="selective", mask_examples=20)
+    with pytest.raises(DunegrassError, match="lower mask_examples"):
+        attr.fit(padded(30, 0, "right"))
