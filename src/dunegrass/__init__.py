@@ -9,7 +9,17 @@ from .compress import Compressor, Gaussian, Rademacher, RandomMask, SelectiveMas
 from .data import TensorData
 from .errors import ConfigMismatchError, CorruptCacheError, DunegrassError, NonFiniteError
 from .eval import GroundTruth, lds, leave_one_out, loo_correlation, mislabel_auc, subset_retraining
-from .methods import TRAK, Attributor, ExactInfluence, FactGraSS, GradientInfluence, LoGra, TracIn
+from .methods import (
+    TRAK,
+    Attributor,
+    BlackBoxDaunce,
+    Daunce,
+    ExactInfluence,
+    FactGraSS,
+    GradientInfluence,
+    LoGra,
+    TracIn,
+)
 from .scores import Scores
 from .task import CausalLMTask, ClassificationTask, Task
 from .train import EnsembleTrainer, Member, TrainConfig
@@ -19,11 +29,13 @@ __version__ = "0.1.0"
 __all__ = [
     "TRAK",
     "Attributor",
+    "BlackBoxDaunce",
     "CausalLMTask",
     "ClassificationTask",
     "Compressor",
     "ConfigMismatchError",
     "CorruptCacheError",
+    "Daunce",
     "DunegrassError",
     "EnsembleTrainer",
     "ExactInfluence",

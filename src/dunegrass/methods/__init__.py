@@ -1,12 +1,18 @@
 """The attributors users call."""
 
 from .base import Attributor
+from .blackbox import BlackBoxDaunce, LocalBackend, OpenAICompatibleBackend
+from .daunce import Daunce
 from .factorized import FactGraSS, FactorizedFeaturizer, LoGra
 from .featurize import Featurizer, MaterializedFeaturizer
 from .gradient import GradientInfluence
 from .presets import TRAK, ExactInfluence, TracIn
 
 __all__ = [
+    "BlackBoxDaunce",
+    "Daunce",
+    "LocalBackend",
+    "OpenAICompatibleBackend",
     "FactGraSS",
     "FactorizedFeaturizer",
     "LoGra",

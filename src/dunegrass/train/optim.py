@@ -46,3 +46,18 @@ class FunctionalOptimizer:
             bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
             denom = (st["v"].sqrt() / math.sqrt(bc2)).add_(c.eps)
             p.addcdiv_(st["m"], denom, value=-lr / bc1)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The optimiser state as flat named tensors (``"<param>/<slot>"`` and ``"step"``), for checkpoints."""
+        out = {"step": torch.tensor(self.t, dtype=torch.long)}
+        for n, st in self.state.items():
+            out.update({f"{n}/{slot}": v for slot, v in st.items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what ``state_tensors`` returned (onto the devices of the current state's params)."""
+        self.t = int(tensors["step"])
+        for n in self.state:
+            self.state[n] = {
+                key.rsplit("/", 1)[1]: v.clone() for key, v in tensors.items() if key.rsplit("/", 1)[0] == n
+            }

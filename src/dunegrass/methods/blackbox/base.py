@@ -1,0 +1,30 @@
+"""What Daunce needs from a model it cannot open: fine-tune on examples, and per-example losses.
+
+A back end is a fine-tuning service (a local torch loop, or an OpenAI-compatible HTTP API). Each
+member is one fine-tuning job on a subset D_k; its losses −log p(target | prompt) on the training
+set and the queries are Daunce's signals (``variant="blackbox"``: plain fine-tuning, no linear term).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from torch import Tensor
+
+
+class BlackBoxBackend(ABC):
+    """A fine-tuning service. Models are named by string handles (the service's model ids)."""
+
+    @abstractmethod
+    def fine_tune(self, train: Any, indices: Tensor, seed: int) -> str:
+        """Fine-tune the base model on the examples ``train[indices]`` (order and batches from ``seed``);
+        returns the handle of the new model."""
+
+    @abstractmethod
+    def losses(self, handle: str, data: Any) -> Tensor:
+        """``[n]`` per-example losses −log p(target | prompt) of model ``handle`` on ``data`` (float64)."""
+
+    def config(self) -> dict:
+        """JSON-able description, part of the cache's config hash (never holds secrets)."""
+        return {"backend": type(self).__name__}

@@ -1,0 +1,124 @@
+"""Daunce through a fine-tuning service: K plain fine-tunes on random subsets, covariance of losses."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ...data import as_data
+from ...errors import DunegrassError
+from ...fingerprint import data_fingerprint
+from ...scores import Scores
+from ...store.signals import SignalStore
+from ..daunce_objectives import covariance_scores, draw_members
+from .base import BlackBoxBackend
+from .openai_api import PromptCompletions
+
+
+def _dataset(data: Any) -> Any:
+    """Prompt/completion dicts become a PromptCompletions dataset; anything else goes through as_data."""
+    if isinstance(data, (list, tuple)) and data and all(isinstance(ex, Mapping) for ex in data):
+        return PromptCompletions(list(data))
+    return as_data(data)
+
+
+class BlackBoxDaunce:
+    """Daunce's ``blackbox`` variant with any BlackBoxBackend (algorithms.md §3).
+
+    Member k is a fine-tune of the service's base model on D_k (ratio ``subsample_ratio``, drawn as
+    by ``dg.Daunce`` with the same seed); its signals are the service's per-example losses. Scores
+    ``[n_query, n_train]`` are the covariance across members, positive = proponent, with standard
+    errors. Each member's handle and losses are stored as it finishes (``cache_dir``): a killed run
+    resumes at the next member, and new queries are scored from the handles without fine-tuning.
+    """
+
+    method_name = "daunce-blackbox"
+
+    def __init__(
+        self,
+        backend: BlackBoxBackend,
+        num_models: int = 32,
+        subsample_ratio: float = 0.3,
+        seed: int = 0,
+        progress: bool = False,
+    ):
+        if not isinstance(backend, BlackBoxBackend):
+            raise DunegrassError(f"backend must be a BlackBoxBackend, got {type(backend).__name__}")
+        if not isinstance(num_models, int) or num_models < 2:
+            raise DunegrassError(
+                f"num_models must be an integer K ≥ 2 (a covariance needs two models), got {num_models}"
+            )
+        if not 0 < subsample_ratio <= 1:
+            raise DunegrassError(f"subsample_ratio must be in (0, 1], got {subsample_ratio}")
+        self.backend, self.num_models, self.ratio, self.seed = backend, num_models, float(subsample_ratio), seed
+        self.progress = progress
+        self.store: SignalStore | None = None
+        self.n_train: int | None = None
+
+    def describe(self) -> dict:
+        return {
+            "method": self.method_name,
+            "num_models": self.num_models,
+            "subsample_ratio": self.ratio,
+            "seed": self.seed,
+            "backend": self.backend.config(),
+        }
+
+    def fit(self, train: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> BlackBoxDaunce:
+        """Fine-tune the K members (or resume); ``train``: tensors, a Dataset, or prompt/completion dicts."""
+        data = _dataset(train)
+        config = {**self.describe(), "data": data_fingerprint(data)}
+        path = None if cache_dir is None else os.fspath(cache_dir)
+        self.store = store = SignalStore(path, config, self.num_models, len(data), 1)
+        self.train_data, self.n_train = data, len(data)
+        members = draw_members(len(data), self.num_models, self.ratio, self.seed)
+        for lo, _ in tqdm(store.missing_groups(), desc="daunce: fine-tunes", disable=not self.progress):
+            if store.has_handle(lo):  # fine-tuned before a kill, but its losses were not stored yet
+                handle = store.load_handle(lo)
+            else:
+                handle = self.backend.fine_tune(data, members[lo].indices, members[lo].seed)
+                store.save_handle(lo, handle)
+            store.write_group(lo, self._losses(handle, data, lo)[None])
+        if queries is not None:
+            self.signals(queries)
+        return self
+
+    def _losses(self, handle: str, data: Any, member: int) -> Tensor:
+        row = torch.as_tensor(self.backend.losses(handle, data), dtype=torch.float64)
+        if row.shape != (len(data),) or not torch.isfinite(row).all():
+            raise DunegrassError(
+                f"the back end returned bad losses for member {member} (shape {tuple(row.shape)}, or NaN/inf); "
+                "it must return one finite −log p(target | prompt) per example"
+            )
+        return row
+
+    def signals(self, queries: Any = None) -> tuple[Tensor, Tensor | None]:
+        """``(A [K, n_train], B [K, n_query] or None)``: the members' losses."""
+        if self.store is None:
+            raise DunegrassError("BlackBoxDaunce: call fit(train) before score()/self_scores()")
+        if not self.store.complete:
+            raise DunegrassError("the ensemble is incomplete; run fit(train, cache_dir=...) again to finish it")
+        A = self.store.train_signals()
+        if queries is None:
+            return A, None
+        q = _dataset(queries)
+        qstore = self.store.query_store(data_fingerprint(q), len(q))
+        for index in qstore.missing():
+            qstore.write(index, {"signal": self._losses(self.store.load_handle(index), q, index)[None].numpy()})
+        return A, torch.from_numpy(qstore.load("signal"))
+
+    def score(self, queries: Any) -> Scores:
+        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with standard errors."""
+        A, B = self.signals(queries)
+        values, stderr = covariance_scores(A, B)
+        return Scores(values, stderr=stderr, method=self.method_name, meta=self.describe())
+
+    def self_scores(self) -> Tensor:
+        """``[n_train]``: the variance of each training loss across members."""
+        A, _ = self.signals()
+        return A.var(0).to(torch.float32)

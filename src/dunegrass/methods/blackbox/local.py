@@ -1,0 +1,71 @@
+"""The local torch back end: a fine-tuning service run in this process with ``train.finetune``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import DunegrassError
+from ...task import Task
+from ...train import Member, TrainConfig
+from ...train.finetune import finetune
+from ...train.lora import LoraConfig
+from ..daunce_backends import FinetuneBackend
+from .base import BlackBoxBackend
+
+
+class LocalBackend(BlackBoxBackend):
+    """Fine-tunes ``model`` (fully, or LoRA adapters) and evaluates ``task.loss``; members are kept in
+    memory under handles ``"local-<seed>"``. The model is left as it was after every call."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        config: TrainConfig,
+        lora: LoraConfig | None = None,
+        batch_size: int = 256,
+    ):
+        self.model, self.task, self.train_config, self.lora = model, task, config, lora
+        self.batch_size = batch_size
+        self.members: dict[str, dict[str, Tensor]] = {}
+
+    def _session(self) -> FinetuneBackend:
+        return FinetuneBackend(self.model, self.task, self.train_config, None, self.lora, None, 0, False)
+
+    def fine_tune(self, train: Any, indices: Tensor, seed: int) -> str:
+        session = self._session()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            session._reset(Member(indices, seed))
+            finetune(session.net, self.task, train, Member(indices, seed), self.train_config)
+            handle = f"local-{seed}"
+            self.members[handle] = session._state()
+        finally:
+            session.close()
+            self.model.train(was_training)
+        return handle
+
+    @torch.no_grad()
+    def losses(self, handle: str, data: Any) -> Tensor:
+        session = self._session()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if handle not in self.members:
+                raise DunegrassError(f"no local member {handle!r}: local members live in this process's memory")
+            return session.evaluate([self.members[handle]], data, self.task.loss, self.batch_size)[0]
+        finally:
+            session.close()
+            self.model.train(was_training)
+
+    def config(self) -> dict:
+        return {
+            "backend": "local",
+            "task": self.task.config(),
+            "train_config": self.train_config.to_dict(),
+            "lora": None if self.lora is None else self.lora.to_dict(),
+        }

@@ -1,0 +1,198 @@
+"""How Daunce trains its members and evaluates their signals: three interchangeable back ends.
+
+- ``ensemble``: small models, all members of a group at once (vmapped ``EnsembleTrainer``), SGD/Adam;
+- ``finetune``: one member at a time with the plain loop of ``train.finetune`` (any nn.Module,
+  optionally LoRA adapters through peft); each member is checkpointed and resumable;
+- ``newton``: exact minimisation of each perturbed objective (convex models whose outputs are
+  linear in the parameters, e.g. logistic regression); the estimator without optimisation noise.
+
+Each back end maps members (subset, seed) and their ε to trained states (dicts of tensors), and
+states to signals ``[M, n]``. Members start from θ₀ and the caller's model is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import TensorData, as_data, iterate_batches, to_device
+from ..errors import DunegrassError
+from ..influence.exact import flat_parameters
+from ..task import Task
+from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, member_state, stack_states
+from ..train.finetune import finetune
+from ..train.lora import LoraConfig, add_lora, load_state, lora_state, remove_lora, reset_lora
+from ..train.newton import newton_minimize
+from .daunce_objectives import Terms, mean_objective
+
+Signal = Callable[[Tensor, Any], Tensor]
+BACKENDS = ("ensemble", "finetune", "newton")
+
+
+class EnsembleBackend:
+    """All members of a group trained at once by the vmapped ensemble trainer."""
+
+    name = "ensemble"
+
+    def __init__(self, model: nn.Module, task: Task, config: TrainConfig, terms: Terms | None, progress: bool):
+        objective = None if terms is None else mean_objective(terms)
+        self.model, self.task = model, task
+        self.trainer = EnsembleTrainer(model, task, config, objective=objective, progress=progress)
+
+    def check_data(self, data: Any) -> None:
+        if not isinstance(as_data(data), TensorData):
+            raise DunegrassError(
+                "the vmapped ensemble back end needs in-memory tensors: pass the data as a tuple (X, y) or a "
+                "dict of tensors, or use trainer='finetune'"
+            )
+
+    def train(self, data, members: Sequence[Member], shared: Mapping[str, Tensor], eps: Tensor | None) -> list[dict]:
+        per_member = None if eps is None else {"eps": eps.to(torch.float32)}
+        stacked = self.trainer.train(data, members, shared=shared, per_member=per_member)
+        return [member_state(stacked, j) for j in range(len(members))]
+
+    def evaluate(self, states: Sequence[Mapping[str, Tensor]], data: Any, fn: Signal, batch_size: int) -> Tensor:
+        return ensemble_outputs(self.model, self.task, stack_states(states), data, fn, batch_size).to(torch.float64)
+
+    def close(self) -> None:
+        pass
+
+
+class NewtonBackend:
+    """Each perturbed objective minimised exactly (float64), with L2 coefficient ``l2``.
+
+    The ``if``/``efim`` objectives get (l2/2)‖θ − θ₀‖² — the Bregman divergence of the training
+    regulariser about θ₀, i.e. the regulariser's part of L(θ) − L(θ₀) − ∇L(θ₀)ᵀ(θ − θ₀) — so that
+    their curvature is the regularised Hessian H; ``blackbox`` (plain training on D_k) keeps the
+    ordinary (l2/2)‖θ‖² of the original objective.
+    """
+
+    name = "newton"
+
+    def __init__(self, model: nn.Module, task: Task, terms: Terms, l2: float, anchored: bool):
+        self.model, self.task, self.terms, self.l2 = model, task, terms, l2
+        self.names = [n for n, _ in model.named_parameters()]
+        self.flat, self.unflatten = flat_parameters(model, self.names)
+        self.center = self.flat.detach().to(torch.float64) if anchored else None
+        self.model64 = copy.deepcopy(model).to(torch.float64)
+
+    check_data = EnsembleBackend.check_data
+
+    def train(self, data, members: Sequence[Member], shared: Mapping[str, Tensor], eps: Tensor | None) -> list[dict]:
+        sizes = {len(m.indices) for m in members}
+        if len(sizes) != 1:
+            raise DunegrassError("the newton back end needs members with subsets of one size")
+        subsets = torch.stack([torch.as_tensor(m.indices) for m in members])
+        per_member = None if eps is None else {"eps": eps}
+        theta = newton_minimize(
+            self.model, self.task, data, self.terms, subsets, per_member, shared, self.l2, self.center
+        )
+        return [self.unflatten(t) for t in theta]
+
+    def evaluate(self, states: Sequence[Mapping[str, Tensor]], data: Any, fn: Signal, batch_size: int) -> Tensor:
+        data = as_data(data)
+        full = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in data.slice(slice(None)))
+        stacked = {k: v.to(torch.float64) for k, v in stack_states(states).items()}
+        return ensemble_outputs(self.model64, self.task, stacked, full, fn, batch_size)
+
+    def close(self) -> None:
+        pass
+
+
+class FinetuneBackend:
+    """Members trained one after another in ``model`` itself (full fine-tuning or LoRA adapters).
+
+    Full fine-tuning restores θ₀ before each member and at ``close``; with LoRA the adapters are
+    injected once, re-drawn per member (B = 0, so each member starts at θ₀) and removed at ``close``.
+    """
+
+    name = "finetune"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        config: TrainConfig,
+        terms: Terms | None,
+        lora: LoraConfig | None,
+        checkpoint_dir: str | None,
+        checkpoint_every: int,
+        progress: bool,
+    ):
+        self.task, self.config, self.lora = task, config, lora
+        self.objective = None if terms is None else mean_objective(terms)
+        self.checkpoint_dir, self.checkpoint_every, self.progress = checkpoint_dir, checkpoint_every, progress
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        if lora is not None:
+            self.net = add_lora(model, lora)
+            self.theta0 = None
+        else:
+            self.net = model
+            self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            if not self.theta0:
+                raise DunegrassError("the model has no trainable parameters (requires_grad) to fine-tune")
+
+    def check_data(self, data: Any) -> None:
+        as_data(data)
+
+    def _reset(self, member: Member) -> None:
+        if self.lora is not None:
+            reset_lora(self.net, member.seed)
+        else:
+            load_state(self.net, self.theta0)
+
+    def _state(self) -> dict[str, Tensor]:
+        if self.lora is not None:
+            return lora_state(self.net)
+        named = dict(self.net.named_parameters())
+        return {n: named[n].detach().clone() for n in self.theta0}
+
+    def train(self, data, members: Sequence[Member], shared: Mapping[str, Tensor], eps: Tensor | None) -> list[dict]:
+        states = []
+        for j, member in enumerate(members):
+            self._reset(member)
+            ckpt = None
+            if self.checkpoint_dir is not None and self.checkpoint_every:
+                os.makedirs(self.checkpoint_dir, exist_ok=True)
+                ckpt = os.path.join(self.checkpoint_dir, f"member-seed-{member.seed}.pt")
+            per_member = None if eps is None else {"eps": eps[j]}
+            finetune(
+                self.net,
+                self.task,
+                data,
+                member,
+                self.config,
+                objective=self.objective,
+                shared=shared,
+                per_member=per_member,
+                checkpoint=ckpt,
+                checkpoint_every=self.checkpoint_every,
+                progress=self.progress,
+            )
+            states.append(self._state())
+        return states
+
+    @torch.no_grad()
+    def evaluate(self, states: Sequence[Mapping[str, Tensor]], data: Any, fn: Signal, batch_size: int) -> Tensor:
+        device = next(self.net.parameters()).device
+        rows = []
+        for state in states:
+            load_state(self.net, state)
+            parts = [
+                fn(self.task.outputs(self.net, b), b).detach().cpu().to(torch.float64)
+                for b in (to_device(batch, device) for _, batch in iterate_batches(data, batch_size))
+            ]
+            rows.append(torch.cat(parts))
+        return torch.stack(rows)
+
+    def close(self) -> nn.Module:
+        """Leave the model as it was (θ₀, no adapters); returns it."""
+        if self.lora is not None:
+            return remove_lora(self.net, self.requires_grad)
+        load_state(self.net, self.theta0)
+        return self.net

@@ -1,0 +1,120 @@
+"""LoRA adapters through peft (an optional extra: ``pip install dunegrass[hf]``), imported lazily.
+
+Each ensemble member gets fresh adapters drawn from its own seed; B starts at zero (peft's
+default), so every member starts exactly at the base model θ₀. Only adapter tensors are trained,
+saved and swapped between members.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DunegrassError
+from ..seeding import derive_seed
+
+MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass
+class LoraConfig:
+    """Rank-``rank`` adapters with scale ``alpha / rank`` on ``target_modules`` (default: the MLP
+    projections, i.e. the linear layers inside modules named mlp / feed_forward / ffn)."""
+
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        return d
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise DunegrassError("LoRA needs the optional dependency peft: pip install 'dunegrass[hf]'") from e
+    return peft
+
+
+def mlp_projections(model: nn.Module) -> list[str]:
+    """Full names of the linear layers (nn.Linear or HF Conv1D) inside the model's MLP blocks."""
+    names = []
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+        if linear and any(p in MLP_CONTAINERS for p in parts[:-1]):
+            names.append(name)
+    if not names:
+        raise DunegrassError(
+            "found no MLP projections (linear layers inside modules named mlp/feed_forward/ffn); "
+            "pass LoraConfig(target_modules=[...]) with the names of the layers to adapt"
+        )
+    return names
+
+
+def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """A copy-free peft wrapper of ``model`` with one adapter; undo with ``remove_lora``."""
+    peft = _peft()
+    targets = list(config.target_modules) if config.target_modules is not None else mlp_projections(model)
+    modules = dict(model.named_modules())
+    # HF Conv1D (GPT-2) stores its weight transposed; peft must be told.
+    fan_in_fan_out = any(type(modules.get(t)).__name__ == "Conv1D" for t in targets)
+    cfg = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        **config.extra,
+    )
+    return peft.get_peft_model(model, cfg)
+
+
+def remove_lora(peft_model: nn.Module, requires_grad: Mapping[str, bool]) -> nn.Module:
+    """The base model without adapters, with each parameter's ``requires_grad`` as it was."""
+    base = peft_model.unload()
+    for n, p in base.named_parameters():
+        p.requires_grad_(requires_grad.get(n, p.requires_grad))
+    return base
+
+
+def lora_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if "lora_" in n]
+
+
+def reset_lora(model: nn.Module, seed: int) -> None:
+    """Fresh adapters for one member: A from peft's initialiser under ``seed``, B = 0 (θ = θ₀)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 0x6C6F7261))
+        for mod in model.modules():
+            if hasattr(mod, "reset_lora_parameters") and hasattr(mod, "lora_A"):
+                for adapter in list(mod.lora_A.keys()):
+                    mod.reset_lora_parameters(adapter, True)
+
+
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def load_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy ``state`` into the matching parameters of ``model`` (in place)."""
+    named = dict(model.named_parameters())
+    missing = [n for n in state if n not in named]
+    if missing:
+        raise DunegrassError(f"the saved member does not match the model: unknown parameters {missing[:5]}")
+    with torch.no_grad():
+        for n, v in state.items():
+            named[n].copy_(v)
+
+
+def clone_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: copy.deepcopy(v.detach()) for k, v in state.items()}

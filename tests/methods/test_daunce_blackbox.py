@@ -1,0 +1,70 @@
+"""Daunce through a fine-tuning service: the local back end reproduces dg.Daunce(variant="blackbox")."""
+
+import pytest
+import torch
+
+import dunegrass as dg
+from dunegrass.methods.blackbox import BlackBoxBackend, BlackBoxDaunce, LocalBackend
+from dunegrass.methods.daunce import Daunce
+from dunegrass.train import TrainConfig
+
+CONFIG = TrainConfig(optimizer="adam", lr=3e-3, steps=6, batch_size=8, schedule="cosine")
+
+
+class _Counting(LocalBackend):
+    def __init__(self, *args, fail_at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tunes, self.fail_at = 0, fail_at
+
+    def fine_tune(self, train, indices, seed):
+        self.tunes += 1
+        return super().fine_tune(train, indices, seed)
+
+    def losses(self, handle, data):
+        if self.fail_at is not None and len(self.members) == self.fail_at:
+            self.fail_at = None
+            raise ConnectionError("the service went away")
+        return super().losses(handle, data)
+
+
+def test_local_backend_matches_the_blackbox_variant(tiny_classification):
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    service = BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=5, seed=3).fit(train)
+    local = Daunce(model, task, num_models=5, variant="blackbox", trainer="finetune", config=CONFIG, seed=3).fit(train)
+    a, b = service.score(test), local.score(test)
+    torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(a.stderr, b.stderr, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(service.self_scores(), local.self_scores(), rtol=1e-4, atol=1e-8)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_a_member_fine_tuned_before_a_crash_is_not_fine_tuned_again(tiny_classification, tmp_path):
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    backend = _Counting(model, task, CONFIG, fail_at=3)
+    with pytest.raises(ConnectionError):
+        BlackBoxDaunce(backend, num_models=4).fit(train, cache_dir=tmp_path)
+    assert backend.tunes == 3
+    resumed = BlackBoxDaunce(backend, num_models=4).fit(train, queries=test, cache_dir=tmp_path)
+    assert backend.tunes == 4  # the third job's handle was stored; only the fourth was new
+    fresh = BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=4).fit(train)
+    torch.testing.assert_close(resumed.score(test).values, fresh.score(test).values, rtol=1e-5, atol=1e-9)
+
+
+def test_bad_backend_output_is_refused(tiny_classification):
+    model, train, _ = tiny_classification
+
+    class Broken(BlackBoxBackend):
+        def fine_tune(self, train, indices, seed):
+            return "m"
+
+        def losses(self, handle, data):
+            return torch.full((3,), float("nan"))
+
+    with pytest.raises(dg.DunegrassError, match="bad losses"):
+        BlackBoxDaunce(Broken(), num_models=2).fit(train)
+    with pytest.raises(dg.DunegrassError, match="num_models"):
+        BlackBoxDaunce(Broken(), num_models=1)

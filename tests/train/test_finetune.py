@@ -1,0 +1,129 @@
+"""The member-by-member training loop: equal to the vmapped trainer, resumable, LoRA through peft."""
+
+import pytest
+import torch
+
+import dunegrass as dg
+from dunegrass.methods.daunce import Daunce
+from dunegrass.train import EnsembleTrainer, Member, TrainConfig
+from dunegrass.train.finetune import finetune
+from dunegrass.train.lora import LoraConfig, add_lora, lora_names, remove_lora, reset_lora
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_finetune_trains_the_same_model_as_the_vmapped_trainer(tiny_classification, optimizer):
+    model, train, _ = tiny_classification
+    task = dg.ClassificationTask()
+    config = TrainConfig(
+        optimizer=optimizer,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-2,
+        steps=12,
+        batch_size=8,
+        schedule="cosine",
+        warmup=0.2,
+    )
+    members = [Member(torch.arange(0, 40, 2), seed=3), Member(torch.arange(25), seed=4)]
+    stacked = EnsembleTrainer(model, task, config).train(train, members)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for j, member in enumerate(members):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+        finetune(model, task, train, member, config)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), stacked[n][j], rtol=1e-4, atol=1e-6)
+            assert not torch.equal(p.detach(), start[n])
+
+
+def test_a_killed_member_resumes_from_its_checkpoint(tiny_classification, tmp_path):
+    model, train, _ = tiny_classification
+    task = dg.ClassificationTask()
+    config = TrainConfig(optimizer="adam", lr=0.02, steps=10, batch_size=8, schedule="cosine")
+    member = Member(torch.arange(30), seed=1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def reset():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+
+    finetune(model, task, train, member, config)
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reset()
+    calls = []
+
+    def dies_at_step_7(outputs, batch, aux):
+        calls.append(1)
+        if len(calls) == 7:
+            raise _Killed
+        return task.loss(outputs, batch).mean()
+
+    ckpt = tmp_path / "member.pt"
+    with pytest.raises(_Killed):
+        finetune(model, task, train, member, config, objective=dies_at_step_7, checkpoint=ckpt, checkpoint_every=3)
+    assert ckpt.exists()
+    reset()  # a new process starts from θ₀; the checkpoint holds steps 1-6
+    calls.clear()
+    finetune(model, task, train, member, config, checkpoint=ckpt, checkpoint_every=3, objective=dies_at_step_7)
+    assert len(calls) == 4 and not ckpt.exists()  # steps 7-10 only
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[n], rtol=1e-5, atol=1e-7)
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    config = transformers.GPT2Config(
+        vocab_size=31, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 31, (12, 10), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}
+
+
+def test_lora_adapts_the_mlp_projections_and_starts_at_theta0():
+    model, data = _tiny_gpt2()
+    task = dg.CausalLMTask()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = task.loss(task.outputs(model, data), data)
+    net = add_lora(model, LoraConfig(rank=4, alpha=8))
+    names = lora_names(net)
+    assert names and all(".mlp." in n for n in names)
+    assert {n.split(".mlp.")[1].split(".")[0] for n in names} == {"c_fc", "c_proj"}
+    reset_lora(net, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(task.loss(task.outputs(net, data), data), before)  # B = 0
+    config = TrainConfig(optimizer="adamw", lr=1e-2, steps=4, batch_size=4, schedule="cosine", warmup=0.25)
+    finetune(net, task, data, Member(torch.arange(8), seed=2), config)
+    with torch.no_grad():
+        after = task.loss(task.outputs(net, data), data)
+    assert not torch.allclose(after, before)
+    restored = remove_lora(net, flags)
+    assert restored is model and not lora_names(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), base[n]) and p.requires_grad == flags[n]
+
+
+def test_daunce_with_lora_on_a_causal_lm_leaves_the_model_unchanged(tmp_path):
+    model, data = _tiny_gpt2()
+    task = dg.CausalLMTask()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    queries = {"input_ids": data["input_ids"][:3].flip(1)}
+    daunce = Daunce(model, task, num_models=3, lora=LoraConfig(rank=4), steps=3, batch_size=4, lr=1e-2, seed=1)
+    scores = daunce.fit(data, cache_dir=tmp_path).score(queries)
+    assert daunce.trainer_used == "finetune"
+    assert scores.shape == (3, 12) and torch.isfinite(scores.values).all() and (scores.stderr > 0).all()
+    assert scores.values.abs().max() > 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), base[n])
+    kept = daunce.store.load_weights(0)
+    assert kept and all("lora_" in n for n in kept)
