@@ -18,7 +18,7 @@ from .bench.data import digits, digits_images
 from .bench.models import mlp
 from .bench.tasks import BenchmarkTask, train_model
 from .eval import lds, subset_retraining
-from .methods import TRAK, Attributor, ExactInfluence, GradientInfluence, TracIn
+from .methods import TRAK, Attributor, Daunce, ExactInfluence, GradientInfluence, TracIn
 from .store.atomic import atomic_write_json
 from .task import ClassificationTask
 from .train import EnsembleTrainer, Member, TrainConfig, member_state, reinitialize, stack_states
@@ -34,10 +34,11 @@ class DemoSettings:
     num_seeds: int = 3
     trak_checkpoints: int = 5
     k: int = 1024
+    daunce_models: int = 256
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(n_train=500, n_queries=50, num_seeds=1, trak_checkpoints=3, k=512)
+QUICK = DemoSettings(n_train=500, n_queries=50, num_seeds=1, trak_checkpoints=3, k=512, daunce_models=128)
 
 
 def _digits_task(s: DemoSettings, seed: int) -> BenchmarkTask:
@@ -78,6 +79,11 @@ def demo_methods(bt: BenchmarkTask, s: DemoSettings, seed: int) -> list[tuple[st
             "ExactInfluence",
             lambda: ExactInfluence(m, task, hessian="gauss_newton", damping=0.1),
             "full Gauss-Newton Hessian, damping 0.1",
+        ),
+        (
+            "Daunce",
+            lambda: Daunce(m, task, num_models=s.daunce_models, seed=seed),
+            f"K={s.daunce_models} perturbed models ('if'), vmapped",
         ),
     ]
 
@@ -156,24 +162,26 @@ def _write_report(out: str, results: dict, all_scores: dict, queries, s: DemoSet
     from .report import write_report
 
     best = max(results["methods"], key=lambda k: results["methods"][k]["lds"])
-    scores = all_scores[best]
+    # The best method's picks, and Daunce's with their significance (it is the method with standard errors).
+    shown = [best] + [name for name, sc in all_scores.items() if sc.stderr is not None and name != best]
     train_images, test_images = digits_images(s.n_train, 1797 - s.n_train, seed)
     _, y_train = digits(s.n_train, 1797 - s.n_train, seed)[0]
-    top_i, top_v = scores.top(5)
-    bot_i, bot_v = scores.bottom(3)
     examples = []
-    for q in range(min(4, len(queries[1]))):
-        ex = {
-            "query": q,
-            "label": int(queries[1][q]),
-            "method": f"{best} (best LDS)",
-            "proponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(top_i[q], top_v[q])],
-            "opponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(bot_i[q], bot_v[q])],
-        }
-        if scores.stderr is not None:
-            z = scores.z_scores()[q, top_i[q]]
-            ex["significant"] = int((z > 2).sum())
-        examples.append(ex)
+    for name in shown:
+        scores = all_scores[name]
+        top_i, top_v = scores.top(5)
+        bot_i, bot_v = scores.bottom(3)
+        for q in range(min(3, len(queries[1]))):
+            ex = {
+                "query": q,
+                "label": int(queries[1][q]),
+                "method": f"{name} (best LDS)" if name == best else name,
+                "proponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(top_i[q], top_v[q])],
+                "opponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(bot_i[q], bot_v[q])],
+            }
+            if scores.stderr is not None:
+                ex["significant"] = int((scores.z_scores()[q, top_i[q]] > 2).sum())
+            examples.append(ex)
     write_report(os.path.join(out, "report.html"), results, examples, train_images, test_images)
 
 
