@@ -17,6 +17,7 @@ from .methods import (
     ExactInfluence,
     FactGraSS,
     GradientInfluence,
+    GraSS,
     LoGra,
     TracIn,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "LoGra",
     "Gaussian",
     "GradientInfluence",
+    "GraSS",
     "GroundTruth",
     "Member",
     "NonFiniteError",

@@ -18,7 +18,7 @@ from .bench.data import digits, digits_images
 from .bench.models import mlp
 from .bench.tasks import BenchmarkTask, train_model
 from .eval import lds, subset_retraining
-from .methods import TRAK, Attributor, Daunce, ExactInfluence, GradientInfluence, TracIn
+from .methods import TRAK, Attributor, Daunce, ExactInfluence, GradientInfluence, GraSS, TracIn
 from .store.atomic import atomic_write_json
 from .task import ClassificationTask
 from .train import EnsembleTrainer, Member, TrainConfig, member_state, reinitialize, stack_states
@@ -74,6 +74,11 @@ def demo_methods(bt: BenchmarkTask, s: DemoSettings, seed: int) -> list[tuple[st
             "GradientInfluence",
             lambda: GradientInfluence(m, task, compressor=f"gaussian:{s.k}"),
             f"Gaussian k={s.k}, eFIM damping 0.1",
+        ),
+        (
+            "GraSS",
+            lambda: GraSS(m, task, k=s.k),
+            f"random mask {4 * s.k} > SparseJL k={s.k}, eFIM damping 0.1",
         ),
         (
             "ExactInfluence",

@@ -1,4 +1,3 @@
-
 import dunegrass as dg
 from dunegrass.eval import brittleness
 

@@ -2,8 +2,9 @@
 
 from .base import REGISTRY, Compressor, Identity
 from .chain import Chain, compressor, describe, parse_spec
-from .dense import Gaussian, Rademacher
-from .mask import RandomMask, random_subset
+from .dense import DenseJL, Gaussian, Rademacher
+from .factorized import FactGraSSCompressor, FactorizedCompressor, FactorMaskConfig, LoGraCompressor, fit_factor_masks
+from .mask import Mask, RandomMask, random_subset
 from .selective import SelectiveMask, SelectiveMaskConfig, mask_rank_agreement
 from .sjlt import SparseJL
 
@@ -11,14 +12,21 @@ __all__ = [
     "REGISTRY",
     "Chain",
     "Compressor",
+    "DenseJL",
+    "FactGraSSCompressor",
+    "FactorMaskConfig",
+    "FactorizedCompressor",
     "Gaussian",
     "Identity",
+    "LoGraCompressor",
+    "Mask",
     "Rademacher",
     "RandomMask",
     "SelectiveMask",
     "SelectiveMaskConfig",
     "SparseJL",
     "compressor",
+    "fit_factor_masks",
     "describe",
     "mask_rank_agreement",
     "parse_spec",

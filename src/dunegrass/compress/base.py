@@ -67,8 +67,13 @@ class Compressor(ABC):
     def _compress(self, x: Tensor) -> Tensor:
         """Map a validated ``[B, in_dim]`` input to ``[B, out_dim]`` in fp32."""
 
+    def prepare(self, device: torch.device | str = "cpu") -> None:
+        """Build, ahead of the first call on ``device``, any state kept between calls (a cached matrix,
+        a hash table's copy on that device). Calling it is optional; the first call does it otherwise."""
+        return None  # stateless compressors have nothing to build
+
     def memory_bytes(self) -> int:
-        """Bytes of state this compressor holds (matrices, hashes, indices)."""
+        """Bytes of state this compressor holds between calls (matrices, hashes, indices, buffers)."""
         return 0
 
     def config(self) -> dict:
@@ -89,4 +94,4 @@ class Identity(Compressor, register="identity"):
         super().__init__(in_dim, in_dim, seed)
 
     def _compress(self, x: Tensor) -> Tensor:
-        return x.to(torch.float32)
+        return (x if x.layout == torch.strided else x.to_dense()).to(torch.float32)

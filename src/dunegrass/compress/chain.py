@@ -12,6 +12,7 @@ Stage i of a chain gets seed ``derive_seed(seed, i)`` so stages are independent.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..errors import DunegrassError
@@ -44,6 +45,10 @@ class Chain(Compressor):
                 raise DunegrassError(f"{type(stage).__name__} has no transpose")
             y = stage.transpose(y)
         return y
+
+    def prepare(self, device: torch.device | str = "cpu") -> None:
+        for stage in self.stages:
+            stage.prepare(device)
 
     def memory_bytes(self) -> int:
         return sum(s.memory_bytes() for s in self.stages)

@@ -2,6 +2,8 @@
 
 RandomMask draws a uniformly random, seeded k′-subset. SelectiveMask learns which coordinates
 preserve the ranking of gradient inner products (algorithms.md §2) and is saved with its config.
+A mask reads only its k′ coordinates, so NaN or inf elsewhere in the input goes unseen (the gradient
+code checks whole gradients); in the kept ones it raises NonFiniteError like every compressor.
 """
 
 from __future__ import annotations
@@ -58,8 +60,14 @@ class Mask(Compressor):
             return x.index_select(1, idx).to_dense().to(torch.float32)
         return x.index_select(1, idx).to(torch.float32)
 
+    def prepare(self, device: torch.device | str = "cpu") -> None:
+        if hasattr(self, "indices"):
+            self._indices_on(torch.device(device))
+
     def transpose(self, y: Tensor) -> Tensor:
-        """Mᵀy: put the k′ values back at their coordinates, zeros elsewhere ``[B, d]``."""
+        """Mᵀy: put the k′ values back at their coordinates, zeros elsewhere ``[B, k′] -> [B, d]``."""
+        if y.ndim != 2 or y.shape[1] != self.out_dim:
+            raise DunegrassError(f"{type(self).__name__}.transpose expects [B, {self.out_dim}], got {tuple(y.shape)}")
         out = torch.zeros(y.shape[0], self.in_dim, dtype=torch.float32, device=y.device)
         out[:, self._indices_on(y.device)] = y.to(torch.float32)
         return out

@@ -6,6 +6,7 @@ from .daunce import Daunce
 from .factorized import FactGraSS, FactorizedFeaturizer, LoGra
 from .featurize import Featurizer, MaterializedFeaturizer
 from .gradient import GradientInfluence
+from .grass import GraSS, GraSSTRAK
 from .presets import TRAK, ExactInfluence, TracIn
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "ExactInfluence",
     "Featurizer",
     "GradientInfluence",
+    "GraSS",
+    "GraSSTRAK",
     "MaterializedFeaturizer",
     "TracIn",
 ]

@@ -13,7 +13,7 @@ from ..errors import DunegrassError
 from ..influence.exact import damped_hessian, solve_damped
 from ..scores import Scores
 from ..task import ClassificationTask, Task
-from .featurize import load_weights
+from .featurize import CompressorSpec, load_weights
 from .gradient import GradientInfluence
 
 
@@ -23,7 +23,7 @@ class TRAK(GradientInfluence):
     Features: projected ∇ of the log-odds of the correct class (Gaussian JL to ``k``), per checkpoint
     with its own projection seed. τ = Q ⊙ mean_m φ_{z,m}ᵀ (Φ_mᵀΦ_m/n + λI)⁻¹ φ_{i,m}, Q_i = 1 − p_i
     averaged over checkpoints. Pass several independently trained ``checkpoints`` for the usual
-    ensemble.
+    ensemble. ``compressor`` (a spec or factory, as GradientInfluence takes) replaces ``projector:k``.
     """
 
     method_name = "trak"
@@ -36,6 +36,7 @@ class TRAK(GradientInfluence):
         projector: str = "gaussian",
         checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
         damping: float | None = 0.1,
+        compressor: CompressorSpec = None,
         **kwargs: Any,
     ):
         if not isinstance(task, ClassificationTask):
@@ -48,7 +49,7 @@ class TRAK(GradientInfluence):
         super().__init__(
             model,
             logodds,
-            compressor=f"{projector}:{k}" if k else "identity",
+            compressor=compressor if compressor is not None else (f"{projector}:{k}" if k else "identity"),
             damping=damping,
             checkpoints=checkpoints,
             train_signal="measurement",
