@@ -33,7 +33,7 @@ def method_factories(model, task, k):
     if hasattr(dg, "GraSS"):
         out["GraSS"] = lambda: dg.GraSS(model, task, k=k)
     if hasattr(dg, "Daunce"):
-        out["Daunce"] = lambda: dg.Daunce(model, task, num_models=64)
+        out["Daunce"] = lambda: dg.Daunce(model, task, num_models=256)
     return out
 
 

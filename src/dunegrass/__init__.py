@@ -18,7 +18,9 @@ from .methods import (
     FactGraSS,
     GradientInfluence,
     GraSS,
+    LocalBackend,
     LoGra,
+    OpenAICompatibleBackend,
     TracIn,
 )
 from .scores import Scores
@@ -42,6 +44,8 @@ __all__ = [
     "ExactInfluence",
     "FactGraSS",
     "LoGra",
+    "LocalBackend",
+    "OpenAICompatibleBackend",
     "Gaussian",
     "GradientInfluence",
     "GraSS",

