@@ -8,7 +8,6 @@ weight gradient is ever built. Each layer is one block of the block eFIM precond
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -24,16 +23,15 @@ from ..compress.factorized import (
     LoGraCompressor,
     fit_factor_masks,
 )
-from ..compress.selective import SelectiveMask
 from ..data import as_data, iterate_batches, subset, to_device
-from ..errors import ConfigMismatchError, DunegrassError
+from ..errors import DunegrassError
 from ..fingerprint import data_fingerprint
 from ..gradients.factorized import LinearLayer, ModuleSelection, capture_factors, layer_gradients, linear_layers
 from ..seeding import derive_seed
-from ..store import atomic_write_json, config_hash
 from ..task import Task
 from .featurize import Featurizer, ObjectiveFn, load_weights
 from .gradient import GradientInfluence
+from .mask_cache import load_masks, save_masks
 
 MASK_FIT_BYTES = 2 << 30  # bound on the materialised layer gradients used to learn selective masks
 
@@ -195,14 +193,17 @@ class FactGraSS(_FactorizedInfluence):
             "signal": self.train_signal,
             "layers": [layer.name for layer in self.layers],
         }
-        fitted = _load_masks(path, key, len(self.layers))
-        if fitted is None:
+        names = [(f"{i}-out", f"{i}-in") for i in range(len(self.layers))]
+        cached = load_masks(path, key, [name for pair in names for name in pair])
+        if cached is None:
             grads = self._fit_gradients(state, data)
             fitted = [
                 fit_factor_masks(g, self.sizes["mask_out"], self.sizes["mask_in"], comp.seed, self.mask_config)
                 for g, comp in zip(grads, featurizer.compressors)
             ]
-            _save_masks(path, key, fitted)
+            save_masks(path, key, {name: mask for pair, masks in zip(names, fitted) for name, mask in zip(pair, masks)})
+        else:
+            fitted = [(cached[out], cached[inp]) for out, inp in names]
         featurizer.compressors = [
             FactGraSSCompressor(
                 c.in_dim, c.out_dim, self.sizes["k"], mi, mo, seed=c.seed, c=self.sizes["c"], bias=c.bias
@@ -234,28 +235,3 @@ class FactGraSS(_FactorizedInfluence):
         finally:
             self.model.train(was_training)
         return [torch.cat(p) for p in parts]
-
-
-def _load_masks(path: str | None, key: dict, n_layers: int) -> list[tuple[SelectiveMask, SelectiveMask]] | None:
-    if path is None or not os.path.exists(os.path.join(path, "key.json")):
-        return None
-    with open(os.path.join(path, "key.json")) as f:
-        found = json.load(f)
-    if found.get("hash") != config_hash(key):
-        raise ConfigMismatchError(
-            f"the selective masks cached at {path} were learned with another configuration (data, weights or "
-            "mask settings); use another cache_dir, or delete that directory to relearn them"
-        )
-    return [
-        (SelectiveMask.load(os.path.join(path, f"{i}-out")), SelectiveMask.load(os.path.join(path, f"{i}-in")))
-        for i in range(n_layers)
-    ]
-
-
-def _save_masks(path: str | None, key: dict, fitted: list[tuple[SelectiveMask, SelectiveMask]]) -> None:
-    if path is None:
-        return
-    for i, (mask_out, mask_in) in enumerate(fitted):
-        mask_out.save(os.path.join(path, f"{i}-out"))
-        mask_in.save(os.path.join(path, f"{i}-in"))
-    atomic_write_json(os.path.join(path, "key.json"), {"hash": config_hash(key), "key": key})  # written last

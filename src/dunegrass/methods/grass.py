@@ -7,7 +7,6 @@ back end: block-eFIM influence (algorithms.md §1.1) or TRAK (§1.2: log-odds fe
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -19,14 +18,14 @@ from torch import Tensor, nn
 
 from ..compress import Chain, Compressor, SelectiveMask, SelectiveMaskConfig, compressor
 from ..data import as_data, iterate_batches, subset, to_device
-from ..errors import ConfigMismatchError, DunegrassError
+from ..errors import DunegrassError
 from ..fingerprint import data_fingerprint
 from ..gradients import per_sample_gradients
 from ..seeding import derive_seed
-from ..store import atomic_write_json, config_hash
 from ..task import Task
 from .featurize import load_weights
 from .gradient import GradientInfluence
+from .mask_cache import load_masks, save_masks
 from .presets import TRAK
 
 BACKENDS = ("influence", "trak")
@@ -128,16 +127,16 @@ class GraSS(GradientInfluence):
         }
         if self._mask_keys.get(m) == key:
             return  # already learned on this data and these weights
-        masks = _load_masks(path, key, todo)
+        masks = load_masks(path, key, map(str, todo))
         if masks is None:
             grads = self._mask_gradients(m, state, data)
             masks = {}
             for i in todo:
                 lo, hi = featurizer.in_blocks[i]
-                masks[i] = featurizer.compressors[i].stages[0].fit(grads[:, lo:hi], config=self.mask_config)
-            _save_masks(path, key, masks)
-        for i, mask in masks.items():
-            featurizer.compressors[i].stages[0] = mask
+                masks[str(i)] = featurizer.compressors[i].stages[0].fit(grads[:, lo:hi], config=self.mask_config)
+            save_masks(path, key, masks)
+        for i in todo:
+            featurizer.compressors[i].stages[0] = masks[str(i)]
         self._mask_keys[m] = key
 
     def _mask_gradients(self, m: int, state: Mapping[str, Tensor], data: Any) -> Tensor:
@@ -186,24 +185,3 @@ class GraSSTRAK(GraSS, TRAK):
 
 def _selective(comp: Compressor) -> bool:
     return isinstance(comp, Chain) and isinstance(comp.stages[0], SelectiveMask)
-
-
-def _load_masks(path: str | None, key: dict, which: list[int]) -> dict[int, SelectiveMask] | None:
-    if path is None or not os.path.exists(os.path.join(path, "key.json")):
-        return None
-    with open(os.path.join(path, "key.json")) as f:
-        found = json.load(f)
-    if found.get("hash") != config_hash(key):
-        raise ConfigMismatchError(
-            f"the selective masks cached at {path} were learned with another configuration (data, weights or "
-            "mask settings); use another cache_dir, or delete that directory to relearn them"
-        )
-    return {i: SelectiveMask.load(os.path.join(path, str(i))) for i in which}
-
-
-def _save_masks(path: str | None, key: dict, masks: dict[int, SelectiveMask]) -> None:
-    if path is None:
-        return
-    for i, mask in masks.items():
-        mask.save(os.path.join(path, str(i)))
-    atomic_write_json(os.path.join(path, "key.json"), {"hash": config_hash(key), "key": key})  # written last
