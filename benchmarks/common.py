@@ -6,11 +6,11 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
 
 import torch
 
 import dunegrass as dg
+from dunegrass.bench.table import print_table  # noqa: F401  (the benchmarks import it from here)
 from dunegrass.store.atomic import atomic_write_json
 
 CACHE = os.environ.get("DUNEGRASS_BENCH_CACHE", os.path.join(os.path.dirname(__file__), "..", "runs", "bench-cache"))
@@ -34,22 +34,6 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
     }
-
-
-def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
-            return f"[{v[0]:.3f}, {v[1]:.3f}]"
-        return str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
 def write_json(path: str, benchmark: str, rows: list[dict], **extra) -> None:

@@ -23,3 +23,21 @@ def tiny_classification():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     return model, (x, y), (xq, yq)
+
+
+def _padded_batch(n: int = 5, t: int = 10, vocab: int = 40, seed: int = 0, side: str = "right") -> dict:
+    """Token rows of random length in [3, t], padded on ``side`` with token 0 and attention_mask 0."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, t + 1, (n,), generator=gen)
+    tokens = torch.randint(1, vocab, (n, t), generator=gen)
+    ids, mask = torch.zeros(n, t, dtype=torch.long), torch.zeros(n, t, dtype=torch.long)
+    for i, length in enumerate(lengths.tolist()):
+        cols = slice(0, length) if side == "right" else slice(t - length, t)
+        ids[i, cols], mask[i, cols] = tokens[i, :length], 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def padded_batch():
+    """``padded_batch(n=5, t=10, vocab=40, seed=0, side="right")``: a padded causal-LM batch."""
+    return _padded_batch

@@ -25,18 +25,6 @@ def objective(model, batch):
     return TASK.loss(TASK.outputs(model, batch), batch)
 
 
-def padded_batch(n: int = 5, t: int = 10, vocab: int = 40, seed: int = 0, side: str = "right") -> dict:
-    """Rows of random length in [3, t], padded on ``side`` with token 0 and attention_mask 0."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, t + 1, (n,), generator=gen)
-    tokens = torch.randint(1, vocab, (n, t), generator=gen)
-    ids, mask = torch.zeros(n, t, dtype=torch.long), torch.zeros(n, t, dtype=torch.long)
-    for i, length in enumerate(lengths.tolist()):
-        cols = slice(0, length) if side == "right" else slice(t - length, t)
-        ids[i, cols], mask[i, cols] = tokens[i, :length], 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @pytest.fixture(scope="module")
 def gpt2():
     return tiny_gpt2(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, seed=0)
@@ -77,7 +65,7 @@ def reference(model: nn.Module, layers, batch) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_conv1d_capture_equals_per_sample_gradients(gpt2, side):
+def test_conv1d_capture_equals_per_sample_gradients(gpt2, side, padded_batch):
     batch = padded_batch(side=side)
     layers = linear_layers(gpt2)
     assert [layer.name for layer in layers] == [
@@ -90,7 +78,7 @@ def test_conv1d_capture_equals_per_sample_gradients(gpt2, side):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_linear_capture_with_bias_free_and_reused_layers():
+def test_linear_capture_with_bias_free_and_reused_layers(padded_batch):
     torch.manual_seed(0)
     model = TokenMLP()
     batch = padded_batch(n=4, t=6)
@@ -100,7 +88,7 @@ def test_linear_capture_with_bias_free_and_reused_layers():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_padding_contributes_nothing(gpt2):
+def test_padding_contributes_nothing(gpt2, padded_batch):
     """A padded row's layer gradients equal those of the same sequence alone, unpadded."""
     layers = linear_layers(gpt2)
     for side in ("right", "left"):
@@ -125,7 +113,7 @@ def features(model, compressors, batch):
     return out
 
 
-def test_factgrass_equals_sjlt_of_masked_materialised_gradient(gpt2):
+def test_factgrass_equals_sjlt_of_masked_materialised_gradient(gpt2, padded_batch):
     batch = padded_batch()
     layers = linear_layers(gpt2)
     comps = [
@@ -140,7 +128,7 @@ def test_factgrass_equals_sjlt_of_masked_materialised_gradient(gpt2):
         torch.testing.assert_close(phi, want, rtol=1e-4, atol=1e-6)
 
 
-def test_logra_equals_kronecker_projection_of_materialised_gradient(gpt2):
+def test_logra_equals_kronecker_projection_of_materialised_gradient(gpt2, padded_batch):
     batch = padded_batch()
     layers = linear_layers(gpt2)
     comps = [LoGraCompressor(la.in_dim, la.out_dim, k_in=5, k_out=4, seed=i, bias=True) for i, la in enumerate(layers)]
@@ -151,7 +139,7 @@ def test_logra_equals_kronecker_projection_of_materialised_gradient(gpt2):
         torch.testing.assert_close(phi, want, rtol=1e-4, atol=1e-6)
 
 
-def test_bias_column_kept_or_dropped_and_bias_free_layers():
+def test_bias_column_kept_or_dropped_and_bias_free_layers(padded_batch):
     """The appended 1 is never materialised: masks that keep or drop it, and layers without bias, still match G."""
     torch.manual_seed(0)
     model = TokenMLP()
@@ -190,7 +178,7 @@ def to_linear(model: nn.Module) -> nn.Module:
     return twin
 
 
-def test_conv1d_and_linear_give_the_same_features(gpt2):
+def test_conv1d_and_linear_give_the_same_features(gpt2, padded_batch):
     twin = to_linear(gpt2)
     assert all(isinstance(la.module, nn.Linear) for la in linear_layers(twin))
     batch = padded_batch(side="left")
@@ -204,7 +192,7 @@ def test_conv1d_and_linear_give_the_same_features(gpt2):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_hooks_removed_and_model_gradients_untouched(gpt2):
+def test_hooks_removed_and_model_gradients_untouched(gpt2, padded_batch):
     model = copy.deepcopy(gpt2)
     marks = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -224,7 +212,7 @@ def test_hooks_removed_and_model_gradients_untouched(gpt2):
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_frozen_weights_are_captured_too(gpt2):
+def test_frozen_weights_are_captured_too(gpt2, padded_batch):
     frozen = copy.deepcopy(gpt2).requires_grad_(False)
     batch = padded_batch()
     with torch.no_grad():  # capture enables grad itself

@@ -20,17 +20,6 @@ from dunegrass.hf import tiny_gpt2  # noqa: E402
 TASK = dg.CausalLMTask()
 
 
-def padded(n: int, seed: int, side: str, t: int = 10, vocab: int = 40) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, t + 1, (n,), generator=gen)
-    tokens = torch.randint(1, vocab, (n, t), generator=gen)
-    ids, mask = torch.zeros(n, t, dtype=torch.long), torch.zeros(n, t, dtype=torch.long)
-    for i, length in enumerate(lengths.tolist()):
-        cols = slice(0, length) if side == "right" else slice(t - length, t)
-        ids[i, cols], mask[i, cols] = tokens[i, :length], 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_gpt2(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, seed=0)
@@ -43,18 +32,28 @@ PRESETS = {
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_scores_invariant_to_batch_size_and_padding_side(model, name):
+def test_scores_invariant_to_batch_size_and_padding_side(model, name, padded_batch):
     make = PRESETS[name]
-    right = make(model, batch_size=5).fit(padded(24, 0, "right")).score(padded(4, 1, "right")).values
-    left = make(model, batch_size=24).fit(padded(24, 0, "left")).score(padded(4, 1, "left")).values
+    right = (
+        make(model, batch_size=5)
+        .fit(padded_batch(n=24, seed=0, side="right"))
+        .score(padded_batch(n=4, seed=1, side="right"))
+        .values
+    )
+    left = (
+        make(model, batch_size=24)
+        .fit(padded_batch(n=24, seed=0, side="left"))
+        .score(padded_batch(n=4, seed=1, side="left"))
+        .values
+    )
     assert right.shape == (4, 24) and right.abs().max() > 0
     torch.testing.assert_close(right, left, rtol=1e-4, atol=1e-4 * float(right.abs().max()))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_scores_equal_block_influence_on_materialised_gradients(model, name):
+def test_scores_equal_block_influence_on_materialised_gradients(model, name, padded_batch):
     """Σ_l φ_{q,l}ᵀ (F_l + λ_l I)⁻¹ φ_{i,l} with φ = the layer's map applied to explicitly built G."""
-    train, queries = padded(24, 0, "right"), padded(4, 1, "right")
+    train, queries = padded_batch(n=24, seed=0, side="right"), padded_batch(n=4, seed=1, side="right")
     attr = PRESETS[name](model, damping=0.3).fit(train)
     featurizer = attr.featurizers[0]
     layers = linear_layers(model)
@@ -87,12 +86,12 @@ def test_one_block_per_layer_and_config(model):
     assert (defaults.proj_in.out_dim, defaults.proj_out.out_dim) == (17, 64)
 
 
-def test_each_checkpoint_gets_its_own_seed(model):
+def test_each_checkpoint_gets_its_own_seed(model, padded_batch):
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
     attr = LoGra(model, TASK, k_in=4, k_out=4, checkpoints=[state, state])
     a, b = (f.compressors[0].proj_in.seed for f in attr.featurizers)
     assert len(attr.featurizers) == 2 and a != b
-    scores = attr.fit(padded(12, 0, "right")).score(padded(3, 1, "right"))
+    scores = attr.fit(padded_batch(n=12, seed=0, side="right")).score(padded_batch(n=3, seed=1, side="right"))
     assert scores.shape == (3, 12)
 
 
@@ -124,8 +123,8 @@ def test_fit_factor_masks_recovers_planted_coordinates():
     assert max(agreement) > agreement[0] + 0.1
 
 
-def test_selective_masks_are_learned_cached_and_checked(model, tmp_path):
-    train, queries = padded(30, 0, "right"), padded(3, 1, "right")
+def test_selective_masks_are_learned_cached_and_checked(model, tmp_path, padded_batch):
+    train, queries = padded_batch(n=30, seed=0, side="right"), padded_batch(n=3, seed=1, side="right")
     cfg = FactorMaskConfig(max_rounds=2)
 
     def make():
@@ -139,11 +138,11 @@ def test_selective_masks_are_learned_cached_and_checked(model, tmp_path):
     assert torch.equal(second.featurizers[0].compressors[0].mask_in.indices, comp.mask_in.indices)
     torch.testing.assert_close(second.score(queries).values, first.score(queries).values)
     with pytest.raises(ConfigMismatchError, match="selective masks cached"):
-        make().fit(padded(30, 5, "right"), cache_dir=tmp_path)
+        make().fit(padded_batch(n=30, seed=5, side="right"), cache_dir=tmp_path)
 
 
-def test_selective_mask_memory_guard(model, monkeypatch):
+def test_selective_mask_memory_guard(model, monkeypatch, padded_batch):
     monkeypatch.setattr(factorized, "MASK_FIT_BYTES", 1000)
     attr = FactGraSS(model, TASK, k=16, masks="selective", mask_examples=20)
     with pytest.raises(DunegrassError, match="lower mask_examples"):
-        attr.fit(padded(30, 0, "right"))
+        attr.fit(padded_batch(n=30, seed=0, side="right"))

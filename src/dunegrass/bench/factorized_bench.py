@@ -42,6 +42,7 @@ from ..gradients.factorized import capture_factors, linear_layers
 from ..seeding import derive_seed
 from ..store import FeatureStore, atomic_write_json
 from ..task import CausalLMTask
+from .table import print_table
 
 K = 4096
 
@@ -84,20 +85,12 @@ def _rss_mb() -> float:
 
 def build_model(n_layer: int, vocab: int, n_positions: int, n_embd: int = 768, seed: int = 0):
     """GPT-2 with random weights, eager attention, dropout off; n_embd = 768 is GPT-2 small (MLP 4 × n_embd)."""
-    from ..hf import causal_lm_from_config, require_transformers
+    from ..hf import tiny_gpt2
 
-    tf = require_transformers()
-    config = tf.GPT2Config(
-        n_layer=n_layer,
-        vocab_size=vocab,
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_head=12 if n_embd % 12 == 0 else 1,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+    n_head = 12 if n_embd % 12 == 0 else 1
+    return tiny_gpt2(
+        vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head, seed=seed
     )
-    return causal_lm_from_config(config, seed=seed)
 
 
 def _batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[dict]:
@@ -275,22 +268,10 @@ def _print(doc: dict) -> None:
         f"{cfg['batch']} x {cfg['seq_len']} tokens, {doc['machine']['threads']} threads\n"
     )
     cols = ["method", "compress_seconds", "compress_speedup_vs_logra", "tokens_per_s", "ratio_vs_logra", "peak_rss_mb"]
-    _table(doc["rows"], cols)
+    print_table(doc["rows"], cols)
     print("\nper layer (seconds to compress one batch):")
     names = [r["method"] for r in doc["rows"]]
-    _table(doc["layers"], ["layer", "in_dim", "out_dim", *[f"{n}_seconds" for n in names], "factgrass_speedup"])
-
-
-def _table(rows: list[dict], cols: list[str]) -> None:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print_table(doc["layers"], ["layer", "in_dim", "out_dim", *[f"{n}_seconds" for n in names], "factgrass_speedup"])
 
 
 def main(args: argparse.Namespace) -> int:
