@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 
 from ..errors import DunegrassError
@@ -33,6 +32,8 @@ class MeanCI:
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> MeanCI:
+    from scipy import stats  # imported here: it costs a second at start-up
+
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -50,6 +51,8 @@ def _values(scores: Scores | Tensor) -> Tensor:
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of each row of ``a`` with the same row of ``b`` (NaN for constant rows)."""
+    from scipy import stats  # imported here: it costs a second at start-up
+
     ra = stats.rankdata(a, axis=1)
     rb = stats.rankdata(b, axis=1)
     ra -= ra.mean(1, keepdims=True)
@@ -82,6 +85,8 @@ def loo_correlation(scores: Scores | Tensor, loo_effects: Tensor) -> dict:
 
     Returns the Pearson and Spearman correlation over all pairs and the mean per-query Spearman.
     """
+    from scipy import stats  # imported here: it costs a second at start-up
+
     tau = _values(scores).numpy()
     eff = torch.as_tensor(loo_effects, dtype=torch.float64).numpy()
     if tau.shape != eff.shape:
@@ -95,6 +100,8 @@ def loo_correlation(scores: Scores | Tensor, loo_effects: Tensor) -> dict:
 
 def mislabel_auc(self_scores: Tensor, is_mislabeled: Tensor) -> float:
     """ROC AUC of ranking training examples by self-influence (high first) to find flipped labels."""
+    from scipy import stats  # imported here: it costs a second at start-up
+
     s = torch.as_tensor(self_scores, dtype=torch.float64).numpy()
     y = torch.as_tensor(is_mislabeled).bool().numpy()
     if s.shape != y.shape:
