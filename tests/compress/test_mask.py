@@ -57,3 +57,10 @@ def test_bad_sizes():
         RandomMask(10, 11)
     with pytest.raises(DunegrassError, match=r"\[B, 10\]"):
         RandomMask(10, 3)(torch.randn(2, 9))
+
+
+def test_sparse_coo_and_csr_inputs_equal_the_dense_one():
+    x = torch.randn(5, 40) * (torch.rand(5, 40) < 0.2)
+    m = RandomMask(40, 12, seed=3)
+    for sparse in (x.to_sparse_coo(), x.to_sparse_csr()):
+        torch.testing.assert_close(m(sparse), m(x), rtol=0, atol=0)

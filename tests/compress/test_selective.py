@@ -11,6 +11,7 @@ import torch
 
 import dunegrass as dg
 from dunegrass.compress import RandomMask, SelectiveMask, SelectiveMaskConfig, mask_rank_agreement
+from dunegrass.compress.factorized import FactGraSSCompressor
 from dunegrass.errors import DunegrassError, NonFiniteError
 
 D, INFORMATIVE = 2000, 40
@@ -88,6 +89,11 @@ def test_unfitted_and_bad_input():
         m(torch.randn(2, D))
     with pytest.raises(DunegrassError, match="unfitted"):
         m.save("unused")
+    assert m.memory_bytes() == 0
+    with pytest.raises(DunegrassError, match="no coordinates yet"):
+        m.transpose(torch.randn(2, 10))
+    with pytest.raises(DunegrassError, match="no coordinates yet"):
+        FactGraSSCompressor(D, 8, k=4, mask_in=m, mask_out=4)
     with pytest.raises(DunegrassError, match=rf"\[n, {D}\]"):
         m.fit(torch.randn(20, D - 1))
     with pytest.raises(DunegrassError, match="at least 10"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dunegrass as dg
-from dunegrass.compress import RandomMask, SelectiveMask, SelectiveMaskConfig
+from dunegrass.compress import Identity, SelectiveMask, SelectiveMaskConfig, describe
 from dunegrass.errors import ConfigMismatchError, DunegrassError
 from dunegrass.gradients import per_sample_gradients
 from dunegrass.methods.grass import GraSS, GraSSTRAK
@@ -43,8 +43,18 @@ def test_mask_dim_defaults_to_4k_and_is_capped(tiny_classification):
     task = dg.ClassificationTask()
     assert GraSS(model, task, k=8, progress=False).featurizers[0].describe() == "mask:32>sjlt:8"
     capped = GraSS(model, task, k=32, progress=False).featurizers[0].compressors[0]  # 4k = 128 > d = 83
-    assert isinstance(capped.stages[0], RandomMask) and capped.stages[0].out_dim == 83
-    assert GraSS(model, task, k=32, mask="selective", progress=False).featurizers[0].describe() == "mask:83>sjlt:32"
+    assert isinstance(capped.stages[0], Identity)  # keeping every coordinate: no mask to apply or learn
+    assert GraSS(model, task, k=32, mask="selective", progress=False).featurizers[0].describe() == "identity:83>sjlt:32"
+    # Per parameter, blocks smaller than k (the biases: 8 and 3 coordinates) keep their size.
+    per_parameter = GraSS(model, task, k=4, per_parameter=True, progress=False).featurizers[0].compressors
+    blocks = [describe(c) for c in per_parameter]  # 4k = 16 kept of 48, 8, 24 and 3 coordinates
+    assert blocks == ["mask:16>sjlt:4", "identity:8>sjlt:4", "mask:16>sjlt:4", "identity:3>sjlt:3"]
+
+
+def test_arguments_after_the_task_are_keywords(tiny_classification):
+    model, _, _ = tiny_classification
+    with pytest.raises(TypeError):  # a positional backend would bypass the TRAK class
+        GraSS(model, dg.ClassificationTask(), 16, "random", None, "trak")
 
 
 def test_trak_backend(tiny_classification):
@@ -83,6 +93,16 @@ def test_selective_mask_is_learned_on_per_example_gradients_and_cached(tiny_clas
     other = GraSS(model, task, k=8, mask="selective", mask_dim=24, mask_examples=20, mask_config=FAST, progress=False)
     with pytest.raises(ConfigMismatchError, match="another configuration"):
         other.fit(train, cache_dir=tmp_path)
+    # Masks learned for other parameters of the same size, or for another task, are refused too.
+    for kwargs in ({"params": ["0.weight"]}, {"task": dg.ClassificationTask(measurement="margin")}):
+        settings = {"task": task, **kwargs}
+        other = GraSS(model, k=4, mask="selective", mask_dim=12, mask_examples=30, mask_config=FAST, **settings)
+        with pytest.raises(ConfigMismatchError, match="selective masks cached"):
+            other._fit_masks(0, other.checkpoints[0], dg.data.as_data(train), str(tmp_path / "ckpt-0" / "masks"))
+
+    # The same object fitted into a new cache_dir writes its masks there too.
+    reused.fit(train, cache_dir=tmp_path / "second")
+    assert SelectiveMask.load(tmp_path / "second" / "ckpt-0" / "masks" / "0").indices.equal(mask.indices)
 
 
 @pytest.mark.parametrize(

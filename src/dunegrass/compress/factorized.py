@@ -174,6 +174,7 @@ class FactGraSSCompressor(FactorizedCompressor):
         if isinstance(spec, Mask):
             if spec.in_dim != dim:
                 raise DunegrassError(f"{what} selects from {spec.in_dim} coordinates, the layer factor has {dim}")
+            spec._require_indices()  # an unfitted SelectiveMask has nothing to select yet
             return spec
         if int(spec) < 1:
             raise DunegrassError(f"{what} must keep at least one coordinate, got {spec}")

@@ -49,15 +49,22 @@ class Mask(Compressor):
         self.indices = indices.sort().values
         self._on: dict[torch.device, Tensor] = {}
 
+    def _require_indices(self) -> None:
+        if not hasattr(self, "indices"):
+            raise DunegrassError(
+                f"this {type(self).__name__} has no coordinates yet; fit it (SelectiveMask.fit) or load it first"
+            )
+
     def _indices_on(self, device: torch.device) -> Tensor:
+        self._require_indices()
         if device not in self._on:
             self._on[device] = self.indices.to(device)
         return self._on[device]
 
     def _compress(self, x: Tensor) -> Tensor:
         idx = self._indices_on(x.device)
-        if x.layout != torch.strided:
-            return x.index_select(1, idx).to_dense().to(torch.float32)
+        if x.layout != torch.strided:  # index_select has no CSR kernel: go through COO
+            return x.to_sparse_coo().index_select(1, idx).to_dense().to(torch.float32)
         return x.index_select(1, idx).to(torch.float32)
 
     def prepare(self, device: torch.device | str = "cpu") -> None:
@@ -73,7 +80,7 @@ class Mask(Compressor):
         return out
 
     def memory_bytes(self) -> int:
-        return self.indices.numel() * 8
+        return self.indices.numel() * 8 if hasattr(self, "indices") else 0
 
 
 class RandomMask(Mask, register="mask"):

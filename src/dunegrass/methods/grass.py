@@ -65,6 +65,7 @@ class GraSS(GradientInfluence):
         self,
         model: nn.Module,
         task: Task,
+        *,
         k: int = 4096,
         mask: str = "random",
         mask_dim: int | None = None,
@@ -90,15 +91,22 @@ class GraSS(GradientInfluence):
         self.mask_examples, self.mask_config = int(mask_examples), mask_config or SelectiveMaskConfig()
         self._mask_keys: dict[int, dict] = {}  # per checkpoint: what its selective masks were learned from
         super().__init__(model, task, compressor=self._compressor, damping=damping, **kwargs)
+        d = self.featurizers[0].in_dim
+        if self.k > d:  # blocks smaller than k keep their size, but k beyond the whole gradient is a mistake
+            raise DunegrassError(
+                f"GraSS: k = {self.k} is larger than the input dimension {d} (the selected parameters); choose k <= {d}"
+            )
         if mask == "selective":
             self.method_name = f"{self.method_name}-selective"
 
     def _compressor(self, in_dim: int, seed: int) -> Compressor:
         """``mask:k′>sjlt:k`` for a gradient block of ``in_dim`` coordinates (k′ capped at in_dim)."""
         kept = min(self.mask_dim, in_dim)
-        # Keeping all d coordinates needs no learning: a mask of every coordinate is the identity.
-        name = "selective" if self.mask == "selective" and kept < in_dim else "mask"
-        return compressor(f"{name}:{kept}>sjlt:{self.k},c={self.c}", in_dim, seed)
+        k = min(self.k, kept)  # a block smaller than k (a bias, per parameter) keeps its size
+        if kept == in_dim:  # keeping every coordinate is no mask at all: nothing to copy or learn
+            return compressor(f"identity>sjlt:{k},c={self.c}", in_dim, seed)
+        name = "selective" if self.mask == "selective" else "mask"
+        return compressor(f"{name}:{kept}>sjlt:{k},c={self.c}", in_dim, seed)
 
     def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> GraSS:
         """Learn the selective masks (if any), then featurise ``train`` and fit the preconditioner."""
@@ -124,9 +132,13 @@ class GraSS(GradientInfluence):
             "config": asdict(self.mask_config),
             "masks_shape": [{k: featurizer.compressors[i].stages[0].config()[k] for k in SHAPE} for i in todo],
             "signal": self.train_signal,
+            "params": list(featurizer.params),
+            "task": self.task.config(),
         }
-        if self._mask_keys.get(m) == key:
-            return  # already learned on this data and these weights
+        if self._mask_keys.get(m) == key:  # already learned on this data and these weights
+            if path is not None and not os.path.exists(os.path.join(path, "key.json")):
+                save_masks(path, key, {str(i): featurizer.compressors[i].stages[0] for i in todo})  # a new cache_dir
+            return
         masks = load_masks(path, key, map(str, todo))
         if masks is None:
             grads = self._mask_gradients(m, state, data)
