@@ -18,6 +18,15 @@ from ..errors import DunegrassError, NonFiniteError
 REGISTRY: dict[str, type[Compressor]] = {}
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``torch.device(device)`` with the current index filled in for a bare accelerator name: tensors
+    report "cuda:0", so a per-device cache keyed by "cuda" would otherwise keep a second copy."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Compressor(ABC):
     """Base class. Subclasses implement ``_compress(x: [B, in_dim] float) -> [B, out_dim] fp32``."""
 

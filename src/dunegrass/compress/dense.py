@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import DunegrassError
 from ..seeding import derive_seed
-from .base import Compressor
+from .base import Compressor, canonical_device
 
 BLOCK = 1024  # input rows per generated block; part of the map's definition, never change it
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -98,7 +98,8 @@ class DenseJL(Compressor):
         return self.workers or max(1, torch.get_num_threads())
 
     def prepare(self, device: torch.device | str = "cpu") -> None:
-        if self.cached and (self._matrix is None or self._matrix.device != torch.device(device)):
+        device = canonical_device(device)
+        if self.cached and (self._matrix is None or self._matrix.device != device):
             out = torch.empty(self.in_dim, self.out_dim)
             with ThreadPoolExecutor(self._threads()) as pool:
                 for job in self._fill_rows(out, 0, self.in_dim, pool):

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..errors import DunegrassError, NonFiniteError
 from ..seeding import derive_seed
+from .base import canonical_device
 from .dense import Gaussian
 from .mask import Mask, RandomMask
 from .selective import SelectiveMask
@@ -117,7 +118,8 @@ class LoGraCompressor(FactorizedCompressor):
 
     def matrices(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """P_outᵀ ``[d_out, k_out]`` and P_inᵀ ``[in_dim, k_in]`` (fp32, kept: they are small)."""
-        if self._matrices is None or self._matrices[0].device != torch.device(device):
+        device = canonical_device(device)
+        if self._matrices is None or self._matrices[0].device != device:
             self._matrices = (self.proj_out.matrix().to(device), self.proj_in.matrix().to(device))
         return self._matrices
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import DunegrassError
 from ..seeding import derive_seed
-from .base import Compressor
+from .base import Compressor, canonical_device
 
 _RANDPERM_LIMIT = 1 << 24  # above this, sample without a d-sized permutation
 
@@ -69,7 +69,7 @@ class Mask(Compressor):
 
     def prepare(self, device: torch.device | str = "cpu") -> None:
         if hasattr(self, "indices"):
-            self._indices_on(torch.device(device))
+            self._indices_on(canonical_device(device))
 
     def transpose(self, y: Tensor) -> Tensor:
         """Mᵀy: put the k′ values back at their coordinates, zeros elsewhere ``[B, k′] -> [B, d]``."""

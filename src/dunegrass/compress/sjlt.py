@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import DunegrassError
 from ..seeding import derive_seed
-from .base import Compressor
+from .base import Compressor, canonical_device
 from .hashing import bucket_and_sign
 
 CHUNK = 1 << 18  # input columns handled at once; bounds temporaries, not part of the map
@@ -78,7 +78,7 @@ class SparseJL(Compressor, register="sjlt"):
 
     def prepare(self, device: torch.device | str = "cpu") -> None:
         if self._stored is not None:
-            self._stored_on(torch.device(device))
+            self._stored_on(canonical_device(device))
 
     def codes(self, index: Tensor, r: int) -> Tensor:
         """Signed bucket codes in [0, 2k) (int64) for input coordinates ``index`` and repetition ``r``."""
