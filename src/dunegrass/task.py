@@ -208,11 +208,11 @@ class CausalLMTask(Task):
     def outputs(self, model: nn.Module, batch: Any) -> Tensor:
         ids, mask, _ = self._fields(batch)
         kwargs = {"input_ids": ids}
+        if isinstance(batch, Mapping) and "position_ids" in batch:
+            kwargs["position_ids"] = batch["position_ids"]
         if mask is not None:
             kwargs["attention_mask"] = mask
-            if "position_ids" in batch:
-                kwargs["position_ids"] = batch["position_ids"]
-            elif _takes_position_ids(model):
+            if "position_ids" not in kwargs and _takes_position_ids(model):
                 # Without this, left padding would shift every real token's position embedding.
                 kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         try:

@@ -263,3 +263,46 @@ def test_examples_must_stay_on_dim_0():
     model = Flattening()
     with pytest.raises(DunegrassError, match="examples along dim 0"):
         layer_gradients(model, linear_layers(model), objective, {"input_ids": torch.randint(0, 10, (3, 5))})
+
+
+class WithAttention(nn.Module):
+    """Linear → nn.MultiheadAttention (whose out_proj.weight is used without calling the module) → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.att, self.head = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(self.att(h, h, h, need_weights=False)[0]).mean(1)
+
+
+def _mse(model, batch):
+    return (model(batch[0]) - batch[1]).pow(2).sum(1)
+
+
+def test_layers_that_never_run_are_left_out_or_named():
+    model, batch = WithAttention(), (torch.randn(3, 5, 4), torch.randn(3, 3))
+    assert [layer.name for layer in linear_layers(model)] == ["emb", "head"]  # out_proj is not a call
+    with pytest.raises(DunegrassError, match="never ran as modules.*att.out_proj"):
+        capture_factors(model, linear_layers(model, ["emb", "att.out_proj"]), _mse, batch, lambda *a: None)
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x) * 1.0
+        y = self.b(h)
+        h.add_(5.0)  # changes b's input after b ran: its captured factor would be wrong
+        return y + 0.0 * h.sum(1, keepdim=True)
+
+
+def test_an_input_modified_in_place_after_the_layer_ran_is_an_error():
+    model = InPlaceAfter()
+    with pytest.raises(DunegrassError, match="modified in place"):
+        capture_factors(model, linear_layers(model), _mse, (torch.randn(3, 4), torch.randn(3, 2)), lambda *a: None)

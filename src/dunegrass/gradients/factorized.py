@@ -84,7 +84,8 @@ def _describe(module: nn.Module) -> LinearLayer | None:
 def linear_layers(model: nn.Module, modules: ModuleSelection = None) -> list[LinearLayer]:
     """The layers to capture, in the model's module order.
 
-    ``modules``: None (every ``nn.Linear``/``Conv1D`` whose weight no other module shares), or names,
+    ``modules``: None (every ``nn.Linear``/``Conv1D`` whose weight no other module shares, except the
+    ``out_proj`` of ``nn.MultiheadAttention``, which that module never calls), or names,
     ``fnmatch`` patterns (``"transformer.h.*.mlp.*"``) and types (``nn.Linear``), alone or in a list.
     An exact name must be a supported layer; a pattern or type keeps the supported layers it matches
     and must match one. The default skips tied layers (GPT-2's ``lm_head`` shares the token embedding):
@@ -94,7 +95,13 @@ def linear_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Lin
     supported = {n: layer for n, m in named.items() if n and (layer := _describe(m)) is not None}
     if modules is None:
         shared = _shared_weights(model)
-        chosen = {n for n, layer in supported.items() if id(layer.module.weight) not in shared}
+        # nn.MultiheadAttention calls F.linear on out_proj.weight, never the module: hooks cannot see it.
+        unseen = {id(m.out_proj) for m in named.values() if isinstance(m, nn.MultiheadAttention)}
+        chosen = {
+            n
+            for n, layer in supported.items()
+            if id(layer.module.weight) not in shared and id(layer.module) not in unseen
+        }
     else:
         items = [modules] if isinstance(modules, (str, type)) else list(modules)
         if not items:
@@ -102,6 +109,11 @@ def linear_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Lin
         chosen = set()
         for item in items:
             chosen |= _match(item, named, supported)
+    if not chosen and modules is None and supported:
+        raise DunegrassError(
+            f"every nn.Linear/Conv1D layer of {type(model).__name__} shares its weight with another module "
+            f"(tied: {', '.join(list(supported)[:4])}), so none is selected by default; name them in modules=[...]"
+        )
     if not chosen:
         raise DunegrassError(
             f"{type(model).__name__} has no nn.Linear or Conv1D layers; factorised capture (LoGra, FactGraSS) "
@@ -186,6 +198,7 @@ def capture_factors(
             "twice); call model.gradient_checkpointing_disable() first"
         )
     state: dict[str, Any] = {"z": None, "batch": None}
+    ran: set[int] = set()
     handles = []
 
     def forward_hook(index: int):
@@ -193,11 +206,14 @@ def capture_factors(
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
             x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach()
+            ran.add(index)
+            # x is kept by reference: remember its version, so that an in-place change made to it later in
+            # the forward pass (which would corrupt the captured factor) is caught when δ arrives.
+            version, x = x._version, x.detach()
             if state["z"] is None:
                 state["z"] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
             tapped = output + state["z"]
-            tapped.register_hook(lambda grad: _deliver(index, layer, x, grad, state, on_factors))
+            tapped.register_hook(lambda grad: _deliver(index, layer, x, version, grad, state, on_factors))
             return tapped
 
         return hook
@@ -211,10 +227,12 @@ def capture_factors(
                 raise DunegrassError(f"the objective must return one value per example [B], got {tuple(values.shape)}")
             check_finite(values.detach(), "per-example loss")
             state["batch"] = values.shape[0]
-            if state["z"] is None:
+            idle = [layer.name for i, layer in enumerate(layers) if i not in ran]
+            if idle:
                 raise DunegrassError(
-                    f"none of the selected layers ({', '.join(layer.name for layer in layers[:4])}, ...) ran in "
-                    "the forward pass; select layers the model actually uses"
+                    f"selected layers never ran as modules in the forward pass: {', '.join(idle[:6])}"
+                    f"{', ...' if len(idle) > 6 else ''}. Their weights may be used directly (as nn.MultiheadAttention "
+                    "uses out_proj.weight), which hooks cannot see; leave them out with modules=[...]"
                 )
             if values.requires_grad:
                 torch.autograd.grad(values.sum(), state["z"], allow_unused=True)
@@ -224,7 +242,14 @@ def capture_factors(
     return values.detach()
 
 
-def _deliver(index: int, layer: LinearLayer, x: Tensor, grad: Tensor, state: dict, on_factors: FactorCallback):
+def _deliver(
+    index: int, layer: LinearLayer, x: Tensor, version: int, grad: Tensor, state: dict, on_factors: FactorCallback
+):
+    if x._version != version:
+        raise DunegrassError(
+            f"the input of layer {layer.name!r} was modified in place after the layer ran, so its captured "
+            "factor is no longer the input the layer saw; make that operation out of place"
+        )
     batch = state["batch"]
     if x.ndim < 2 or x.shape[0] != batch or grad.shape[:-1] != x.shape[:-1]:
         raise DunegrassError(
@@ -257,4 +282,8 @@ def layer_gradients(
 
     values = capture_factors(model, layers, objective, batch, add)
     b = values.shape[0]
-    return [g if g is not None else torch.zeros(b, layer.out_dim, layer.in_dim) for g, layer in zip(grads, layers)]
+    device = next((g.device for g in grads if g is not None), values.device)
+    return [
+        g if g is not None else torch.zeros(b, layer.out_dim, layer.in_dim, device=device)
+        for g, layer in zip(grads, layers)
+    ]

@@ -193,6 +193,7 @@ class FactGraSS(_FactorizedInfluence):
             "signal": self.train_signal,
             "layers": [layer.name for layer in self.layers],
             "task": self.task.config(),
+            "seed": self.seed,  # picks the examples the masks are learned from
         }
         names = [(f"{i}-out", f"{i}-in") for i in range(len(self.layers))]
         cached = load_masks(path, key, [name for pair in names for name in pair])
