@@ -54,6 +54,30 @@ def test_a_member_fine_tuned_before_a_crash_is_not_fine_tuned_again(tiny_classif
     torch.testing.assert_close(resumed.score(test).values, fresh.score(test).values, rtol=1e-5, atol=1e-9)
 
 
+def test_a_new_process_refits_a_local_member_that_died_with_the_old_one(tiny_classification, tmp_path):
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    with pytest.raises(ConnectionError):
+        BlackBoxDaunce(_Counting(model, task, CONFIG, fail_at=3), num_models=4).fit(train, cache_dir=tmp_path)
+    restarted = _Counting(model, task, CONFIG)  # a new process: the stored handle names no member it has
+    resumed = BlackBoxDaunce(restarted, num_models=4).fit(train, cache_dir=tmp_path)
+    assert restarted.tunes == 2  # the member whose losses were lost, and the fourth
+    fresh = BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=4).fit(train)
+    torch.testing.assert_close(resumed.signals()[0], fresh.signals()[0], rtol=1e-5, atol=1e-9)
+    with pytest.raises(dg.DunegrassError, match="live in this process's memory"):
+        resumed.score(test)  # new queries need the first process's members, which are gone
+
+
+def test_a_local_cache_belongs_to_its_base_weights(tiny_classification, tmp_path):
+    model, train, _ = tiny_classification
+    task = dg.ClassificationTask()
+    BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=2).fit(train, cache_dir=tmp_path)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    with pytest.raises(dg.ConfigMismatchError):
+        BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=2).fit(train, cache_dir=tmp_path)
+
+
 def test_bad_backend_output_is_refused(tiny_classification):
     model, train, _ = tiny_classification
 

@@ -127,3 +127,14 @@ def test_daunce_with_lora_on_a_causal_lm_leaves_the_model_unchanged(tmp_path):
         assert torch.equal(p.detach(), base[n])
     kept = daunce.store.load_weights(0)
     assert kept and all("lora_" in n for n in kept)
+
+
+def test_lora_dropout_is_off_so_members_are_reproducible():
+    model, data = _tiny_gpt2()
+
+    def signals():
+        lora = LoraConfig(rank=4, dropout=0.5)
+        daunce = Daunce(model, dg.CausalLMTask(), num_models=3, lora=lora, steps=3, batch_size=4, lr=1e-2, seed=1)
+        return daunce.fit(data).signals()[0]
+
+    torch.testing.assert_close(signals(), signals(), rtol=0, atol=0)

@@ -57,7 +57,9 @@ class EnsembleBackend:
         return [member_state(stacked, j) for j in range(len(members))]
 
     def evaluate(self, states: Sequence[Mapping[str, Tensor]], data: Any, fn: Signal, batch_size: int) -> Tensor:
-        return ensemble_outputs(self.model, self.task, stack_states(states), data, fn, batch_size).to(torch.float64)
+        device = next(self.model.parameters()).device  # kept members are loaded onto the CPU
+        stacked = {k: v.to(device) for k, v in stack_states(states).items()}
+        return ensemble_outputs(self.model, self.task, stacked, data, fn, batch_size).to(torch.float64).cpu()
 
     def close(self) -> None:
         pass
@@ -97,8 +99,9 @@ class NewtonBackend:
     def evaluate(self, states: Sequence[Mapping[str, Tensor]], data: Any, fn: Signal, batch_size: int) -> Tensor:
         data = as_data(data)
         full = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in data.slice(slice(None)))
-        stacked = {k: v.to(torch.float64) for k, v in stack_states(states).items()}
-        return ensemble_outputs(self.model64, self.task, stacked, full, fn, batch_size)
+        device = next(self.model64.parameters()).device
+        stacked = {k: v.to(device, torch.float64) for k, v in stack_states(states).items()}
+        return ensemble_outputs(self.model64, self.task, stacked, full, fn, batch_size).cpu()
 
     def close(self) -> None:
         pass
@@ -129,7 +132,9 @@ class FinetuneBackend:
         self.checkpoint_dir, self.checkpoint_every, self.progress = checkpoint_dir, checkpoint_every, progress
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         if lora is not None:
-            self.net = add_lora(model, lora)
+            # peft's new dropout modules start in training mode: eval keeps members deterministic, as the
+            # model itself is (a member's perturbation and batch order are its only randomness).
+            self.net = add_lora(model, lora).eval()
             self.theta0 = None
         else:
             self.net = model

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
-from ..data import TensorData, as_data
+from ..data import TensorData, as_data, to_device
 from ..errors import DunegrassError
 from ..gradients.per_sample import FunctionalModel, check_finite
 from ..seeding import derive_seed
@@ -144,11 +144,12 @@ class EnsembleTrainer:
         opt = FunctionalOptimizer(params, cfg)
         member_grad = vmap(grad(self._member_loss), in_dims=(0, 0, 0))
         rows = torch.arange(len(members))[:, None]
+        device = next(iter(params.values())).device  # data and anchors may live on the CPU, the members not
         for t in tqdm(range(steps), desc="train ensemble", disable=not self.progress, leave=False):
             idx = sched[t]  # [M, B]
-            batch = data.slice(idx)
-            aux = {k: v[idx] for k, v in shared.items()}
-            aux.update({k: v[rows, idx] for k, v in per_member.items()})
+            batch = to_device(data.slice(idx), device)
+            aux = {k: v[idx].to(device) for k, v in shared.items()}
+            aux.update({k: v[rows, idx].to(device) for k, v in per_member.items()})
             grads = member_grad(params, batch, aux)
             if t == 0 or t == steps - 1:
                 for g in grads.values():
@@ -184,8 +185,9 @@ def ensemble_outputs(
         return out if fn is None else fn(out, batch)
 
     run = vmap(one, in_dims=(0, None))
+    device = next(iter(stacked.values())).device
     parts = []
     with torch.no_grad():
         for lo in range(0, len(data), batch_size):
-            parts.append(run(dict(stacked), data.slice(slice(lo, lo + batch_size))))
+            parts.append(run(dict(stacked), to_device(data.slice(slice(lo, lo + batch_size)), device)))
     return torch.cat(parts, dim=1)

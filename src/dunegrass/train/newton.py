@@ -116,14 +116,15 @@ def newton_minimize(
     names = [n for n, _ in model.named_parameters()]
     model64 = _as_double(model)
     flat, unflatten = flat_parameters(model64, names)
-    full = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in data.slice(slice(None)))
+    device = flat.device  # data and anchors may live on the CPU
+    full = tuple((t.to(torch.float64) if t.is_floating_point() else t).to(device) for t in data.slice(slice(None)))
     idx = torch.as_tensor(subsets, dtype=torch.long)
     M, m = idx.shape
     rows = torch.arange(M)[:, None]
     to64 = lambda v: v.to(torch.float64) if v.is_floating_point() else v  # noqa: E731
-    batches = tuple(t[idx] for t in full)  # [M, m, ...]
-    aux = {k: to64(v)[idx] for k, v in (shared or {}).items()}
-    aux.update({k: to64(v)[rows, idx] for k, v in (per_member or {}).items()})
+    batches = tuple(t[idx.to(device)] for t in full)  # [M, m, ...]
+    aux = {k: to64(v)[idx].to(device) for k, v in (shared or {}).items()}
+    aux.update({k: to64(v)[rows, idx].to(device) for k, v in (per_member or {}).items()})
     c = torch.zeros_like(flat) if center is None else center.to(torch.float64)
 
     def outputs(v: Tensor, batch: Any) -> Tensor:
@@ -158,7 +159,7 @@ def newton_minimize(
             ]
         return torch.stack(cols, dim=-1).reshape(M, m, g.shape[1], g.shape[1])
 
-    eye = torch.eye(p, dtype=torch.float64)
+    eye = torch.eye(p, dtype=torch.float64, device=device)
     theta = flat.unsqueeze(0).repeat(M, 1)
     for _ in range(steps):
         g = exact_grad(theta, batches, aux)

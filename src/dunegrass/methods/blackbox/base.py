@@ -25,6 +25,10 @@ class BlackBoxBackend(ABC):
     def losses(self, handle: str, data: Any) -> Tensor:
         """``[n]`` per-example losses −log p(target | prompt) of model ``handle`` on ``data`` (float64)."""
 
+    def has_model(self, handle: str) -> bool:
+        """Whether ``handle`` can still be evaluated (a service keeps its models; a process may not)."""
+        return True
+
     def config(self) -> dict:
         """JSON-able description, part of the cache's config hash (never holds secrets)."""
         return {"backend": type(self).__name__}

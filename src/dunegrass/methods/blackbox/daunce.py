@@ -78,9 +78,10 @@ class BlackBoxDaunce:
         self.train_data, self.n_train = data, len(data)
         members = draw_members(len(data), self.num_models, self.ratio, self.seed)
         for lo, _ in tqdm(store.missing_groups(), desc="daunce: fine-tunes", disable=not self.progress):
-            if store.has_handle(lo):  # fine-tuned before a kill, but its losses were not stored yet
-                handle = store.load_handle(lo)
-            else:
+            handle = store.load_handle(lo) if store.has_handle(lo) else None
+            # A member fine-tuned before a kill whose losses were not stored yet is reused when the back end
+            # still has it (a service does; LocalBackend's members died with the process: train it again).
+            if handle is None or not self.backend.has_model(handle):
                 handle = self.backend.fine_tune(data, members[lo].indices, members[lo].seed)
                 store.save_handle(lo, handle)
             store.write_group(lo, self._losses(handle, data, lo)[None])

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import DunegrassError
+from ...fingerprint import state_fingerprint
 from ...task import Task
 from ...train import Member, TrainConfig
 from ...train.finetune import finetune
@@ -43,7 +44,8 @@ class LocalBackend(BlackBoxBackend):
             session._reset(Member(indices, seed))
             finetune(session.net, self.task, train, Member(indices, seed), self.train_config)
             handle = f"local-{seed}"
-            self.members[handle] = session._state()
+            # Kept on the CPU: K members would otherwise hold K copies of the weights on the accelerator.
+            self.members[handle] = {n: t.cpu() for n, t in session._state().items()}
         finally:
             session.close()
             self.model.train(was_training)
@@ -62,9 +64,13 @@ class LocalBackend(BlackBoxBackend):
             session.close()
             self.model.train(was_training)
 
+    def has_model(self, handle: str) -> bool:
+        return handle in self.members
+
     def config(self) -> dict:
         return {
             "backend": "local",
+            "weights": state_fingerprint(self.model.state_dict()),  # the base model being fine-tuned
             "task": self.task.config(),
             "train_config": self.train_config.to_dict(),
             "lora": None if self.lora is None else self.lora.to_dict(),
