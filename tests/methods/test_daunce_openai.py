@@ -161,3 +161,15 @@ def test_missing_key_is_a_clear_error(monkeypatch):
     backend = OpenAICompatibleBackend("base", base_url="http://127.0.0.1:9/v1", api_key_env="DUNEGRASS_MISSING_KEY")
     with pytest.raises(DunegrassError, match="DUNEGRASS_MISSING_KEY"):
         backend.fine_tune([{"prompt": "a", "completion": "b"}], torch.tensor([0]), seed=0)
+
+
+def test_a_token_straddling_the_prompt_boundary_counts_for_the_completion():
+    from types import SimpleNamespace as NS
+
+    # "Q: " + "yes": the service tokenises "Q:", " yes" — the second token starts inside the prompt.
+    logprobs = NS(tokens=["Q:", " yes"], token_logprobs=[None, -0.7], text_offset=[0, 2])
+    response = NS(choices=[NS(index=0, logprobs=logprobs)])
+    backend = OpenAICompatibleBackend("base-model")
+    backend._client = NS(completions=NS(create=lambda **kwargs: response))
+    loss = backend.losses("ft:model", [{"prompt": "Q: ", "completion": "yes"}])
+    torch.testing.assert_close(loss, torch.tensor([0.7], dtype=torch.float64))

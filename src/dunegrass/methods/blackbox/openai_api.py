@@ -124,11 +124,10 @@ class OpenAICompatibleBackend(BlackBoxBackend):
             for choice in sorted(resp.choices, key=lambda c: c.index):
                 ex = batch[choice.index]
                 lp = choice.logprobs
-                picked = [
-                    v
-                    for v, offset in zip(lp.token_logprobs, lp.text_offset)
-                    if offset >= len(ex["prompt"]) and v is not None
-                ]
+                # A token belongs to the completion when it ends after the prompt; one that straddles the
+                # boundary (a prompt ending in a space, the next word starting with it) counts too.
+                ends = list(lp.text_offset[1:]) + [len(ex["prompt"]) + len(ex["completion"])]
+                picked = [v for v, end in zip(lp.token_logprobs, ends) if end > len(ex["prompt"]) and v is not None]
                 if not picked and ex["completion"]:
                     raise DunegrassError(
                         f"the API returned no log-probabilities for the completion of example {lo + choice.index}; "
