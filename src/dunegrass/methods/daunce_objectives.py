@@ -74,12 +74,14 @@ def check_outputs(task: Task, model: nn.Module, batch: Any) -> Tensor:
 
 
 def theta0_anchors(model: nn.Module, task: Task, data: Any, batch_size: int, device) -> dict[str, Tensor]:
-    """``{"o0": [n, ...], "q": [n, ...], "l0": [n]}`` at θ₀, computed once and shared by all members.
+    """``{"oq0": [n], "q": [n, ...], "l0": [n]}`` at θ₀, computed once and shared by all members.
 
     q_i = ∂ℓ_i/∂o_i: the gradient of Σ_i ℓ_i with respect to the outputs, which is each example's own
-    output gradient because ℓ_i depends on o_i only. Detached.
+    output gradient because ℓ_i depends on o_i only. Detached. θ₀'s outputs enter the objective only
+    through ⟨o_i(θ₀), q_i⟩, so that scalar is kept instead of o_i(θ₀) (for a language model, a
+    [sequence, vocabulary] tensor per example).
     """
-    o0, q, l0 = [], [], []
+    oq0, q, l0 = [], [], []
     for lo, batch in iterate_batches(data, batch_size):
         batch = to_device(batch, device)
         with torch.no_grad():
@@ -91,10 +93,10 @@ def theta0_anchors(model: nn.Module, task: Task, data: Any, batch_size: int, dev
         except NonFiniteError as e:
             raise NonFiniteError(f"{e}. Daunce starts from θ₀ and needs finite losses there") from None
         (grad,) = torch.autograd.grad(loss.sum(), out)
-        o0.append(out.detach().cpu())
+        oq0.append((out.detach().double() * grad.double()).flatten(1).sum(1).cpu())
         q.append(grad.detach().cpu())
         l0.append(loss.detach().cpu())
-    return {"o0": torch.cat(o0), "q": torch.cat(q), "l0": torch.cat(l0)}
+    return {"oq0": torch.cat(oq0), "q": torch.cat(q), "l0": torch.cat(l0)}
 
 
 def objective_terms(task: Task, variant: str, rho: float, gamma: float) -> Terms:
@@ -103,7 +105,7 @@ def objective_terms(task: Task, variant: str, rho: float, gamma: float) -> Terms
     ``if``:   γ(ℓ_i(θ) − ℓ_i(θ₀)) − (1 + ρε_i)⟨o_i(θ) − o_i(θ₀), q_i⟩
     ``efim``: γ(ℓ_i(θ) − ℓ_i(θ₀))² − ρε_i⟨o_i(θ) − o_i(θ₀), q_i⟩
     ``blackbox``: ℓ_i(θ) (plain fine-tuning).
-    aux holds o0, q, l0 (shared) and eps (per member) for the examples of the batch.
+    aux holds oq0 = ⟨o_i(θ₀), q_i⟩, q, l0 (shared) and eps (per member) for the examples of the batch.
     """
     if variant not in VARIANTS:
         raise DunegrassError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -112,7 +114,7 @@ def objective_terms(task: Task, variant: str, rho: float, gamma: float) -> Terms
         loss = task.loss(outputs, batch)
         if variant == "blackbox":
             return loss
-        lin = ((outputs - aux["o0"].to(outputs.dtype)) * aux["q"].to(outputs.dtype)).flatten(1).sum(1)
+        lin = (outputs * aux["q"].to(outputs.dtype)).flatten(1).sum(1) - aux["oq0"].to(outputs.dtype)
         dl = loss - aux["l0"].to(loss.dtype)
         eps = aux["eps"].to(loss.dtype)
         if variant == "if":
