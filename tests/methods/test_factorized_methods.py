@@ -146,3 +146,11 @@ def test_selective_mask_memory_guard(model, monkeypatch, padded_batch):
     attr = FactGraSS(model, TASK, k=16, masks="selective", mask_examples=20)
     with pytest.raises(DunegrassError, match="lower mask_examples"):
         attr.fit(padded_batch(n=30, seed=0, side="right"))
+
+
+def test_non_finite_features_name_their_layer(model, padded_batch, monkeypatch):
+    attr = LoGra(model, TASK, k_in=4, k_out=5, progress=False)
+    featurizer, broken = attr.featurizers[0], attr.featurizers[0].compressors[1]
+    monkeypatch.setattr(broken, "_compress", lambda x, d: torch.full((x.shape[0], broken.k), float("nan")))
+    with pytest.raises(dg.NonFiniteError, match=featurizer.layers[1].name):
+        attr.fit(padded_batch(n=6, seed=0, side="right"))

@@ -24,7 +24,7 @@ from ..compress.factorized import (
     fit_factor_masks,
 )
 from ..data import as_data, iterate_batches, subset, to_device
-from ..errors import DunegrassError
+from ..errors import DunegrassError, NonFiniteError
 from ..fingerprint import data_fingerprint
 from ..gradients.factorized import LinearLayer, ModuleSelection, capture_factors, layer_gradients, linear_layers
 from ..seeding import derive_seed
@@ -58,13 +58,21 @@ class FactorizedFeaturizer(Featurizer):
         parts: list[Tensor | None] = [None] * len(self.layers)
 
         def compress(i: int, inputs: Tensor, grads: Tensor) -> None:
-            phi = self.compressors[i](inputs, grads)
+            phi = self.compressors[i](inputs, grads, check_finite=False)  # checked once below
             parts[i] = phi if parts[i] is None else parts[i] + phi  # a layer called twice: gradients add
 
         with load_weights(model, state):
             values = capture_factors(model, self.layers, objective, batch, compress)
         zeros = lambda k: torch.zeros(values.shape[0], k, device=values.device)  # noqa: E731  (layer unused by the loss)
-        return torch.cat([p if p is not None else zeros(c.k) for p, c in zip(parts, self.compressors)], dim=1)
+        features = torch.cat([p if p is not None else zeros(c.k) for p, c in zip(parts, self.compressors)], dim=1)
+        if not torch.isfinite(features).all():
+            bad = [
+                layer.name
+                for layer, (lo, hi) in zip(self.layers, self.blocks)
+                if not features[:, lo:hi].isfinite().all()
+            ]
+            raise NonFiniteError(f"the inputs or output gradients of layer(s) {', '.join(bad)} hold NaN or inf")
+        return features
 
     def config(self) -> dict:
         return {
