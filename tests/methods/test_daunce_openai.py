@@ -156,6 +156,21 @@ def test_openai_backend_fine_tunes_and_reads_completion_logprobs(server, tmp_pat
             assert KEY.encode() not in path.read_bytes()
 
 
+def test_a_run_killed_while_waiting_reattaches_to_its_job(server, tmp_path, monkeypatch):
+    backend = OpenAICompatibleBackend("base", base_url=server, api_key_env="DUNEGRASS_TEST_KEY", poll_seconds=0.01)
+    train, started = _examples(12, 1), len(_Fake.jobs)
+    wait = backend.wait_job
+    monkeypatch.setattr(backend, "wait_job", lambda job: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        BlackBoxDaunce(backend, num_models=3, seed=2).fit(train, cache_dir=tmp_path)
+    assert len(_Fake.jobs) == started + 1  # the first member's job was started, then the run died
+    monkeypatch.setattr(backend, "wait_job", wait)
+    resumed = BlackBoxDaunce(backend, num_models=3, seed=2).fit(train, cache_dir=tmp_path)
+    assert len(_Fake.jobs) == started + 3  # re-attached to the first job: three jobs for three members
+    fresh = BlackBoxDaunce(backend, num_models=3, seed=2).fit(train)
+    torch.testing.assert_close(resumed.signals()[0], fresh.signals()[0])
+
+
 def test_missing_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("DUNEGRASS_MISSING_KEY", raising=False)
     backend = OpenAICompatibleBackend("base", base_url="http://127.0.0.1:9/v1", api_key_env="DUNEGRASS_MISSING_KEY")

@@ -25,6 +25,16 @@ class BlackBoxBackend(ABC):
     def losses(self, handle: str, data: Any) -> Tensor:
         """``[n]`` per-example losses −log p(target | prompt) of model ``handle`` on ``data`` (float64)."""
 
+    def start_job(self, train: Any, indices: Tensor, seed: int) -> str | None:
+        """Start fine-tuning as ``fine_tune`` would and return the job's id, or None (the default) for a
+        back end that fine-tunes synchronously. A started job is recorded before it is waited for, so a
+        run killed while waiting re-attaches to it instead of paying for a second job."""
+        return None
+
+    def wait_job(self, job: str) -> str:
+        """Wait for a job from ``start_job`` and return the handle of its model."""
+        raise NotImplementedError(f"{type(self).__name__} starts no asynchronous jobs")
+
     def has_model(self, handle: str) -> bool:
         """Whether ``handle`` can still be evaluated (a service keeps its models; a process may not)."""
         return True

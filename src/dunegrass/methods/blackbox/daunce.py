@@ -27,6 +27,9 @@ def _dataset(data: Any) -> Any:
     return as_data(data)
 
 
+PENDING = "pending-job:"  # prefix of a stored handle that is a started job's id, not yet a model
+
+
 class BlackBoxDaunce:
     """Daunce's ``blackbox`` variant with any BlackBoxBackend (algorithms.md §3).
 
@@ -79,15 +82,27 @@ class BlackBoxDaunce:
         members = draw_members(len(data), self.num_models, self.ratio, self.seed)
         for lo, _ in tqdm(store.missing_groups(), desc="daunce: fine-tunes", disable=not self.progress):
             handle = store.load_handle(lo) if store.has_handle(lo) else None
+            if handle is not None and handle.startswith(PENDING):  # a job started before a kill: wait for it
+                handle = self.backend.wait_job(handle[len(PENDING) :])
+                store.save_handle(lo, handle)
             # A member fine-tuned before a kill whose losses were not stored yet is reused when the back end
             # still has it (a service does; LocalBackend's members died with the process: train it again).
             if handle is None or not self.backend.has_model(handle):
-                handle = self.backend.fine_tune(data, members[lo].indices, members[lo].seed)
-                store.save_handle(lo, handle)
+                handle = self._fine_tune(data, members[lo], lo)
             store.write_group(lo, self._losses(handle, data, lo)[None])
         if queries is not None:
             self.signals(queries)
         return self
+
+    def _fine_tune(self, data: Any, member, lo: int) -> str:
+        job = self.backend.start_job(data, member.indices, member.seed)
+        if job is None:
+            handle = self.backend.fine_tune(data, member.indices, member.seed)
+        else:
+            self.store.save_handle(lo, PENDING + job)  # recorded before waiting: a kill now loses nothing
+            handle = self.backend.wait_job(job)
+        self.store.save_handle(lo, handle)
+        return handle
 
     def _losses(self, handle: str, data: Any, member: int) -> Tensor:
         row = torch.as_tensor(self.backend.losses(handle, data), dtype=torch.float64)

@@ -88,6 +88,9 @@ class OpenAICompatibleBackend(BlackBoxBackend):
         return self._client
 
     def fine_tune(self, train: Any, indices: Tensor, seed: int) -> str:
+        return self.wait_job(self.start_job(train, indices, seed))
+
+    def start_job(self, train: Any, indices: Tensor, seed: int) -> str:
         examples = as_examples(train)
         lines = [json.dumps(examples[int(i)]) for i in indices]
         upload = self.client.files.create(
@@ -99,6 +102,10 @@ class OpenAICompatibleBackend(BlackBoxBackend):
             seed=int(seed % 2**31),
             hyperparameters=self.hyperparameters or None,
         )
+        return job.id
+
+    def wait_job(self, job: str) -> str:
+        job = self.client.fine_tuning.jobs.retrieve(job)
         deadline = time.monotonic() + self.timeout_seconds
         while job.status not in ("succeeded", "failed", "cancelled"):
             if time.monotonic() > deadline:
