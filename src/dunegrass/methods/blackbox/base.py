@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ...errors import DunegrassError
+
 
 class BlackBoxBackend(ABC):
     """A fine-tuning service. Models are named by string handles (the service's model ids)."""
@@ -33,7 +35,10 @@ class BlackBoxBackend(ABC):
 
     def wait_job(self, job: str) -> str:
         """Wait for a job from ``start_job`` and return the handle of its model."""
-        raise NotImplementedError(f"{type(self).__name__} starts no asynchronous jobs")
+        raise DunegrassError(
+            f"{type(self).__name__} starts no asynchronous jobs, so it has no job {job!r} to wait for; a back end "
+            "that returns job ids from start_job must also implement wait_job"
+        )
 
     def has_model(self, handle: str) -> bool:
         """Whether ``handle`` can still be evaluated (a service keeps its models; a process may not)."""
