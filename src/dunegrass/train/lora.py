@@ -93,7 +93,10 @@ def lora_names(model: nn.Module) -> list[str]:
 
 def reset_lora(model: nn.Module, seed: int) -> None:
     """Fresh adapters for one member: A from peft's initialiser under ``seed``, B = 0 (θ = θ₀)."""
-    with torch.random.fork_rng(devices=[]):
+    # Seeded through the global generators (peft's initialiser draws from them) on a forked state, so the
+    # caller's random streams — the CPU's and those of the model's accelerators — are left as they were.
+    cuda = sorted({p.device.index for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(derive_seed(seed, 0x6C6F7261))
         for mod in model.modules():
             if hasattr(mod, "reset_lora_parameters") and hasattr(mod, "lora_A"):
