@@ -98,7 +98,7 @@ def test_selective_mask_is_learned_on_per_example_gradients_and_cached(tiny_clas
         settings = {"task": task, **kwargs}
         other = GraSS(model, k=4, mask="selective", mask_dim=12, mask_examples=30, mask_config=FAST, **settings)
         with pytest.raises(ConfigMismatchError, match="selective masks cached"):
-            other._fit_masks(0, other.checkpoints[0], dg.data.as_data(train), str(tmp_path / "ckpt-0" / "masks"))
+            other.fit(train, cache_dir=tmp_path)
 
     # The same object fitted into a new cache_dir writes its masks there too.
     reused.fit(train, cache_dir=tmp_path / "second")

@@ -23,9 +23,8 @@ from ..compress.factorized import (
     LoGraCompressor,
     fit_factor_masks,
 )
-from ..data import as_data, iterate_batches, subset, to_device
+from ..data import iterate_batches, subset, to_device
 from ..errors import DunegrassError, NonFiniteError
-from ..fingerprint import data_fingerprint
 from ..gradients.factorized import LinearLayer, ModuleSelection, capture_factors, layer_gradients, linear_layers
 from ..seeding import derive_seed
 from ..task import Task
@@ -181,20 +180,20 @@ class FactGraSS(_FactorizedInfluence):
         if masks == "selective":
             self.method_name = "factgrass-selective"
 
-    def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> FactGraSS:
+    def _prepare_checkpoint(
+        self, m: int, state: Mapping[str, Tensor], data: Any, fingerprints: dict[str, str], root: str | None
+    ) -> None:
+        """Learn (or load) this checkpoint's selective factor masks before it is featurised."""
         if self.masks == "selective":
-            data = as_data(train)
-            for m, state in enumerate(self.checkpoints):
-                path = None if cache_dir is None else os.path.join(os.fspath(cache_dir), f"ckpt-{m}", "masks")
-                self._fit_masks(m, state, data, path)
-        return super().fit(train, cache_dir)
+            self._fit_masks(m, state, data, fingerprints, None if root is None else os.path.join(root, "masks"))
 
-    def _fit_masks(self, m: int, state: Mapping[str, Tensor], data: Any, path: str | None) -> None:
+    def _fit_masks(
+        self, m: int, state: Mapping[str, Tensor], data: Any, fingerprints: dict[str, str], path: str | None
+    ) -> None:
         featurizer = self.featurizers[m]
         key = {
             "masks": "selective-factor-v1",
-            "data": data_fingerprint(data),
-            "weights": self._weights_fingerprint(state),
+            **fingerprints,
             "examples": self.mask_examples,
             "config": asdict(self.mask_config or FactorMaskConfig()),
             "sizes": self.sizes,

@@ -139,8 +139,11 @@ class GradientInfluence(Attributor):
         self.stores, self.preconditioners = [], []
         try:
             for m, state in enumerate(self.checkpoints):
-                config = {**self.config(m), "data": fingerprint, "weights": self._weights_fingerprint(state)}
-                path = None if cache_dir is None else os.path.join(os.fspath(cache_dir), f"ckpt-{m}", "train")
+                fingerprints = {"data": fingerprint, "weights": self._weights_fingerprint(state)}
+                root = None if cache_dir is None else os.path.join(os.fspath(cache_dir), f"ckpt-{m}")
+                self._prepare_checkpoint(m, state, data, fingerprints, root)
+                config = {**self.config(m), **fingerprints}
+                path = None if root is None else os.path.join(root, "train")
                 widths = {"features": self.featurizers[m].dim, **self._extra_widths()}
                 dtypes = {"features": self.store_dtype}
                 store = FeatureStore(path, config, self.n_train, widths, self.shard_size, dtypes)
@@ -150,6 +153,13 @@ class GradientInfluence(Attributor):
         finally:
             self.model.train(was_training)
         return self
+
+    def _prepare_checkpoint(
+        self, m: int, state: Mapping[str, Tensor], data: Any, fingerprints: dict[str, str], root: str | None
+    ) -> None:
+        """Hook run before checkpoint ``m`` is featurised, for state learned from the data at that checkpoint
+        (GraSS's and FactGraSS's selective masks); ``fingerprints`` name the data and the weights, ``root``
+        is the checkpoint's cache directory. Nothing by default."""
 
     def _preflight(self, data: Any) -> None:
         """One plain forward pass on two examples: shape/dtype errors surface with the real shapes."""

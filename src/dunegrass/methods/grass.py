@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..compress import Chain, Compressor, SelectiveMask, SelectiveMaskConfig, compressor
-from ..data import as_data, iterate_batches, subset, to_device
+from ..data import iterate_batches, subset, to_device
 from ..errors import DunegrassError
-from ..fingerprint import data_fingerprint
 from ..gradients import per_sample_gradients
 from ..seeding import derive_seed
 from ..task import Task
@@ -108,26 +107,25 @@ class GraSS(GradientInfluence):
         name = "selective" if self.mask == "selective" else "mask"
         return compressor(f"{name}:{kept}>sjlt:{k},c={self.c}", in_dim, seed)
 
-    def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> GraSS:
-        """Learn the selective masks (if any), then featurise ``train`` and fit the preconditioner."""
+    def _prepare_checkpoint(
+        self, m: int, state: Mapping[str, Tensor], data: Any, fingerprints: dict[str, str], root: str | None
+    ) -> None:
+        """Learn (or load) this checkpoint's selective masks before it is featurised."""
         if self.mask == "selective":
             start = time.perf_counter()
-            data = as_data(train)
-            for m, state in enumerate(self.checkpoints):
-                path = None if cache_dir is None else os.path.join(os.fspath(cache_dir), f"ckpt-{m}", "masks")
-                self._fit_masks(m, state, data, path)
-            self.seconds["masks"] = time.perf_counter() - start
-        return super().fit(train, cache_dir)
+            self._fit_masks(m, state, data, fingerprints, None if root is None else os.path.join(root, "masks"))
+            self.seconds["masks"] = (self.seconds.get("masks", 0.0) if m else 0.0) + time.perf_counter() - start
 
-    def _fit_masks(self, m: int, state: Mapping[str, Tensor], data: Any, path: str | None) -> None:
+    def _fit_masks(
+        self, m: int, state: Mapping[str, Tensor], data: Any, fingerprints: dict[str, str], path: str | None
+    ) -> None:
         featurizer = self.featurizers[m]
         todo = [i for i, comp in enumerate(featurizer.compressors) if _selective(comp)]
         if not todo:
             return
         key = {
             "masks": "selective-v1",
-            "data": data_fingerprint(data),
-            "weights": self._weights_fingerprint(state),
+            **fingerprints,
             "examples": self.mask_examples,
             "config": asdict(self.mask_config),
             "masks_shape": [{k: featurizer.compressors[i].stages[0].config()[k] for k in SHAPE} for i in todo],
