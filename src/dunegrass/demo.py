@@ -176,6 +176,7 @@ def _write_report(out: str, results: dict, all_scores: dict, queries, s: DemoSet
         scores = all_scores[name]
         top_i, top_v = scores.top(5)
         bot_i, bot_v = scores.bottom(3)
+        z = None if scores.stderr is None else scores.z_scores()
         for q in range(min(3, len(queries[1]))):
             ex = {
                 "query": q,
@@ -184,8 +185,8 @@ def _write_report(out: str, results: dict, all_scores: dict, queries, s: DemoSet
                 "proponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(top_i[q], top_v[q])],
                 "opponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(bot_i[q], bot_v[q])],
             }
-            if scores.stderr is not None:
-                ex["significant"] = int((scores.z_scores()[q, top_i[q]] > 2).sum())
+            if z is not None:
+                ex["significant"] = int((z[q, top_i[q]] > 2).sum())
             examples.append(ex)
     write_report(os.path.join(out, "report.html"), results, examples, train_images, test_images)
 
