@@ -156,6 +156,22 @@ def test_bias_column_kept_or_dropped_and_bias_free_layers(padded_batch):
         torch.testing.assert_close(phi, comp.map_gradient(g), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda: FactGraSSCompressor(9, 7, k=8, mask_in=4, mask_out=3), lambda: LoGraCompressor(9, 7)]
+)
+def test_non_finite_factors_are_caught_or_left_to_the_caller(make):
+    """A NaN in a kept factor column raises by default; with check_finite=False it reaches φ (the featuriser
+    checks all layers once per batch), so skipping SparseJL's own check loses nothing."""
+    comp = make()
+    x, d = torch.randn(2, 5, 9), torch.randn(2, 5, 7)
+    rows = comp.mask_out.indices if isinstance(comp, FactGraSSCompressor) else torch.arange(7)
+    d[1, 2, rows[0]] = float("nan")
+    with pytest.raises(dg.NonFiniteError, match="NaN or inf"):
+        comp(x, d)
+    phi = comp(x, d, check_finite=False)
+    assert torch.isfinite(phi[0]).all() and not torch.isfinite(phi[1]).all()
+
+
 def test_sizes_are_capped_at_the_layer_dims():
     comp = FactGraSSCompressor(in_dim=5, out_dim=3, k=4096)
     assert (comp.mask_out.out_dim, comp.mask_in.out_dim, comp.k) == (3, 5, 15)

@@ -196,11 +196,13 @@ class FactGraSSCompressor(FactorizedCompressor):
     def _compress(self, inputs: Tensor, grads: Tensor) -> Tensor:
         rows, cols = self._indices(inputs.device)
         b, t = inputs.shape[:2]
-        a = _gather_columns(grads.reshape(b * t, -1), rows).view(b, t, -1)  # M_out δ_t
+        # Input columns first: measured a few per cent faster on GPT-2-small factors (CPU); same result.
         c = _gather_columns(inputs.reshape(b * t, -1), cols).view(b, t, -1)  # M_in x̃_t
+        a = _gather_columns(grads.reshape(b * t, -1), rows).view(b, t, -1)  # M_out δ_t
         if self._keeps_bias:
             c = torch.cat([c, c.new_ones(*c.shape[:2], 1)], dim=2)
-        return self.sjlt(_outer_sum(a, c))
+        # The SparseJL input is ours (right shape, fp32): skip its checks; the caller checks φ once.
+        return self.sjlt.compress_dense(_outer_sum(a, c))
 
     def map_gradient(self, grad: Tensor) -> Tensor:
         rows = self.mask_out.indices.to(grad.device)

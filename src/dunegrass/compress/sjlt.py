@@ -57,6 +57,7 @@ class SparseJL(Compressor, register="sjlt"):
         self.hash_mode = hash_mode
         self._stored: Tensor | None = None  # [c, d] int32 codes on the CPU
         self._on: dict[torch.device, Tensor] = {}  # the stored codes copied to other devices
+        self._whole: dict[torch.device, Tensor] = {}  # int64 codes of an input that fits one chunk
         if hash_mode == "stored":
             codes = torch.empty(self.c, in_dim, dtype=torch.int32)
             for r in range(self.c):
@@ -88,6 +89,12 @@ class SparseJL(Compressor, register="sjlt"):
 
     def _range_codes(self, lo: int, hi: int, r: int, device: torch.device) -> Tensor:
         if self._stored is not None:
+            if hi - lo == self.in_dim <= CHUNK:
+                # One chunk (as after a mask): keep its int64 codes (at most 2 MiB per repetition) instead
+                # of widening them on every call, which is a tenth of a small SparseJL call.
+                if device not in self._whole:
+                    self._whole[device] = self._stored_on(device).long()
+                return self._whole[device][r]
             return self._stored_on(device)[r, lo:hi].long()
         return self._hash_codes(torch.arange(lo, hi, device=device), r)
 
@@ -112,7 +119,7 @@ class SparseJL(Compressor, register="sjlt"):
         acc = torch.zeros(x.shape[0], 2 * self.out_dim, dtype=torch.float32, device=x.device)
         for lo in range(0, self.in_dim, CHUNK):
             hi = min(lo + CHUNK, self.in_dim)
-            src = x[:, lo:hi].to(torch.float32)
+            src = (x if hi - lo == self.in_dim else x[:, lo:hi]).to(torch.float32)
             for r in range(self.c):
                 code = self._range_codes(lo, hi, r, x.device)
                 acc.scatter_add_(1, code.expand(x.shape[0], -1), src)
@@ -147,7 +154,9 @@ class SparseJL(Compressor, register="sjlt"):
         return out if self.c == 1 else out / math.sqrt(self.c)
 
     def memory_bytes(self) -> int:
-        return 0 if self._stored is None else self._stored.numel() * self._stored.element_size()
+        if self._stored is None:
+            return 0
+        return self._stored.numel() * self._stored.element_size() + sum(t.numel() * 8 for t in self._whole.values())
 
     def config(self) -> dict:
         return {**super().config(), "c": self.c, "hash": "triple32-keyed-v1"}
