@@ -18,7 +18,7 @@ Reported: the rank of the query's own docstring among the n training examples �
 mean reciprocal rank (random: 1/n, 10/n, ≈ ln(n)/n) — for FactGraSS and LoGra as influence (block eFIM,
 damping 0.1) and as plain dot products (damping None), and TF-IDF cosine over tokens as a lexical yardstick.
 k = 1024 per layer (FactGraSS masks 64 × 64 → SparseJL 1024, LoGra 32 × 32): 215 k features per example;
-the paper's 4096 per layer would need 210 Fisher blocks of 64 MiB.
+the paper's 4096 per layer would need 210 float64 Fisher blocks of 128 MiB (26 GiB).
 
     python benchmarks/llm_retrieval.py [--quick] [--json benchmarks/results/llm_retrieval.json]
 """

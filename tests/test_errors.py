@@ -70,3 +70,13 @@ def test_bad_options(tiny_classification):
         dg.TracIn(model, task).self_scores()
     with pytest.raises(dg.DunegrassError, match="optimizer must be one of"):
         dg.TrainConfig(optimizer="lbfgs")
+
+
+def test_a_fisher_too_large_fails_when_the_method_is_built():
+    """40 layers × a 16384² float64 block is 80 GiB: say so before any gradient is computed, with the fixes."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(40)])
+    task = dg.ClassificationTask()
+    with pytest.raises(dg.DunegrassError, match=r"80\.0 GiB of float64 \(40 blocks, the widest 16384\).*modules="):
+        dg.FactGraSS(model, task, k=16384, mask_in=256, mask_out=256)
+    dg.FactGraSS(model, task, k=16384, mask_in=256, mask_out=256, damping=None)  # dot products need no Fisher
+    dg.FactGraSS(model, task, k=1024, mask_in=64, mask_out=64)  # 40 × 8 MiB

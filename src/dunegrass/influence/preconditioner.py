@@ -19,6 +19,19 @@ from ..errors import DunegrassError
 MAX_FISHER_BYTES = 4 << 30  # float64 k × k blocks beyond this are a configuration mistake, not a workload
 
 
+def check_fisher_memory(blocks: Sequence[tuple[int, int]], damping: float | None) -> None:
+    """Raise if the damped block Fisher of ``blocks`` would exceed MAX_FISHER_BYTES. Methods call this when
+    they are built, so a setting that cannot be preconditioned fails before any gradient is computed."""
+    need = sum((b - a) ** 2 for a, b in blocks) * 8
+    if damping is not None and need > MAX_FISHER_BYTES:
+        widest = max(b - a for a, b in blocks)
+        raise DunegrassError(
+            f"the block Fisher needs {need / 2**30:.1f} GiB of float64 ({len(blocks)} blocks, the widest "
+            f"{widest}); compress to a smaller k (compressor='sjlt:4096'; for LoGra / FactGraSS a smaller k, "
+            "or k_in / k_out, per layer), use fewer layers (modules=...), or damping=None for plain dot products"
+        )
+
+
 class BlockPreconditioner:
     """Accumulate ΦᵀΦ block by block in float64, then solve with the damped block Fisher."""
 
@@ -27,13 +40,7 @@ class BlockPreconditioner:
             raise DunegrassError(f"damping must be positive (or None for no preconditioning), got {damping}")
         self.blocks = [(int(a), int(b)) for a, b in blocks]
         self.damping = damping
-        need = sum((b - a) ** 2 for a, b in self.blocks) * 8
-        if damping is not None and need > MAX_FISHER_BYTES:
-            widest = max(b - a for a, b in self.blocks)
-            raise DunegrassError(
-                f"the block Fisher needs {need / 2**30:.1f} GiB (a block of width {widest}); compress the gradients "
-                "to a smaller k (e.g. compressor='sjlt:4096'), split them into per-layer blocks, or use damping=None"
-            )
+        check_fisher_memory(self.blocks, damping)
         self.gram = [] if damping is None else [torch.zeros(b - a, b - a, dtype=torch.float64) for a, b in self.blocks]
         self.n = 0
         self._factors: list | None = None

@@ -22,7 +22,7 @@ from ..data import as_data, iterate_batches, to_device
 from ..errors import DunegrassError
 from ..fingerprint import data_fingerprint, state_fingerprint
 from ..gradients import check_finite
-from ..influence import BlockPreconditioner, pairwise_scores, self_influence
+from ..influence import BlockPreconditioner, check_fisher_memory, pairwise_scores, self_influence
 from ..scores import Scores
 from ..seeding import derive_seed
 from ..store import FeatureStore
@@ -96,6 +96,7 @@ class GradientInfluence(Attributor):
             else MaterializedFeaturizer(model, params, compressor, derive_seed(seed, m), chunk_size, per_parameter)
             for m in range(len(self.checkpoints))
         ]
+        check_fisher_memory(self.featurizers[0].blocks, damping)  # fail now, not after featurising
         self.stores: list[FeatureStore] = []
         self.preconditioners: list = []
         self.seconds: dict[str, float] = {}
