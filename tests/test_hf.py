@@ -112,3 +112,11 @@ def test_factorized_bench_runs_and_reports_every_column():
         assert row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
     assert doc["rows"][0]["ratio_vs_logra"] == 1.0
     assert [entry["layer"] for entry in doc["layers"]] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is present")
+def test_factorized_bench_on_a_missing_gpu_says_so():
+    from dunegrass.bench.factorized_bench import run
+
+    with pytest.raises(dg.DunegrassError, match="sees no CUDA device.*--device cpu"):
+        run(n_layer=1, vocab=64, batch=2, seq_len=8, steps=1, repeats=1, n_embd=24, device="cuda")

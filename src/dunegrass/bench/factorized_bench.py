@@ -21,7 +21,9 @@ Measured on one batch of random tokens (default 4 × 512):
 
 ``ratio_vs_logra`` is tokens/s over LoGra's in the same run; ``compress_speedup_vs_logra`` is LoGra's
 compress_seconds over the method's. ``--quick`` keeps GPT-2-small layer widths but uses 1 block,
-a vocabulary of 8192 and 4 × 256 tokens (under a minute).
+a vocabulary of 8192 and 4 × 256 tokens (under a minute). ``--device cuda`` runs the model and the
+compression on a GPU (timings wait for it; rows add ``peak_device_mb``); no GPU has run it yet, and
+the README's figures are CPU figures.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ import time
 import torch
 
 from ..compress import SparseJL
+from ..compress.base import canonical_device
 from ..compress.factorized import FactGraSSCompressor, LoGraCompressor
+from ..errors import DunegrassError
 from ..gradients import per_sample_gradients
 from ..gradients.factorized import capture_factors, linear_layers
 from ..seeding import derive_seed
@@ -57,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="compression timings per method (median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip-materialized", action="store_true", help="leave out the materialised-gradient row")
+    p.add_argument("--device", default="cpu", help="where the model and compression run, e.g. cuda (default cpu)")
 
 
 class PeakRSS:
@@ -99,12 +104,20 @@ def _batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[di
     return [{"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=gen)} for _ in range(n)]
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _sync(device: torch.device) -> None:
+    """Wait for queued accelerator work, so that a wall-clock interval covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up: first-call allocations and cached projection matrices are not compression
     times = []
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -138,13 +151,16 @@ def compression_times(model, methods: _Methods, batch: dict, repeats: int) -> di
 
     capture_factors(model, methods.layers, lambda m, b: task.loss(task.outputs(m, b), b), batch, keep)
     out: dict[str, list[float]] = {"logra": [], "factgrass": [], "materialized": []}
+    device = factors[0][0].device
     for i, (x, d) in enumerate(factors):
         # check_finite=False as in FactorizedFeaturizer, which checks all layers' features once per batch
-        out["logra"].append(_median_seconds(lambda i=i, x=x, d=d: methods.logra[i](x, d, False), repeats))
-        out["factgrass"].append(_median_seconds(lambda i=i, x=x, d=d: methods.factgrass[i](x, d, False), repeats))
+        out["logra"].append(_median_seconds(lambda i=i, x=x, d=d: methods.logra[i](x, d, False), repeats, device))
+        out["factgrass"].append(
+            _median_seconds(lambda i=i, x=x, d=d: methods.factgrass[i](x, d, False), repeats, device)
+        )
         x1 = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)  # GPT-2's layers all have a bias
         g = torch.bmm(d.transpose(1, 2), x1).reshape(x.shape[0], -1)  # the per-example gradient, built
-        out["materialized"].append(_median_seconds(lambda i=i, g=g: methods.sjlt[i](g), repeats))
+        out["materialized"].append(_median_seconds(lambda i=i, g=g: methods.sjlt[i](g), repeats, device))
     return out
 
 
@@ -171,8 +187,10 @@ def _materialized_features(model, layers, sjlts, batch, objective):
 
 
 def throughput(model, methods: _Methods, name: str, batches: list[dict]) -> dict:
-    """Tokens/s (forward + backward + compression + store write) over ``batches[1:]``, and peak RSS."""
+    """Tokens/s (forward + backward + compression + store write) over ``batches[1:]``, and peak RSS
+    (plus, on a GPU, the peak of memory allocated there)."""
     task = CausalLMTask()
+    device = batches[0]["input_ids"].device
 
     def objective(m, b):
         return task.loss(task.outputs(m, b), b)
@@ -185,15 +203,20 @@ def throughput(model, methods: _Methods, name: str, batches: list[dict]) -> dict
         featurize = lambda b: _factorized_features(model, methods.layers, comps, b, objective)  # noqa: E731
         width = sum(c.k for c in comps)  # 4096 per layer at GPT-2 size; less where a small layer caps it
     rows = batches[0]["input_ids"].shape[0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         store = FeatureStore(tmp, {"bench": name}, rows * len(batches), {"features": width}, shard_size=rows)
-        store.write(0, {"features": featurize(batches[0]).numpy()})  # warm-up, not timed
+        store.write(0, {"features": featurize(batches[0]).cpu().numpy()})  # warm-up, not timed
         t = time.perf_counter()
         for i, b in enumerate(batches[1:], start=1):
-            store.write(i, {"features": featurize(b).numpy()})
+            store.write(i, {"features": featurize(b).cpu().numpy()})  # .cpu() waits for the device
         seconds = time.perf_counter() - t
     tokens = sum(b["input_ids"].numel() for b in batches[1:])
-    return {"tokens_per_s": tokens / seconds, "peak_rss_mb": rss.peak, "step_seconds": seconds / (len(batches) - 1)}
+    out = {"tokens_per_s": tokens / seconds, "peak_rss_mb": rss.peak, "step_seconds": seconds / (len(batches) - 1)}
+    if device.type == "cuda":
+        out["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def run(
@@ -205,12 +228,16 @@ def run(
     repeats: int,
     materialized: bool = True,
     n_embd: int = 768,
+    device: str = "cpu",
 ) -> dict:
     """The whole benchmark; returns the JSON document (``rows`` and a per-layer-shape breakdown)."""
-    model = build_model(n_layer, vocab, max(seq_len, 1024), n_embd)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise DunegrassError(f"--device {device}: this PyTorch sees no CUDA device; run on the CPU (--device cpu)")
+    device = canonical_device(device)
+    model = build_model(n_layer, vocab, max(seq_len, 1024), n_embd).to(device)
     layers = linear_layers(model)
     methods = _Methods(layers)
-    batches = _batches(steps + 1, batch, seq_len, vocab, seed=1)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in _batches(steps + 1, batch, seq_len, vocab, seed=1)]
     names = ["logra", "factgrass"] + (["materialized"] if materialized else [])
     per_layer = compression_times(model, methods, batches[0], repeats)
     rows = []
@@ -258,6 +285,7 @@ def run(
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "loadavg_1min": os.getloadavg()[0],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         },
     }
 
@@ -267,9 +295,11 @@ def _print(doc: dict) -> None:
     print(
         f"GPT-2-shaped, {cfg['n_layer']} blocks, {cfg['parameters'] / 1e6:.1f} M parameters, "
         f"{cfg['compressed_layers']} linear layers, k = {cfg['k_per_layer']} per layer, "
-        f"{cfg['batch']} x {cfg['seq_len']} tokens, {doc['machine']['threads']} threads\n"
+        f"{cfg['batch']} x {cfg['seq_len']} tokens, {doc['machine']['threads']} threads, "
+        f"on {doc['machine']['device']}\n"
     )
     cols = ["method", "compress_seconds", "compress_speedup_vs_logra", "tokens_per_s", "ratio_vs_logra", "peak_rss_mb"]
+    cols += ["peak_device_mb"] if "peak_device_mb" in doc["rows"][0] else []
     print_table(doc["rows"], cols)
     print("\nper layer (seconds to compress one batch):")
     names = [r["method"] for r in doc["rows"]]
@@ -282,7 +312,16 @@ def main(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or (256 if args.quick else 512)
     steps = args.steps or (1 if args.quick else 2)
     n_layer, vocab = (1, 8192) if args.quick else (12, 50257)
-    doc = run(n_layer, vocab, args.batch, seq_len, steps, args.repeats, materialized=not args.skip_materialized)
+    doc = run(
+        n_layer,
+        vocab,
+        args.batch,
+        seq_len,
+        steps,
+        args.repeats,
+        materialized=not args.skip_materialized,
+        device=args.device,
+    )
     doc["config"]["quick"] = bool(args.quick)
     _print(doc)
     if args.json:
