@@ -59,25 +59,24 @@ def load_smollm2():
     return model.eval(), tokenizer, gguf[0]
 
 
-def make_data(tokenizer, length: int, n_query: int, seed: int) -> tuple[dict, dict, torch.Tensor, list[str]]:
+def make_data(tokenizer, length: int, n_query: int, seed: int) -> tuple[dict, dict, torch.Tensor]:
     """Training windows (first ``length`` tokens of each long docstring), queries (the next ``length`` tokens
     of ``n_query`` drawn docstrings) and, per query, the index of its source training window."""
     docs = stdlib_docstrings()
-    names, ids, seen = [], [], set()
-    for name, doc in docs:
+    ids, seen = [], set()
+    for _, doc in docs:
         tokens = tokenizer(doc, add_special_tokens=False)["input_ids"]
         head = tuple(tokens[:length])
         # Inherited and aliased members repeat a docstring word for word: keep the first, so every
         # query has one source and identical windows cannot tie with it.
         if len(tokens) >= 2 * length and head not in seen:
             seen.add(head)
-            names.append(name)
             ids.append(tokens[: 2 * length])
     ids = torch.tensor(ids)
     drawn = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n_query]
     train = {"input_ids": ids[:, :length].contiguous()}
     queries = {"input_ids": ids[drawn, length:].contiguous()}
-    return train, queries, drawn, names
+    return train, queries, drawn
 
 
 def tfidf_scores(train: torch.Tensor, queries: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -131,7 +130,7 @@ def main() -> None:
 
     with Timer() as t_load:
         model, tokenizer, gguf = load_smollm2()
-    train, queries, source, names = make_data(tokenizer, args.length, args.queries, args.seed)
+    train, queries, source = make_data(tokenizer, args.length, args.queries, args.seed)
     if args.quick:
         keep = 64
         inside = source < keep

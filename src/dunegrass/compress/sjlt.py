@@ -119,7 +119,7 @@ class SparseJL(Compressor, register="sjlt"):
         acc = torch.zeros(x.shape[0], 2 * self.out_dim, dtype=torch.float32, device=x.device)
         for lo in range(0, self.in_dim, CHUNK):
             hi = min(lo + CHUNK, self.in_dim)
-            src = (x if hi - lo == self.in_dim else x[:, lo:hi]).to(torch.float32)
+            src = x[:, lo:hi].to(torch.float32)
             for r in range(self.c):
                 code = self._range_codes(lo, hi, r, x.device)
                 acc.scatter_add_(1, code.expand(x.shape[0], -1), src)
