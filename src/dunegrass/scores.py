@@ -1,8 +1,13 @@
-"""Scores: a ``[n_query, n_train]`` matrix of attributions, positive = proponent.
+"""Scores: a ``[n_query, n_train]`` matrix of attributions, positive = proponent, and its top-k form.
 
 A positive score means training on that example helps the query (lowers its loss / raises its
 measurement). Optional standard errors (Daunce) have the same shape. Saved as one ``.npz`` without
 pickle: the arrays plus the metadata as JSON text.
+
+Methods compute scores chunk by chunk of training examples and hand each chunk to a sink:
+``DenseSink`` fills the whole matrix (``n_query × n_train`` float32 on the host), ``TopKSink`` keeps
+only each query's K largest and K smallest scores (``n_query × 4K`` numbers whatever ``n_train`` is),
+so a million training examples can be searched without the dense matrix.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,19 +26,31 @@ from .errors import DunegrassError
 from .store.atomic import atomic_write_bytes
 
 
+class Ranked(NamedTuple):
+    """Training examples ranked per query. Note the order: **indices first**, then values (``torch.topk``
+    returns values first); both ``[n_query, k]``."""
+
+    indices: Tensor
+    values: Tensor
+
+
+def _host(t: Tensor | None) -> Tensor | None:
+    return None if t is None else torch.as_tensor(t).detach().to("cpu", torch.float32)
+
+
 @dataclass
 class Scores:
-    values: Tensor  # [n_query, n_train]
+    values: Tensor  # [n_query, n_train], on the host
     stderr: Tensor | None = None  # [n_query, n_train], standard error of each value
     method: str = ""
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.values = torch.as_tensor(self.values, dtype=torch.float32)
+        self.values = _host(self.values)
         if self.values.ndim != 2:
             raise DunegrassError(f"scores must be [n_query, n_train], got shape {tuple(self.values.shape)}")
         if self.stderr is not None:
-            self.stderr = torch.as_tensor(self.stderr, dtype=torch.float32)
+            self.stderr = _host(self.stderr)
             if self.stderr.shape != self.values.shape:
                 raise DunegrassError("stderr must have the same shape as the scores")
 
@@ -43,17 +61,17 @@ class Scores:
     def __len__(self) -> int:
         return self.values.shape[0]
 
-    def top(self, k: int = 10) -> tuple[Tensor, Tensor]:
-        """Most helpful training examples per query: ``(indices [n_query, k], scores [n_query, k])``."""
+    def top(self, k: int = 10) -> Ranked:
+        """Most helpful training examples per query, best first: ``Ranked(indices, values)``."""
         k = min(k, self.values.shape[1])
         vals, idx = torch.topk(self.values, k, dim=1)
-        return idx, vals
+        return Ranked(idx, vals)
 
-    def bottom(self, k: int = 10) -> tuple[Tensor, Tensor]:
+    def bottom(self, k: int = 10) -> Ranked:
         """Most harmful training examples (opponents) per query, most negative first."""
         k = min(k, self.values.shape[1])
         vals, idx = torch.topk(self.values, k, dim=1, largest=False)
-        return idx, vals
+        return Ranked(idx, vals)
 
     def z_scores(self) -> Tensor:
         """values / stderr (needs standard errors)."""
@@ -66,19 +84,141 @@ class Scores:
         arrays = {"values": self.values.numpy()}
         if self.stderr is not None:
             arrays["stderr"] = self.stderr.numpy()
-        meta = json.dumps({"method": self.method, "meta": self.meta, "format": "dunegrass-scores-v1"})
-        arrays["meta_json"] = np.frombuffer(meta.encode(), dtype=np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(path, buf.getvalue())
+        _save_npz(path, arrays, {"method": self.method, "meta": self.meta, "format": "dunegrass-scores-v1"})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scores:
+        arrays, meta = _load_npz(path)
+        return cls(arrays["values"], arrays.get("stderr"), meta.get("method", ""), meta.get("meta", {}))
+
+
+@dataclass
+class TopScores:
+    """Each query's ``k`` largest and ``k`` smallest scores (``score(queries, top_k=k)``).
+
+    ``top`` ranks proponents best first, ``bottom`` opponents most negative first; each is a
+    ``Ranked(indices [n_query, k], values [n_query, k])``, with standard errors alongside when the
+    method has them. ``n_train`` is the size of the training set that was searched.
+    """
+
+    top_indices: Tensor
+    top_values: Tensor
+    bottom_indices: Tensor
+    bottom_values: Tensor
+    n_train: int
+    top_stderr: Tensor | None = None
+    bottom_stderr: Tensor | None = None
+    method: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.top_values.shape[0]
+
+    def top(self, k: int | None = None) -> Ranked:
+        k = self.top_values.shape[1] if k is None else self._check(k)
+        return Ranked(self.top_indices[:, :k], self.top_values[:, :k])
+
+    def bottom(self, k: int | None = None) -> Ranked:
+        k = self.bottom_values.shape[1] if k is None else self._check(k)
+        return Ranked(self.bottom_indices[:, :k], self.bottom_values[:, :k])
+
+    def _check(self, k: int) -> int:
+        kept = self.top_values.shape[1]
+        if k > kept:
+            raise DunegrassError(f"these scores kept the top {kept} per query; score again with top_k >= {k}")
+        return k
+
+    def save(self, path: str | os.PathLike) -> None:
+        names = ("top_indices", "top_values", "bottom_indices", "bottom_values", "top_stderr", "bottom_stderr")
+        arrays = {n: getattr(self, n).numpy() for n in names if getattr(self, n) is not None}
+        meta = {"method": self.method, "meta": self.meta, "n_train": self.n_train, "format": "dunegrass-topk-v1"}
+        _save_npz(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TopScores:
+        arrays, meta = _load_npz(path)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta_json"]).decode())
-                values = torch.from_numpy(z["values"].copy())
-                stderr = torch.from_numpy(z["stderr"].copy()) if "stderr" in z else None
-        except (OSError, ValueError, KeyError) as e:
-            raise DunegrassError(f"cannot read scores from {path}: {e}") from e
-        return cls(values, stderr, meta.get("method", ""), meta.get("meta", {}))
+            return cls(**arrays, n_train=int(meta["n_train"]), method=meta.get("method", ""), meta=meta.get("meta", {}))
+        except (TypeError, KeyError) as e:
+            raise DunegrassError(f"{path} does not hold top-k scores ({e}); use Scores.load for dense scores") from e
+
+
+class DenseSink:
+    """Collects score chunks into the full ``[n_query, n_train]`` matrix on the host (float32)."""
+
+    def __init__(self, n_query: int, n_train: int, with_stderr: bool = False):
+        self.values = torch.empty(n_query, n_train, dtype=torch.float32)
+        self.stderr = torch.empty(n_query, n_train, dtype=torch.float32) if with_stderr else None
+
+    def add(self, start: int, values: Tensor, stderr: Tensor | None = None) -> None:
+        """Scores of training examples ``[start, start + m)``: ``values [n_query, m]`` on any device."""
+        stop = start + values.shape[1]
+        self.values[:, start:stop] = values.to("cpu", torch.float32)
+        if self.stderr is not None:
+            self.stderr[:, start:stop] = stderr.to("cpu", torch.float32)
+
+    def result(self, method: str, meta: dict) -> Scores:
+        return Scores(self.values, self.stderr, method, meta)
+
+
+class TopKSink:
+    """Keeps each query's ``k`` largest and ``k`` smallest scores as chunks arrive; ``O(n_query · k)``
+    memory on the chunks' device."""
+
+    def __init__(self, n_query: int, n_train: int, k: int, with_stderr: bool = False):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise DunegrassError(f"top_k must be a positive integer, got {k!r}")
+        self.n_train, self.k, self.with_stderr = n_train, min(k, n_train), with_stderr
+        self.best: dict[bool, tuple[Tensor, ...] | None] = {True: None, False: None}
+
+    def add(self, start: int, values: Tensor, stderr: Tensor | None = None) -> None:
+        values = values.to(torch.float32)
+        index = torch.arange(start, start + values.shape[1], device=values.device).expand_as(values)
+        err = stderr.to(torch.float32) if self.with_stderr else torch.zeros_like(values)
+        for largest in (True, False):
+            kept = self.best[largest]
+            vals, idx, errs = (
+                (values, index, err)
+                if kept is None
+                else (
+                    torch.cat([kept[0], values], 1),
+                    torch.cat([kept[1], index], 1),
+                    torch.cat([kept[2], err], 1),
+                )
+            )
+            k = min(self.k, vals.shape[1])
+            v, pos = torch.topk(vals, k, dim=1, largest=largest)
+            self.best[largest] = (v, idx.gather(1, pos), errs.gather(1, pos))
+
+    def result(self, method: str, meta: dict) -> TopScores:
+        if self.best[True] is None:
+            raise DunegrassError("no scores were computed (empty training set?)")
+        (tv, ti, te), (bv, bi, be) = ((t.cpu() for t in self.best[s]) for s in (True, False))
+        if not self.with_stderr:
+            te = be = None
+        return TopScores(ti, tv, bi, bv, self.n_train, te, be, method, meta)
+
+
+def make_sink(n_query: int, n_train: int, top_k: int | None, with_stderr: bool = False) -> DenseSink | TopKSink:
+    """The dense matrix (``top_k=None``) or each query's ``top_k`` proponents and opponents."""
+    if top_k is None:
+        return DenseSink(n_query, n_train, with_stderr)
+    return TopKSink(n_query, n_train, top_k, with_stderr)
+
+
+def _save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    arrays = dict(arrays)
+    arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_npz(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta_json"]).decode())
+            arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != "meta_json"}
+    except (OSError, ValueError, KeyError) as e:
+        raise DunegrassError(f"cannot read scores from {path}: {e}") from e
+    return arrays, meta
