@@ -46,8 +46,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     model, train, queries = _setup()
     single = dg.GradientInfluence(model, dg.ClassificationTask(), compressor="gaussian:16", shard_size=7)
     want = single.fit(train).score(queries).values.numpy()
-    for r in range(2):
-        np.testing.assert_array_equal(np.load(tmp_path / f"scores-{r}.npy"), want)
+    for r in range(2):  # each rank scored half of the queries: equal up to float32 rounding of those GEMMs
+        np.testing.assert_allclose(np.load(tmp_path / f"scores-{r}.npy"), want, rtol=1e-5, atol=1e-5 * abs(want).max())
     assert int(np.load(tmp_path / "shards-0.npy")[0]) == 8  # both ranks see all 8 shards after the barrier
     # each rank wrote only its round-robin half: the shard files carry no duplicates
     assert len(list((cache / "ckpt-0" / "train").glob("features-*.npy"))) == 8

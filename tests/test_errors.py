@@ -72,11 +72,13 @@ def test_bad_options(tiny_classification):
         dg.TrainConfig(optimizer="lbfgs")
 
 
-def test_a_fisher_too_large_fails_when_the_method_is_built():
-    """40 layers × a 16384² float64 block is 80 GiB: say so before any gradient is computed, with the fixes."""
+def test_a_fisher_block_too_large_fails_when_the_method_is_built():
+    """Blocks are inverted one group at a time, so 40 layers of 16384² (80 GiB in all) are fine; one block
+    of 32768² (8 GiB of float64) is refused before any gradient is computed, with the fixes."""
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(40)])
     task = dg.ClassificationTask()
-    with pytest.raises(dg.DunegrassError, match=r"80\.0 GiB of float64 \(40 blocks, the widest 16384\).*modules="):
-        dg.FactGraSS(model, task, k=16384, mask_in=256, mask_out=256)
-    dg.FactGraSS(model, task, k=16384, mask_in=256, mask_out=256, damping=None)  # dot products need no Fisher
-    dg.FactGraSS(model, task, k=1024, mask_in=64, mask_out=64)  # 40 × 8 MiB
+    dg.FactGraSS(model, task, k=16384, mask_in=256, mask_out=256)
+    wide = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    with pytest.raises(dg.DunegrassError, match=r"32768 x 32768 \(8\.0 GiB in float64\).*smaller k"):
+        dg.GraSS(wide, task, k=32768, mask_dim=65536)
+    dg.GraSS(wide, task, k=32768, mask_dim=65536, damping=None)  # dot products need no Fisher

@@ -49,3 +49,30 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def my_rows(n: int) -> tuple[int, int]:
+    """This rank's contiguous part ``[lo, hi)`` of ``n`` rows (sizes differ by at most one)."""
+    world, r = world_size(), rank()
+    return r * n // world, (r + 1) * n // world
+
+
+def gather_rows(t: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every rank's ``t [rows_r, ...]`` (rows may differ) concatenated in rank order, on every rank.
+
+    The exchange runs on ``device`` (it must be a CUDA device under NCCL, anything under gloo); the
+    result comes back on ``t``'s device.
+    """
+    if not active():
+        return t
+    if dist.get_backend() == "nccl" and torch.device(device).type != "cuda":
+        raise DunegrassError("gather_rows under NCCL needs a CUDA device for the exchange")
+    moved = t.to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([moved.shape[0]], dtype=torch.long, device=device))
+    rows = [int(s) for s in sizes]
+    padded = torch.zeros(max(rows), *moved.shape[1:], dtype=moved.dtype, device=device)
+    padded[: moved.shape[0]] = moved
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:r] for p, r in zip(parts, rows)]).to(t.device)

@@ -17,7 +17,8 @@ def _update(h, obj: Any) -> None:
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(obj, np.ndarray):
         _update(h, torch.from_numpy(np.ascontiguousarray(obj)))
     elif isinstance(obj, Mapping):

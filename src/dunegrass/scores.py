@@ -92,6 +92,9 @@ class Scores:
         return cls(arrays["values"], arrays.get("stderr"), meta.get("method", ""), meta.get("meta", {}))
 
 
+_TOP_FIELDS = ("top_indices", "top_values", "bottom_indices", "bottom_values", "top_stderr", "bottom_stderr")
+
+
 @dataclass
 class TopScores:
     """Each query's ``k`` largest and ``k`` smallest scores (``score(queries, top_k=k)``).
@@ -129,8 +132,7 @@ class TopScores:
         return k
 
     def save(self, path: str | os.PathLike) -> None:
-        names = ("top_indices", "top_values", "bottom_indices", "bottom_values", "top_stderr", "bottom_stderr")
-        arrays = {n: getattr(self, n).numpy() for n in names if getattr(self, n) is not None}
+        arrays = {n: getattr(self, n).numpy() for n in _TOP_FIELDS if getattr(self, n) is not None}
         meta = {"method": self.method, "meta": self.meta, "n_train": self.n_train, "format": "dunegrass-topk-v1"}
         _save_npz(path, arrays, meta)
 
@@ -168,7 +170,7 @@ class TopKSink:
     def __init__(self, n_query: int, n_train: int, k: int, with_stderr: bool = False):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DunegrassError(f"top_k must be a positive integer, got {k!r}")
-        self.n_train, self.k, self.with_stderr = n_train, min(k, n_train), with_stderr
+        self.n_query, self.n_train, self.k, self.with_stderr = n_query, n_train, min(k, n_train), with_stderr
         self.best: dict[bool, tuple[Tensor, ...] | None] = {True: None, False: None}
 
     def add(self, start: int, values: Tensor, stderr: Tensor | None = None) -> None:
@@ -192,7 +194,10 @@ class TopKSink:
 
     def result(self, method: str, meta: dict) -> TopScores:
         if self.best[True] is None:
-            raise DunegrassError("no scores were computed (empty training set?)")
+            if self.n_query:
+                raise DunegrassError("no scores were computed (empty training set?)")
+            empty = torch.empty(0, self.k)
+            self.best = {s: (empty, empty.long(), empty) for s in (True, False)}
         (tv, ti, te), (bv, bi, be) = ((t.cpu() for t in self.best[s]) for s in (True, False))
         if not self.with_stderr:
             te = be = None
@@ -222,3 +227,22 @@ def _load_npz(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     except (OSError, ValueError, KeyError) as e:
         raise DunegrassError(f"cannot read scores from {path}: {e}") from e
     return arrays, meta
+
+
+def concat_scores(parts: list[Scores | TopScores], gather: bool = False, device: torch.device | str = "cpu"):
+    """Stack per-chunk results along the query dimension; with ``gather``, also every rank's (in rank order),
+    exchanging through ``device`` (a CUDA device under NCCL)."""
+    from . import distributed
+
+    first = parts[0]
+    fields = ("values", "stderr") if isinstance(first, Scores) else _TOP_FIELDS
+    merged = {}
+    for name in fields:
+        if getattr(first, name) is None:
+            merged[name] = None
+            continue
+        t = torch.cat([getattr(p, name) for p in parts])
+        merged[name] = distributed.gather_rows(t, device) if gather else t
+    if isinstance(first, Scores):
+        return Scores(merged["values"], merged["stderr"], first.method, first.meta)
+    return TopScores(**merged, n_train=first.n_train, method=first.method, meta=first.meta)

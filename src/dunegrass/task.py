@@ -57,6 +57,29 @@ class Task(ABC):
         return {"task": type(self).__name__}
 
 
+def model_logits(out: Any, model: nn.Module) -> Tensor:
+    """The logits in what a model's forward returned: a tensor as it is; a Hugging Face ``ModelOutput``'s
+    (or a dict's) ``logits``; a dict's only tensor; a tuple's or list's first element (Hugging Face's
+    ``return_dict=False`` order). Anything else is ambiguous: a DunegrassError says how to write
+    ``Task.outputs`` for it."""
+    if isinstance(out, Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, Mapping):
+        tensors = [v for v in out.values() if isinstance(v, Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    what = f"a dict with keys {list(out)}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
+    raise DunegrassError(
+        f"{type(model).__name__}'s forward returned {what}, and dunegrass cannot tell which part is the logits; "
+        "subclass the task and override outputs(model, batch) to return the logits tensor [B, ...]"
+    )
+
+
 def first_tensor(batch: Any) -> Tensor:
     if isinstance(batch, Tensor):
         return batch
@@ -110,7 +133,7 @@ class ClassificationTask(Task):
     def outputs(self, model: nn.Module, batch: Any) -> Tensor:
         inputs, labels = _unpack(batch)
         try:
-            logits = model(inputs)
+            logits = model_logits(model(inputs), model)
         except RuntimeError as e:
             raise DunegrassError(
                 f"the model failed on inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {e}. "
@@ -219,7 +242,7 @@ class CausalLMTask(Task):
             out = model(**kwargs)
         except RuntimeError as e:
             raise DunegrassError(f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}") from e
-        return out.logits if hasattr(out, "logits") else out
+        return model_logits(out, model)
 
     def _token_logprobs(self, outputs: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
         """Log-probabilities of each next-token label ``[B, T-1]`` and the mask of counted tokens."""

@@ -4,6 +4,7 @@ from .factorized import LinearLayer, capture_factors, layer_gradients, linear_la
 from .per_sample import (
     FunctionalModel,
     check_finite,
+    iter_per_sample_gradients,
     parameter_count,
     per_sample_gradients,
     select_parameters,
@@ -16,6 +17,7 @@ __all__ = [
     "linear_layers",
     "FunctionalModel",
     "check_finite",
+    "iter_per_sample_gradients",
     "parameter_count",
     "per_sample_gradients",
     "select_parameters",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from ..errors import DunegrassError, NonFiniteError
+from .attention import vmap_safe_attention
 
 Objective = Callable[[Tensor, Any], Tensor]
 
@@ -62,19 +63,22 @@ def _constants(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
     return consts
 
 
-def per_sample_gradients(
+def iter_per_sample_gradients(
     model: nn.Module,
     objective_fn: Callable[[nn.Module | FunctionalModel, Any], Tensor],
     batch: Any,
     params: Sequence[str],
     chunk_size: int = 64,
-) -> Tensor:
-    """Gradients of each example's own objective, flattened and concatenated in ``params`` order.
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(offset, grads [c, d])`` for chunks of at most ``chunk_size`` examples of ``batch``.
 
-    ``objective_fn(model, batch) -> [B]`` returns per-example values (e.g. ``task.loss`` of
-    ``task.outputs``). Returns ``[B, d]`` with ``d`` = number of selected parameters; equal to
-    differentiating each example alone. Raises NonFiniteError naming the offending examples.
+    ``grads`` are the gradients of each example's own objective, flattened and concatenated in
+    ``params`` order, on the model's device; equal to differentiating each example alone. Memory:
+    one chunk, ``chunk_size × d`` numbers (plus vmap's own per-example intermediates), never the
+    whole batch's. Raises NonFiniteError naming the offending examples.
     """
+    if chunk_size < 1:
+        raise DunegrassError(f"chunk_size must be at least 1, got {chunk_size}")
     named = dict(model.named_parameters())
     theta = {n: named[n].detach() for n in params}
     consts = _constants(model, params)
@@ -85,15 +89,25 @@ def per_sample_gradients(
         return values.sum()
 
     per_example_grad = vmap(grad(single), in_dims=(None, 0))
-    batch_size = _leading(batch)
-    rows = []
-    for lo in range(0, batch_size, chunk_size):
-        chunk = tree_map(lambda t, lo=lo: t[lo : lo + chunk_size] if isinstance(t, Tensor) else t, batch)
-        grads = per_example_grad(theta, chunk)
-        rows.append(torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in params], dim=1))
-    out = torch.cat(rows)
-    check_finite(out, "per-example gradient")
-    return out
+    with vmap_safe_attention(model):
+        for lo in range(0, _leading(batch), chunk_size):
+            chunk = tree_map(lambda t, lo=lo: t[lo : lo + chunk_size] if isinstance(t, Tensor) else t, batch)
+            grads = per_example_grad(theta, chunk)
+            flat = torch.cat([grads.pop(n).reshape(_leading(chunk), -1) for n in params], dim=1)
+            check_finite(flat, "per-example gradient", offset=lo)
+            yield lo, flat
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    objective_fn: Callable[[nn.Module | FunctionalModel, Any], Tensor],
+    batch: Any,
+    params: Sequence[str],
+    chunk_size: int = 64,
+) -> Tensor:
+    """``[B, d]``: all of ``iter_per_sample_gradients`` at once (for small models, tests and mask fitting;
+    featurisation compresses chunk by chunk instead)."""
+    return torch.cat([g for _, g in iter_per_sample_gradients(model, objective_fn, batch, params, chunk_size)])
 
 
 def check_finite(x: Tensor, what: str, offset: int = 0) -> None:

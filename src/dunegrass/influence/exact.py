@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 from torch.utils._pytree import tree_map
 
-from ..data import iterate_batches
+from ..data import iterate_batches, to_device
 from ..errors import DunegrassError
+from ..gradients.attention import vmap_safe_attention
 from ..task import Task
 
 MAX_PARAMS = 20_000  # a p × p float64 matrix of 3.2 GB; beyond that use a compressed method
@@ -59,7 +60,8 @@ def damped_hessian(
     mode: str = "exact",
     batch_size: int = 256,
 ) -> Tensor:
-    """``[p, p]`` float64: ∇²_θ mean_i ℓ_i (``mode="exact"``) or its Gauss-Newton part, plus ``l2`` I."""
+    """``[p, p]`` float64 on the model's device: ∇²_θ mean_i ℓ_i (``mode="exact"``) or its Gauss-Newton
+    part, plus ``l2`` I. Batches are moved to the model's device as they are used."""
     if mode not in ("exact", "gauss_newton"):
         raise DunegrassError(f"hessian mode must be 'exact' or 'gauss_newton', got {mode!r}")
     flat, proxy = _closure(model, params)
@@ -69,20 +71,23 @@ def damped_hessian(
             f"exact influence needs a {p} x {p} Hessian; that is too large (limit {MAX_PARAMS} parameters). "
             "Restrict params=[...] to a few layers or use a compressed method (GraSS, TRAK)"
         )
-    total = torch.zeros(p, p, dtype=torch.float64)
+    device = flat.device
+    total = torch.zeros(p, p, dtype=torch.float64, device=device)
     n = 0
-    for _, batch in iterate_batches(data, batch_size):
-        b = task.batch_size(batch)
-        if mode == "exact":
+    with vmap_safe_attention(model):
+        for _, batch in iterate_batches(data, batch_size):
+            batch = to_device(batch, device)
+            b = task.batch_size(batch)
+            if mode == "exact":
 
-            def batch_loss(v, batch=batch):
-                return task.loss(task.outputs(proxy(v), batch), batch).sum()
+                def batch_loss(v, batch=batch):
+                    return task.loss(task.outputs(proxy(v), batch), batch).sum()
 
-            total += hessian(batch_loss)(flat).to(torch.float64)
-        else:
-            total += _gauss_newton(task, proxy, flat, batch)
-        n += b
-    return total / n + l2 * torch.eye(p, dtype=torch.float64)
+                total += hessian(batch_loss)(flat).to(torch.float64)
+            else:
+                total += _gauss_newton(task, proxy, flat, batch)
+            n += b
+    return total / n + l2 * torch.eye(p, dtype=torch.float64, device=device)
 
 
 def _gauss_newton(task: Task, proxy, flat: Tensor, batch: Any) -> Tensor:
@@ -110,7 +115,7 @@ def _gauss_newton(task: Task, proxy, flat: Tensor, batch: Any) -> Tensor:
 def solve_damped(h: Tensor, rhs: Tensor, damping: float = 0.0) -> Tensor:
     """(H + damping · tr(H)/p · I)⁻¹ rhs, with an eigendecomposition fallback for indefinite H."""
     p = h.shape[0]
-    mat = h + damping * torch.trace(h) / p * torch.eye(p, dtype=h.dtype)
+    mat = h + damping * torch.trace(h) / p * torch.eye(p, dtype=h.dtype, device=h.device)
     chol, info = torch.linalg.cholesky_ex(mat)
     if int(info) == 0:
         return torch.cholesky_solve(rhs.to(h.dtype), chol)

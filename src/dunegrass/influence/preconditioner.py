@@ -1,102 +1,182 @@
 """Block empirical-Fisher preconditioner in a compressed feature space (algorithms.md §1.1).
 
 For each block l (a column range of the features): F_l = Φ_lᵀΦ_l / n, λ_l = damping · tr(F_l) / k_l,
-and solves with (F_l + λ_l I) by Cholesky (an eigendecomposition, with a warning, if that fails).
-``damping=None`` is the identity (plain inner products, TracIn-style).
+and (F_l + λ_l I)⁻¹ from a float64 Cholesky factorisation (an eigendecomposition, with a warning, if
+that fails). ``damping=None`` is the identity (plain inner products, TracIn-style).
+
+Memory is one group of blocks, not all of them: blocks are accumulated and inverted a group at a time
+(as many consecutive blocks as fit in ``memory`` bytes, at least one), reading only those columns of
+the feature store, and each inverse is written to a ``BlockStore`` — one file per block under the
+cache, in RAM when all of them fit in ``memory``, else in a temporary directory. Solving reads the
+blocks back one at a time (or keeps them when they fit in ``memory``).
+
+Precision: the Gram matrices accumulate, and the solves run, in ``dtype`` (float32 by default, as
+kronfluence does; float64 on request) on ``device``; each block is inverted in float64. Under
+``torchrun`` each rank inverts its share of the blocks into the shared cache.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..errors import DunegrassError
+from ..store.blocks import BlockStore
+from ..store.feature_store import FeatureStore
 
-MAX_FISHER_BYTES = 4 << 30  # float64 k × k blocks beyond this are a configuration mistake, not a workload
+FISHER_MEMORY = 1 << 30  # bytes of Gram/inverse blocks held at once while fitting and solving
+MAX_BLOCK_BYTES = 4 << 30  # one float64 k × k block beyond this is a configuration mistake, not a workload
 
 
 def check_fisher_memory(blocks: Sequence[tuple[int, int]], damping: float | None) -> None:
-    """Raise if the damped block Fisher of ``blocks`` would exceed MAX_FISHER_BYTES. Methods call this when
-    they are built, so a setting that cannot be preconditioned fails before any gradient is computed."""
-    need = sum((b - a) ** 2 for a, b in blocks) * 8
-    if damping is not None and need > MAX_FISHER_BYTES:
-        widest = max(b - a for a, b in blocks)
+    """Raise if one damped Fisher block would exceed MAX_BLOCK_BYTES in float64 (blocks are processed one
+    group at a time, so only the widest matters). Methods call this when they are built."""
+    widest = max(b - a for a, b in blocks)
+    if damping is not None and widest * widest * 8 > MAX_BLOCK_BYTES:
         raise DunegrassError(
-            f"the block Fisher needs {need / 2**30:.1f} GiB of float64 ({len(blocks)} blocks, the widest "
-            f"{widest}); compress to a smaller k (compressor='sjlt:4096'; for LoGra / FactGraSS a smaller k, "
-            "or k_in / k_out, per layer), use fewer layers (modules=...), or damping=None for plain dot products"
+            f"one block of the Fisher is {widest} x {widest} ({widest**2 * 8 / 2**30:.1f} GiB in float64); "
+            "compress to a smaller k per block (compressor='sjlt:4096'; for LoGra / FactGraSS a smaller k, or "
+            "k_in / k_out), split the gradient into blocks (per_parameter=True), or damping=None for dot products"
         )
 
 
-class BlockPreconditioner:
-    """Accumulate ΦᵀΦ block by block in float64, then solve with the damped block Fisher."""
+def _groups(blocks: Sequence[tuple[int, int]], budget: int, itemsize: int) -> list[list[int]]:
+    """Consecutive runs of block indices whose k × k matrices fit in ``budget`` bytes (at least one each)."""
+    groups: list[list[int]] = []
+    used = budget + 1
+    for i, (a, b) in enumerate(blocks):
+        need = (b - a) ** 2 * itemsize
+        if used + need > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += need
+    return groups
 
-    def __init__(self, blocks: Sequence[tuple[int, int]], damping: float | None = 0.1):
+
+class BlockPreconditioner:
+    """``fit(store)`` then ``solve(features)``: (F_l + λ_l I)⁻¹ φ_l block by block.
+
+    ``memory``: bytes of blocks held at once (default ``FISHER_MEMORY``, 1 GiB); peak memory while
+    fitting is about that plus three float64 copies of the block being inverted.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[tuple[int, int]],
+        damping: float | None = 0.1,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        memory: int | None = None,
+    ):
         if damping is not None and not damping > 0:
             raise DunegrassError(f"damping must be positive (or None for no preconditioning), got {damping}")
+        if dtype not in (torch.float32, torch.float64):
+            raise DunegrassError(f"the Fisher's dtype must be float32 or float64, got {dtype}")
         self.blocks = [(int(a), int(b)) for a, b in blocks]
-        self.damping = damping
+        self.damping, self.dtype, self.device = damping, dtype, torch.device(device)
+        self.memory = FISHER_MEMORY if memory is None else int(memory)
         check_fisher_memory(self.blocks, damping)
-        self.gram = [] if damping is None else [torch.zeros(b - a, b - a, dtype=torch.float64) for a, b in self.blocks]
+        self.groups = _groups(self.blocks, self.memory, torch.finfo(dtype).bits // 8)
+        self.inverses: BlockStore | None = None
+        self._held: dict[int, Tensor] | None = None
         self.n = 0
-        self._factors: list | None = None
 
-    def update(self, features: Tensor | np.ndarray) -> None:
-        """Add rows ``[m, k_total]`` to the Fisher estimate."""
+    def _total_bytes(self) -> int:
+        return sum((b - a) ** 2 for a, b in self.blocks) * (torch.finfo(self.dtype).bits // 8)
+
+    def fit(self, store: FeatureStore, inverses: BlockStore | None = None) -> BlockPreconditioner:
+        """Accumulate each block's Gram matrix from ``store``'s features and invert it into ``inverses``
+        (default: RAM when every block fits in ``memory``, else a temporary directory). Blocks already
+        in ``inverses`` are kept, so an interrupted fit resumes."""
+        self.n = store.n
         if self.damping is None:
-            self.n += features.shape[0]
-            return
-        f = torch.as_tensor(features).to(torch.float64)
-        for (a, b), g in zip(self.blocks, self.gram):
-            g += f[:, a:b].T @ f[:, a:b]
-        self.n += f.shape[0]
-        self._factors = None
-
-    def fit(self, chunks: Iterable[Tensor | np.ndarray]) -> BlockPreconditioner:
-        for chunk in chunks:
-            self.update(chunk)
+            return self
+        if inverses is None:
+            inverses = BlockStore(None) if self._total_bytes() <= self.memory else BlockStore.temporary()
+        elif distributed.active() and inverses.path is None:
+            raise DunegrassError("under torch.distributed the Fisher blocks need a cache_dir that all ranks share")
+        self.inverses, self._held = inverses, None
+        mine = range(len(self.groups)) if inverses.path is None else distributed.my_shards(range(len(self.groups)))
+        for group in map(self.groups.__getitem__, mine):
+            todo = [i for i in group if not inverses.has(i)]
+            if todo:
+                for i, gram in zip(todo, self._grams(store, todo)):
+                    inverses.write(i, self._invert(i, gram).to(self.dtype))
+        distributed.barrier()  # every rank reads every block next
         return self
 
-    def _factorize(self) -> list:
-        if self.n == 0:
+    def _grams(self, store: FeatureStore, todo: list[int]) -> list[Tensor]:
+        lo, hi = self.blocks[todo[0]][0], self.blocks[todo[-1]][1]
+        grams = [
+            torch.zeros(b - a, b - a, dtype=self.dtype, device=self.device)
+            for a, b in map(self.blocks.__getitem__, todo)
+        ]
+        for _, chunk in store.columns(lo, hi):
+            f = torch.from_numpy(chunk).to(self.device, self.dtype)
+            for i, g in zip(todo, grams):
+                a, b = self.blocks[i]
+                cols = f[:, a - lo : b - lo]
+                g.addmm_(cols.T, cols)
+        return grams
+
+    def _invert(self, i: int, gram: Tensor) -> Tensor:
+        a, b = self.blocks[i]
+        fisher = gram.to(torch.float64) / self.n
+        lam = self.damping * torch.trace(fisher) / (b - a)
+        if lam <= 0:  # an all-zero block (a layer the loss never reaches): absolute damping
+            lam = torch.tensor(self.damping, dtype=torch.float64, device=fisher.device)
+        mat = fisher + lam * torch.eye(b - a, dtype=torch.float64, device=fisher.device)
+        chol, info = torch.linalg.cholesky_ex(mat)
+        if int(info) == 0:
+            return torch.cholesky_inverse(chol)
+        warnings.warn(
+            f"block {a}:{b} of the damped Fisher is not positive definite; using an eigendecomposition "
+            "(increase damping to avoid this)",
+            stacklevel=4,
+        )
+        evals, evecs = torch.linalg.eigh(mat)
+        return (evecs / evals.clamp_min(float(lam))) @ evecs.T
+
+    def _inverse(self, i: int) -> Tensor:
+        if self.inverses is None:
             raise DunegrassError("the preconditioner has seen no training features; fit it first")
-        factors = []
-        for (a, b), g in zip(self.blocks, self.gram):
-            fisher = g / self.n
-            lam = self.damping * torch.trace(fisher) / (b - a)
-            if lam <= 0:
-                lam = torch.tensor(self.damping, dtype=torch.float64)
-            mat = fisher + lam * torch.eye(b - a, dtype=torch.float64)
-            chol, info = torch.linalg.cholesky_ex(mat)
-            if int(info) == 0:
-                factors.append(("chol", chol))
-                continue
-            warnings.warn(
-                f"block {a}:{b} of the damped Fisher is not positive definite; using an eigendecomposition "
-                "(increase damping to avoid this)",
-                stacklevel=3,
-            )
-            evals, evecs = torch.linalg.eigh(mat)
-            factors.append(("eig", (evals.clamp_min(float(lam)), evecs)))
-        return factors
+        if self._held is not None and i in self._held:
+            return self._held[i]
+        inv = self.inverses.read(i, self.device).to(self.dtype)
+        if self._total_bytes() <= self.memory:  # all blocks fit: keep them for the next solve
+            self._held = self._held or {}
+            self._held[i] = inv
+        return inv
 
     def solve(self, features: Tensor) -> Tensor:
-        """(F + λI)⁻¹ φ for each row of ``features [m, k_total]``, block by block (fp32 out)."""
+        """(F + λI)⁻¹ φ for each row of ``features [m, k_total]`` (float32, on ``features``' device)."""
         if self.damping is None:
             return features.to(torch.float32)
-        if self._factors is None:
-            self._factors = self._factorize()
-        f = features.to(torch.float64)
+        f = features.to(self.device, self.dtype)
         out = torch.empty_like(f)
-        for (a, b), (kind, fac) in zip(self.blocks, self._factors):
-            rhs = f[:, a:b].T
-            if kind == "chol":
-                out[:, a:b] = torch.cholesky_solve(rhs, fac).T
-            else:
-                evals, evecs = fac
-                out[:, a:b] = (evecs @ ((evecs.T @ rhs) / evals[:, None])).T
+        for i, (a, b) in enumerate(self.blocks):
+            out[:, a:b] = f[:, a:b] @ self._inverse(i)
+        return out.to(features.device, torch.float32)
+
+    def self_influence(self, store: FeatureStore) -> Tensor:
+        """``[n]`` float32 on ``device``: φ_iᵀ (F + λI)⁻¹ φ_i, reading one group of blocks' columns at a time."""
+        out = torch.zeros(store.n, dtype=torch.float64, device=self.device)
+        groups = [list(range(len(self.blocks)))] if self.damping is None else self.groups
+        for group in groups:
+            lo, hi = self.blocks[group[0]][0], self.blocks[group[-1]][1]
+            inverses = None if self.damping is None else [self._inverse(i) for i in group]
+            for start, chunk in store.columns(lo, hi):
+                f = torch.from_numpy(chunk).to(self.device, self.dtype)
+                total = torch.zeros(f.shape[0], dtype=torch.float64, device=self.device)
+                for j, i in enumerate(group):
+                    a, b = self.blocks[i][0] - lo, self.blocks[i][1] - lo
+                    solved = f[:, a:b] if inverses is None else f[:, a:b] @ inverses[j]
+                    total += (solved * f[:, a:b]).sum(1).to(torch.float64)
+                out[start : start + f.shape[0]] += total
         return out.to(torch.float32)

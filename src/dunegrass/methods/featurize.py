@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from ..compress import Compressor, compressor, describe
 from ..errors import DunegrassError
-from ..gradients import parameter_count, per_sample_gradients, select_parameters
+from ..gradients import iter_per_sample_gradients, parameter_count, select_parameters
+from ..notices import notice_once
 from ..seeding import derive_seed
 
 ObjectiveFn = Callable[[Any, Any], Tensor]  # (model-like, batch) -> [B]
@@ -69,8 +70,16 @@ class MaterializedFeaturizer(Featurizer):
         self.blocks = _ranges([c.out_dim for c in self.compressors])
 
     def __call__(self, model: nn.Module, state: Mapping[str, Tensor], batch: Any, objective: ObjectiveFn) -> Tensor:
+        """Features ``[B, dim]``; each chunk of ``chunk_size`` per-example gradients (``chunk_size × d``
+        numbers, the featurizer's memory bound) is compressed before the next one is computed."""
+        rows = []
         with _weights(model, state):
-            grads = per_sample_gradients(model, objective, batch, self.params, self.chunk_size)
+            for _, grads in iter_per_sample_gradients(model, objective, batch, self.params, self.chunk_size):
+                rows.append(self._compress(grads))
+                del grads
+        return torch.cat(rows)
+
+    def _compress(self, grads: Tensor) -> Tensor:
         if len(self.compressors) == 1:
             return self.compressors[0](grads)
         return torch.cat([c(grads[:, a:b]) for c, (a, b) in zip(self.compressors, self.in_blocks)], dim=1)
@@ -85,6 +94,28 @@ class MaterializedFeaturizer(Featurizer):
 
     def describe(self) -> str:
         return describe(self.compressors[0])
+
+
+def check_k(k: object, name: str = "k") -> int:
+    """``k`` as a positive int, or a DunegrassError (a float, a bool or a string is a mistake, not a size)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DunegrassError(f"{name} must be a positive integer (a number of features), got {k!r}")
+    return k
+
+
+def default_k(model: nn.Module, params: Sequence[str] | None, default: int, method: str) -> int:
+    """``default``, or the number of selected parameters d when that is smaller (said once): a default
+    must fit the model it is given."""
+    if not isinstance(model, nn.Module):
+        return default  # the Attributor names the real problem
+    d = parameter_count(model, select_parameters(model, params))
+    if d < default:
+        notice_once(
+            f"default-k:{method}:{d}",
+            f"{method}: the model has {d} parameters to attribute, fewer than the default k = {default}; "
+            f"using k = {d} (pass k=... to choose)",
+        )
+    return min(default, d)
 
 
 def _build(spec: CompressorSpec, in_dim: int, seed: int) -> Compressor:

@@ -1,9 +1,17 @@
 """GradientInfluence: the one gradient engine behind TRAK, TracIn, GraSS, LoGra, FactGraSS, exact IF.
 
 fit: for each checkpoint, featurise the training set shard by shard into a FeatureStore (resumable),
-then fit the block preconditioner. score: featurise the queries, precondition, stream the training
-features and combine checkpoints. Scores: Σ_l φ_{z,l}ᵀ (F_l + λ_l I)⁻¹ φ_{i,l}, positive = proponent
-(both sides differentiate loss-like quantities; see algorithms.md §0).
+then fit the block preconditioner (its inverted blocks kept beside the features). score: featurise
+the queries a chunk at a time, precondition them, stream the training features and sum checkpoints
+in place. Scores: Σ_l φ_{z,l}ᵀ (F_l + λ_l I)⁻¹ φ_{i,l}, positive = proponent (both sides
+differentiate loss-like quantities; see algorithms.md §0).
+
+Where things run: featurisation, compression, the Fisher and its solves and the scoring run on the
+model's device; the host sees one transfer per shard of features (written to the store) and the
+scores. Memory bounds: one shard of features (``store.shard_rows``: at most 256 MiB), one chunk of
+per-example gradients (materialised methods), one group of Fisher blocks (1 GiB), one chunk of
+query features (``QUERY_BYTES`` per checkpoint) and the scores themselves (dense, or
+``n_query × top_k`` with ``top_k``).
 """
 
 from __future__ import annotations
@@ -22,15 +30,16 @@ from ..data import as_data, iterate_batches, to_device
 from ..errors import DunegrassError
 from ..fingerprint import data_fingerprint, state_fingerprint
 from ..gradients import check_finite
-from ..influence import BlockPreconditioner, check_fisher_memory, pairwise_scores, self_influence
-from ..scores import Scores
+from ..influence import BlockPreconditioner, check_fisher_memory, stream_scores
+from ..scores import Scores, TopScores, concat_scores, make_sink
 from ..seeding import derive_seed
-from ..store import FeatureStore
+from ..store import BlockStore, FeatureStore, config_hash, shard_rows
 from ..task import Task
-from .base import Attributor
+from .base import Attributor, eval_mode
 from .featurize import CompressorSpec, Featurizer, MaterializedFeaturizer
 
 SIGNALS = ("loss", "measurement")
+QUERY_BYTES = 1 << 30  # query features held at once, per checkpoint: queries are scored in chunks of this
 
 
 class GradientInfluence(Attributor):
@@ -48,6 +57,11 @@ class GradientInfluence(Attributor):
         train_signal / query_signal: ``"loss"`` (the training loss) or ``"measurement"`` (the
             task's measurement in loss-like form).
         per_parameter: compress each parameter tensor as its own block.
+        batch_size: examples per featurisation batch; chunk_size: per-example gradients materialised
+            at once (memory: chunk_size × number of parameters).
+        shard_size: training examples per stored shard (at most; a shard is also capped at 256 MiB).
+        fisher_dtype: ``torch.float32`` (default) or ``torch.float64`` for the Fisher's accumulation
+            and solves (each block is inverted in float64 either way).
     """
 
     method_name = "gradient"
@@ -68,6 +82,7 @@ class GradientInfluence(Attributor):
         chunk_size: int = 32,
         shard_size: int = 1024,
         store_dtype: str = "float32",
+        fisher_dtype: torch.dtype = torch.float32,
         seed: int = 0,
         progress: bool | None = None,
         featurizer: Featurizer | None = None,
@@ -86,7 +101,7 @@ class GradientInfluence(Attributor):
         if len(checkpoint_weights) != len(self.checkpoints):
             raise DunegrassError("checkpoint_weights must have one weight per checkpoint")
         self.checkpoint_weights = [float(w) for w in checkpoint_weights]
-        self.damping = damping
+        self.damping, self.fisher_dtype = damping, fisher_dtype
         self.train_signal, self.query_signal = train_signal, query_signal
         self.batch_size, self.shard_size, self.store_dtype = batch_size, shard_size, store_dtype
         self.seed = seed
@@ -112,7 +127,8 @@ class GradientInfluence(Attributor):
         """Per-example arrays stored beside the features (TRAK stores its Q weights)."""
         return {}
 
-    def _extra_arrays(self, state: Mapping[str, Tensor], batch: Any) -> dict[str, np.ndarray]:
+    def _extra_arrays(self, state: Mapping[str, Tensor], batch: Any) -> dict[str, Tensor]:
+        """``{name: [B, width]}`` on the model's device, for the arrays of ``_extra_widths``."""
         return {}
 
     def _device(self) -> torch.device:
@@ -132,13 +148,11 @@ class GradientInfluence(Attributor):
     def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> GradientInfluence:
         data = as_data(train)
         distributed.require_shared_cache(cache_dir)
-        self._preflight(data)
-        self.train_data, self.n_train = data, len(data)
-        fingerprint = data_fingerprint(data)
-        was_training = self.model.training
-        self.model.eval()
-        self.stores, self.preconditioners = [], []
-        try:
+        with eval_mode(self.model):
+            self._preflight(data)
+            self.train_data, self.n_train = data, len(data)
+            fingerprint = data_fingerprint(data)
+            self.stores, self.preconditioners = [], []
             for m, state in enumerate(self.checkpoints):
                 fingerprints = {"data": fingerprint, "weights": self._weights_fingerprint(state)}
                 root = None if cache_dir is None else os.path.join(os.fspath(cache_dir), f"ckpt-{m}")
@@ -147,12 +161,11 @@ class GradientInfluence(Attributor):
                 path = None if root is None else os.path.join(root, "train")
                 widths = {"features": self.featurizers[m].dim, **self._extra_widths()}
                 dtypes = {"features": self.store_dtype}
-                store = FeatureStore(path, config, self.n_train, widths, self.shard_size, dtypes)
+                rows = shard_rows(4 * sum(widths.values()), self.shard_size)
+                store = FeatureStore(path, config, self.n_train, widths, rows, dtypes)
                 self._featurize_into(store, m, state, data)
                 self.stores.append(store)
-                self.preconditioners.append(self._fit_preconditioner(m, store))
-        finally:
-            self.model.train(was_training)
+                self.preconditioners.append(self._fit_preconditioner(m, store, root))
         return self
 
     def _prepare_checkpoint(
@@ -165,8 +178,9 @@ class GradientInfluence(Attributor):
     def _preflight(self, data: Any) -> None:
         """One plain forward pass on two examples: shape/dtype errors surface with the real shapes."""
         _, batch = next(iterate_batches(data, 2))
+        batch = to_device(batch, self._device())
         with torch.no_grad():
-            values = self.task.loss(self.task.outputs(self.model, to_device(batch, self._device())), batch)
+            values = self.task.loss(self.task.outputs(self.model, batch), batch)
         check_finite(values, "training loss")
 
     def _weights_fingerprint(self, state: Mapping[str, Tensor]) -> str:
@@ -184,61 +198,86 @@ class GradientInfluence(Attributor):
         )
         for index in missing:
             lo, hi = store.rows(index)
-            parts: dict[str, list[np.ndarray]] = {}
+            parts: dict[str, list[Tensor]] = {}
             for _, batch in iterate_batches(data, self.batch_size, lo, hi):
                 for name, arr in self._arrays(m, state, batch, self.train_signal, extras=True).items():
-                    parts.setdefault(name, []).append(arr)
-            store.write(index, {k: np.concatenate(v) for k, v in parts.items()})
+                    parts.setdefault(name, []).append(arr.detach())
+            # one host transfer per shard (not per batch), in the store's dtype
+            store.write(index, {k: _to_host(torch.cat(v), store.dtype(k)) for k, v in parts.items()})
             bar.update(1)
         bar.close()
         distributed.barrier()  # every rank reads all shards next
 
-    def _arrays(self, m: int, state, batch, signal: str, extras: bool) -> dict[str, np.ndarray]:
+    def _arrays(self, m: int, state, batch, signal: str, extras: bool) -> dict[str, Tensor]:
         batch = to_device(batch, self._device())
-        feats = self.featurizers[m](self.model, state, batch, self._objective(signal))
-        out = {"features": feats.detach().cpu().numpy()}
+        out = {"features": self.featurizers[m](self.model, state, batch, self._objective(signal))}
         if extras:
             out.update(self._extra_arrays(state, batch))
         return out
 
-    def _fit_preconditioner(self, m: int, store: FeatureStore):
-        pre = BlockPreconditioner(self.featurizers[m].blocks, self.damping)
-        return pre.fit(chunk for _, chunk in store.iter_shards())
+    def _fisher_path(self, store: FeatureStore, root: str | None) -> str | None:
+        if root is None:
+            return None
+        key = {"store": store.manifest["config_hash"], "damping": self.damping, "dtype": str(self.fisher_dtype)}
+        return os.path.join(root, f"fisher-{config_hash(key)[:16]}")
+
+    def _fit_preconditioner(self, m: int, store: FeatureStore, root: str | None):
+        pre = BlockPreconditioner(
+            self.featurizers[m].blocks, self.damping, dtype=self.fisher_dtype, device=self._device()
+        )
+        path = self._fisher_path(store, root)
+        return pre.fit(store, None if path is None else BlockStore(path))
 
     # ---- score
-    def query_features(self, queries: Any, m: int = 0) -> Tensor:
-        """``[n_query, k]`` features of the queries under checkpoint ``m``."""
+    def query_features(self, queries: Any, m: int = 0, start: int = 0, stop: int | None = None) -> Tensor:
+        """``[n_query, k]`` features of queries ``[start, stop)`` under checkpoint ``m``, on the model's device."""
         self._require_fit()
         state = self.checkpoints[m]
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             rows = [
-                self._arrays(m, state, batch, self.query_signal, extras=False)["features"]
-                for _, batch in iterate_batches(queries, self.batch_size)
+                self._arrays(m, state, batch, self.query_signal, extras=False)["features"].detach()
+                for _, batch in iterate_batches(queries, self.batch_size, start, stop)
             ]
-        finally:
-            self.model.train(was_training)
-        return torch.from_numpy(np.concatenate(rows))
+        return torch.cat(rows)
 
-    def _checkpoint_scores(self, queries: Any, m: int) -> Tensor:
-        feats = self.query_features(queries, m)
-        return pairwise_scores(feats, self.stores[m].iter_shards(), self.n_train, self.preconditioners[m])
+    def _column_scale(self) -> Tensor | None:
+        """Per-training-example factors ``[n_train]`` applied to every score column (TRAK's Q), or None."""
+        return None
 
-    def _combine(self, per_checkpoint: list[Tensor]) -> Tensor:
-        return sum(w * s for w, s in zip(self.checkpoint_weights, per_checkpoint))
+    def _query_chunk(self) -> int:
+        return max(1, QUERY_BYTES // (4 * self.featurizers[0].dim))
 
-    def score(self, queries: Any) -> Scores:
+    def score(self, queries: Any, top_k: int | None = None) -> Scores | TopScores:
+        """Scores ``[n_query, n_train]`` on the host (positive = proponent), or with ``top_k`` each query's
+        ``top_k`` largest and smallest (``TopScores``: memory ``n_query × top_k``, not ``× n_train``).
+
+        Queries are featurised and scored a chunk at a time (``QUERY_BYTES`` of features per
+        checkpoint); each chunk streams the training features once. Under ``torchrun`` each rank
+        scores its contiguous share of the queries and every rank returns all of them.
+        """
         self._require_fit()
-        as_data(queries)
-        values = self._combine([self._checkpoint_scores(queries, m) for m in range(len(self.checkpoints))])
-        return Scores(values, method=self.method_name, meta=self.describe())
+        queries = as_data(queries)
+        lo, hi = distributed.my_rows(len(queries))
+        scale = self._column_scale()
+        parts = []
+        for a in range(lo, hi, self._query_chunk()):
+            b = min(a + self._query_chunk(), hi)
+            left = [pre.solve(self.query_features(queries, m, a, b)) for m, pre in enumerate(self.preconditioners)]
+            sink = make_sink(b - a, self.n_train, top_k)
+            stream_scores(left, self.stores, self.checkpoint_weights, sink, scale)
+            parts.append(sink.result(self.method_name, self.describe()))
+        if not parts:  # a rank with no queries (fewer queries than ranks) still joins the gather
+            parts.append(make_sink(0, self.n_train, top_k).result(self.method_name, self.describe()))
+        return concat_scores(parts, gather=distributed.active(), device=self._device())
 
     def self_scores(self) -> Tensor:
+        """``[n_train]`` (host): each training example's influence on itself, φ_iᵀ (F + λI)⁻¹ φ_i."""
         self._require_fit()
-        return self._combine(
-            [self_influence(s.iter_shards(), self.n_train, p) for s, p in zip(self.stores, self.preconditioners)]
+        total = sum(
+            w * p.self_influence(s) for w, s, p in zip(self.checkpoint_weights, self.stores, self.preconditioners)
         )
+        scale = self._column_scale()
+        return (total if scale is None else total * scale.to(total.device)).cpu()
 
     def describe(self) -> dict:
         return {
@@ -247,3 +286,8 @@ class GradientInfluence(Attributor):
             "checkpoints": len(self.checkpoints),
             "featurizer": self.featurizers[0].config(),
         }
+
+
+def _to_host(t: Tensor, dtype: str) -> np.ndarray:
+    """``t`` as a host array in the store's dtype (cast on the device first: a smaller transfer)."""
+    return t.to(getattr(torch, dtype)).cpu().numpy()

@@ -22,12 +22,13 @@ from ..errors import DunegrassError
 from ..gradients import per_sample_gradients
 from ..seeding import derive_seed
 from ..task import Task
-from .featurize import load_weights
+from .featurize import check_k, default_k, load_weights
 from .gradient import GradientInfluence
 from .mask_cache import load_masks, save_masks
 from .presets import TRAK
 
 BACKENDS = ("influence", "trak")
+DEFAULT_K = 4096
 MASKS = ("random", "selective")
 MASK_FIT_BYTES = 2 << 30  # bound on the per-example gradients materialised to learn a selective mask
 SHAPE = ("in_dim", "out_dim", "seed")  # what identifies a mask before it is learned
@@ -37,7 +38,8 @@ class GraSS(GradientInfluence):
     """GraSS (Hu et al. 2025): gradient → mask (k′ of d coordinates) → SparseJL (k′ → k) → influence.
 
     Args:
-        k: features per example (the SparseJL output).
+        k: features per example (the SparseJL output); default 4096, or the number of parameters
+            when that is smaller (said once).
         mask: ``"random"`` (seeded) or ``"selective"`` — learned per checkpoint at the start of ``fit``
             on the per-example training gradients of ``mask_examples`` training examples (a seeded
             random subset), and saved under ``cache_dir``.
@@ -65,7 +67,7 @@ class GraSS(GradientInfluence):
         model: nn.Module,
         task: Task,
         *,
-        k: int = 4096,
+        k: int | None = None,
         mask: str = "random",
         mask_dim: int | None = None,
         backend: str = "influence",
@@ -79,8 +81,9 @@ class GraSS(GradientInfluence):
             raise DunegrassError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if mask not in MASKS:
             raise DunegrassError(f"mask must be one of {MASKS}, got {mask!r}")
-        mask_dim = 4 * k if mask_dim is None else mask_dim
-        if k < 1 or mask_dim < k:
+        k = default_k(model, kwargs.get("params"), DEFAULT_K, "GraSS") if k is None else check_k(k)
+        mask_dim = 4 * k if mask_dim is None else check_k(mask_dim, "mask_dim")
+        if mask_dim < k:
             raise DunegrassError(f"GraSS needs 1 <= k <= mask_dim, got k = {k}, mask_dim = {mask_dim}")
         if mask == "selective" and mask_examples < 10:
             raise DunegrassError(

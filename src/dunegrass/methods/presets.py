@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import DunegrassError
 from ..influence.exact import damped_hessian, solve_damped
-from ..scores import Scores
 from ..task import ClassificationTask, Task
-from .featurize import CompressorSpec, load_weights
+from .featurize import CompressorSpec, check_k, default_k, load_weights
 from .gradient import GradientInfluence
 
 
@@ -24,6 +22,7 @@ class TRAK(GradientInfluence):
     with its own projection seed. τ = Q ⊙ mean_m φ_{z,m}ᵀ (Φ_mᵀΦ_m/n + λI)⁻¹ φ_{i,m}, Q_i = 1 − p_i
     averaged over checkpoints. Pass several independently trained ``checkpoints`` for the usual
     ensemble. ``compressor`` (a spec or factory, as GradientInfluence takes) replaces ``projector:k``.
+    ``k`` defaults to 2048, or the number of parameters when that is smaller (said once).
     """
 
     method_name = "trak"
@@ -32,7 +31,7 @@ class TRAK(GradientInfluence):
         self,
         model: nn.Module,
         task: Task,
-        k: int = 2048,
+        k: int | None = None,
         projector: str = "gaussian",
         checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
         damping: float | None = 0.1,
@@ -45,6 +44,8 @@ class TRAK(GradientInfluence):
                 f"got {type(task).__name__}. Use dg.GradientInfluence for other tasks."
             )
         self.base_task = task
+        if compressor is None:
+            k = default_k(model, kwargs.get("params"), 2048, "TRAK") if k is None else check_k(k)
         logodds = ClassificationTask(measurement="logodds")
         super().__init__(
             model,
@@ -60,25 +61,20 @@ class TRAK(GradientInfluence):
     def _extra_widths(self) -> dict[str, int]:
         return {"q": 1}
 
-    def _extra_arrays(self, state, batch) -> dict[str, np.ndarray]:
+    def _extra_arrays(self, state, batch) -> dict[str, Tensor]:
         with torch.no_grad(), load_weights(self.model, state):
             out = self.task.outputs(self.model, batch)
             q = 1.0 - self.task.probability_correct(out, batch)
-        return {"q": q.detach().cpu().numpy()[:, None].astype(np.float32)}
+        return {"q": q.to(torch.float32)[:, None]}
 
     def q_weights(self) -> Tensor:
-        """``[n_train]``: 1 − p(correct) averaged over checkpoints."""
+        """``[n_train]`` (host): 1 − p(correct) averaged over checkpoints."""
         self._require_fit()
         qs = [torch.from_numpy(store.load("q")[:, 0]) for store in self.stores]
         return torch.stack(qs).mean(0)
 
-    def score(self, queries: Any) -> Scores:
-        scores = super().score(queries)
-        scores.values = scores.values * self.q_weights()[None, :]
-        return scores
-
-    def self_scores(self) -> Tensor:
-        return super().self_scores() * self.q_weights()
+    def _column_scale(self) -> Tensor:
+        return self.q_weights()
 
 
 class TracIn(GradientInfluence):
@@ -110,13 +106,21 @@ class TracIn(GradientInfluence):
 
 
 class _HessianSolver:
-    """Preconditioner interface over a full damped Hessian (exact influence)."""
+    """Preconditioner interface over a full damped Hessian (exact influence), on the Hessian's device."""
 
     def __init__(self, hessian: Tensor, damping: float):
         self.hessian, self.damping = hessian, damping
 
     def solve(self, features: Tensor) -> Tensor:
-        return solve_damped(self.hessian, features.T.to(torch.float64), self.damping).T.to(torch.float32)
+        rhs = features.to(self.hessian.device, torch.float64).T
+        return solve_damped(self.hessian, rhs, self.damping).T.to(features.device, torch.float32)
+
+    def self_influence(self, store) -> Tensor:
+        out = torch.empty(store.n, dtype=torch.float32, device=self.hessian.device)
+        for start, chunk in store.iter_shards():
+            f = torch.from_numpy(chunk).to(self.hessian.device, torch.float32)
+            out[start : start + f.shape[0]] = (self.solve(f) * f).sum(1)
+        return out
 
 
 class ExactInfluence(GradientInfluence):
@@ -148,7 +152,7 @@ class ExactInfluence(GradientInfluence):
     def config(self, m: int) -> dict:
         return {**super().config(m), "l2": self.l2, "hessian": self.hessian_mode}
 
-    def _fit_preconditioner(self, m: int, store):
+    def _fit_preconditioner(self, m: int, store, root):
         with load_weights(self.model, self.checkpoints[m]):
             h = damped_hessian(
                 self.model,

@@ -11,7 +11,9 @@ checksums match, so a killed writer leaves nothing half-written: ``missing()`` l
 (re)compute, and resuming gives bit-identical results. Per-shard JSON files (instead of one
 manifest updated by everyone) let several processes write disjoint shards of one store.
 
-``path=None`` keeps the shards in memory with the same interface.
+``path=None`` keeps the shards in memory with the same interface (``n × Σ width`` numbers in RAM);
+on disk, reading holds one shard at a time (``shard_rows`` bounds a shard's bytes), and ``columns``
+reads a column range of every shard through a memory map, so a per-layer pass touches that layer only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from .atomic import atomic_save_npy, atomic_write_json
 
 FORMAT = "dunegrass-feature-store-v1"
 DTYPES = ("float32", "float16", "float64")
+SHARD_BYTES = 256 << 20  # a shard is written from, and read into, memory whole: bound its size
+
+
+def shard_rows(row_bytes: int, limit: int = 1024) -> int:
+    """Rows per shard: at most ``limit``, and at most SHARD_BYTES of ``row_bytes`` rows (at least one)."""
+    return max(1, min(limit, SHARD_BYTES // max(1, row_bytes)))
 
 
 def config_hash(config: Mapping) -> str:
@@ -67,6 +75,7 @@ class FeatureStore:
             "arrays": {k: {"width": int(w), "dtype": dtypes.get(k, "float32")} for k, w in widths.items()},
         }
         self._memory: dict[int, dict[str, np.ndarray]] = {}
+        self._verified: set[int] = set()  # shards whose checksums this object has checked
         if self.path is not None:
             self._open_dir()
 
@@ -82,6 +91,10 @@ class FeatureStore:
     @property
     def num_shards(self) -> int:
         return -(-self.n // self.shard_size)
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype of array ``name`` (``"float32"``, ...)."""
+        return self.manifest["arrays"][name]["dtype"]
 
     def rows(self, index: int) -> tuple[int, int]:
         lo = index * self.shard_size
@@ -153,6 +166,7 @@ class FeatureStore:
         for name, a in out.items():
             sums[name] = hashlib.sha256(atomic_save_npy(self._file(name, index), a)).hexdigest()
         atomic_write_json(self._meta_file(index), {"index": index, "rows": [lo, hi], "sha256": sums})
+        self._verified.add(index)
 
     # ---- reading
     def read(self, index: int) -> dict[str, np.ndarray]:
@@ -189,7 +203,23 @@ class FeatureStore:
         for name, a in out.items():
             if a.shape != (hi - lo, self.manifest["arrays"][name]["width"]):
                 raise CorruptCacheError(f"{self._file(name, index)} has the wrong shape {a.shape}")
+        self._verified.add(index)
         return out
+
+    def columns(self, start: int, stop: int, name: str = "features") -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, array [rows, stop - start])``: columns ``[start, stop)`` of ``name``, shard by
+        shard. On disk each shard is checked against its checksums once per store object, then read
+        through a memory map, so only the pages of those columns are touched."""
+        for i in range(self.num_shards):
+            if self.path is None or i not in self._verified:
+                yield self.rows(i)[0], np.ascontiguousarray(self.read(i)[name][:, start:stop])
+                continue
+            try:
+                mapped = np.load(self._file(name, i), mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise CorruptCacheError(f"{self._file(name, i)} is unreadable ({e}); delete it to recompute") from e
+            yield self.rows(i)[0], np.array(mapped[:, start:stop])  # a copy: the map is read-only
+            del mapped
 
     def iter_shards(self, name: str = "features") -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, array)`` shard by shard, so memory stays flat as n grows."""

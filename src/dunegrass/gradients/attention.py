@@ -1,0 +1,53 @@
+"""Attention implementations that torch.func's vmap can run.
+
+Hugging Face models default to SDPA attention, whose mask preparation branches on the data
+(``attention_mask.all()``), which vmap cannot trace: per-example gradients and vmapped ensembles
+fail on such a model as it comes from ``from_pretrained``. ``vmap_safe_attention(model)`` switches
+its attention to the eager implementation for the duration of the call (same values, up to float
+rounding) and back afterwards, and says so once per model class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..notices import notice_once
+
+SAFE = (None, "eager")
+
+
+def _attention_owner(model: nn.Module) -> nn.Module | None:
+    """The Hugging Face model whose config chooses the attention (a peft wrapper's base model too)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if (
+            config is not None
+            and hasattr(config, "_attn_implementation")
+            and hasattr(module, "set_attn_implementation")
+        ):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def vmap_safe_attention(model: nn.Module) -> Iterator[None]:
+    owner = _attention_owner(model)
+    current = None if owner is None else owner.config._attn_implementation
+    if current in SAFE:
+        yield
+        return
+    name = type(owner).__name__
+    notice_once(
+        f"attention:{name}:{current}",
+        f"{name} uses attn_implementation={current!r}, which torch.func's vmap cannot run; dunegrass switches "
+        "it to 'eager' while it computes per-example gradients or vmapped members and restores it afterwards "
+        "(same values). Load the model with attn_implementation='eager' to skip the switch.",
+    )
+    owner.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        owner.set_attn_implementation(current)
