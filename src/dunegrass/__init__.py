@@ -23,7 +23,8 @@ from .methods import (
     OpenAICompatibleBackend,
     TracIn,
 )
-from .scores import Scores
+from .notices import DunegrassWarning
+from .scores import Ranked, Scores, TopScores
 from .task import CausalLMTask, ClassificationTask, Task
 from .train import EnsembleTrainer, Member, TrainConfig
 
@@ -40,6 +41,7 @@ __all__ = [
     "CorruptCacheError",
     "Daunce",
     "DunegrassError",
+    "DunegrassWarning",
     "EnsembleTrainer",
     "ExactInfluence",
     "FactGraSS",
@@ -54,11 +56,13 @@ __all__ = [
     "NonFiniteError",
     "Rademacher",
     "RandomMask",
+    "Ranked",
     "Scores",
     "SelectiveMask",
     "SparseJL",
     "Task",
     "TensorData",
+    "TopScores",
     "TracIn",
     "TrainConfig",
     "compressor",

@@ -3,12 +3,20 @@ import pytest
 import torch
 
 import dunegrass as dg
+from dunegrass.data import to_device
 from dunegrass.gradients import per_sample_gradients, select_parameters
+from dunegrass.methods import gradient as engine
 
 
-def _grads(model, task, data, signal="loss"):
+def _on(model, data):
+    return to_device(data, next(model.parameters()).device)
+
+
+def _grads(model, task, data, signal="loss", params=None):
+    """Per-example gradients ``[n, d]`` on the host, computed on the model's device."""
     fn = task.loss if signal == "loss" else task.query_loss
-    return per_sample_gradients(model, lambda m, b: fn(task.outputs(m, b), b), data, select_parameters(model))
+    names = select_parameters(model, params)
+    return per_sample_gradients(model, lambda m, b: fn(task.outputs(m, b), b), _on(model, data), names).cpu()
 
 
 def test_tracin_is_the_gradient_dot_product(tiny_classification):
@@ -67,7 +75,7 @@ def test_trak_weights_by_one_minus_p_and_averages_checkpoints(tiny_classificatio
     state = {k: v.clone() for k, v in model.state_dict().items()}
     shifted = {k: v + 0.1 for k, v in state.items()}
     one = dg.TRAK(model, task, k=16, checkpoints=[state]).fit(train)
-    probs = torch.softmax(model(train[0]), 1).gather(1, train[1][:, None])[:, 0]
+    probs = torch.softmax(model(_on(model, train[0])), 1).cpu().gather(1, train[1][:, None])[:, 0]
     torch.testing.assert_close(one.q_weights(), (1 - probs).detach())
     two = dg.TRAK(model, task, k=16, checkpoints=[state, shifted]).fit(train)
     assert two.score(test).shape == (7, 40)
@@ -102,3 +110,82 @@ def test_scores_save_load_top(tmp_path):
     assert back.method == "x" and back.meta == {"k": 1}
     with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
         assert set(z.files) == {"values", "stderr", "meta_json"}
+
+
+def test_trak_is_q_times_the_mean_over_checkpoints_of_projected_influence(tiny_classification):
+    """τ = Q ⊙ mean_m φ_{z,m}ᵀ (Φ_mᵀΦ_m/n + λ_m I)⁻¹ φ_{i,m} (algorithms.md §1.2), computed by hand from the
+    log-odds gradients and each checkpoint's own Gaussian projection."""
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    logodds = dg.ClassificationTask(measurement="logodds")
+    states = [{k: v.clone() for k, v in model.state_dict().items()}]
+    states.append({k: v + 0.05 * torch.randn_like(v) for k, v in states[0].items()})
+    trak = dg.TRAK(model, task, k=16, checkpoints=states, damping=0.1).fit(train)
+    terms, qs = [], []
+    for m, state in enumerate(states):
+        proj = trak.featurizers[m].compressors[0]
+        with dg.methods.featurize.load_weights(model, state):
+            phi_train = proj(_grads(model, logodds, train, "query").to(model[0].weight.device)).cpu().double()
+            phi_test = proj(_grads(model, logodds, test, "query").to(model[0].weight.device)).cpu().double()
+            out = model(_on(model, train[0])).detach().cpu()
+        fisher = phi_train.T @ phi_train / 40
+        lam = 0.1 * torch.trace(fisher) / 16
+        terms.append(phi_test @ torch.linalg.solve(fisher + lam * torch.eye(16, dtype=torch.float64), phi_train.T))
+        qs.append(1 - torch.softmax(out, 1).gather(1, train[1][:, None])[:, 0])
+    want = torch.stack(qs).mean(0).double() * (terms[0] + terms[1]) / 2
+    got = trak.score(test).values.double()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+    torch.testing.assert_close(trak.self_scores().double().shape, torch.Size([40]))
+
+
+def test_top_k_is_the_top_of_the_dense_scores(tiny_classification):
+    model, train, test = tiny_classification
+    attr = dg.GradientInfluence(model, dg.ClassificationTask(), compressor="gaussian:16", shard_size=7).fit(train)
+    dense, top = attr.score(test), attr.score(test, top_k=3)
+    assert isinstance(top, dg.TopScores) and top.n_train == 40
+    np.testing.assert_array_equal(top.top().indices.numpy(), dense.top(3).indices.numpy())
+    np.testing.assert_array_equal(top.bottom(2).indices.numpy(), dense.bottom(2).indices.numpy())
+    torch.testing.assert_close(top.top().values, dense.top(3).values)
+    with pytest.raises(dg.DunegrassError, match="top_k must be a positive integer"):
+        attr.score(test, top_k=0)
+    with pytest.raises(dg.DunegrassError, match="kept the top 3"):
+        top.top(5)
+
+
+def test_queries_scored_in_chunks_give_the_same_scores(tiny_classification, monkeypatch):
+    model, train, test = tiny_classification
+    attr = dg.GradientInfluence(model, dg.ClassificationTask(), compressor="gaussian:16").fit(train)
+    whole = attr.score(test).values
+    monkeypatch.setattr(engine, "QUERY_BYTES", 2 * 16 * 4)  # two queries per chunk
+    assert attr._query_chunk() == 2
+    torch.testing.assert_close(attr.score(test).values, whole, rtol=1e-5, atol=1e-6 * whole.abs().max().item())
+
+
+def test_float32_fisher_is_as_good_as_float64(tiny_classification):
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    f64 = dg.GradientInfluence(model, task, damping=0.01, fisher_dtype=torch.float64).fit(train).score(test).values
+    f32 = dg.GradientInfluence(model, task, damping=0.01).fit(train).score(test).values
+    assert (f32 - f64).norm() / f64.norm() < 1e-4
+
+
+def test_fisher_blocks_are_cached_beside_the_features(tiny_classification, tmp_path):
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    a = dg.GradientInfluence(model, task, compressor="gaussian:16").fit(train, cache_dir=tmp_path)
+    blocks = list((tmp_path / "ckpt-0").glob("fisher-*/block-00000.npy"))
+    assert len(blocks) == 1
+    b = dg.GradientInfluence(model, task, compressor="gaussian:16", damping=0.5).fit(train, cache_dir=tmp_path)
+    assert len(list((tmp_path / "ckpt-0").glob("fisher-*"))) == 2  # another damping, other blocks; features reused
+    assert not torch.allclose(a.score(test).values, b.score(test).values)
+
+
+def test_preflight_runs_the_loss_on_the_models_device(tiny_classification):
+    """The batch moves to the model's device before the loss sees it (it once met the host batch: with the model
+    on another device every gradient method failed there)."""
+    model, train, _ = tiny_classification
+    attr = dg.GradientInfluence(model, dg.ClassificationTask())
+    model.to("meta")
+    with pytest.raises(Exception) as info:  # a meta model has no values to check; it must fail later than that
+        attr._preflight(train)
+    assert "expected device" not in str(info.value) and "is not on the expected device" not in str(info.value)

@@ -1,18 +1,19 @@
 """Block empirical-Fisher preconditioner in a compressed feature space (algorithms.md §1.1).
 
 For each block l (a column range of the features): F_l = Φ_lᵀΦ_l / n, λ_l = damping · tr(F_l) / k_l,
-and (F_l + λ_l I)⁻¹ from a float64 Cholesky factorisation (an eigendecomposition, with a warning, if
-that fails). ``damping=None`` is the identity (plain inner products, TracIn-style).
+and the Cholesky factor of F_l + λ_l I computed in float64 (if that matrix is not positive definite in
+floating point, its eigenvalues are floored at λ_l first, with a warning); solves are two triangular
+solves. ``damping=None`` is the identity (plain inner products, TracIn-style).
 
-Memory is one group of blocks, not all of them: blocks are accumulated and inverted a group at a time
+Memory is one group of blocks, not all of them: blocks are accumulated and factorised a group at a time
 (as many consecutive blocks as fit in ``memory`` bytes, at least one), reading only those columns of
-the feature store, and each inverse is written to a ``BlockStore`` — one file per block under the
+the feature store, and each factor is written to a ``BlockStore`` — one file per block under the
 cache, in RAM when all of them fit in ``memory``, else in a temporary directory. Solving reads the
 blocks back one at a time (or keeps them when they fit in ``memory``).
 
 Precision: the Gram matrices accumulate, and the solves run, in ``dtype`` (float32 by default, as
-kronfluence does; float64 on request) on ``device``; each block is inverted in float64. Under
-``torchrun`` each rank inverts its share of the blocks into the shared cache.
+kronfluence does; float64 on request) on ``device``; each block is factorised in float64. Under
+``torchrun`` each rank factorises its share of the blocks into the shared cache.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..errors import DunegrassError
 from ..store.blocks import BlockStore
 from ..store.feature_store import FeatureStore
 
-FISHER_MEMORY = 1 << 30  # bytes of Gram/inverse blocks held at once while fitting and solving
+FISHER_MEMORY = 1 << 30  # bytes of Gram/factor blocks held at once while fitting and solving
 MAX_BLOCK_BYTES = 4 << 30  # one float64 k × k block beyond this is a configuration mistake, not a workload
 
 
@@ -62,7 +63,7 @@ class BlockPreconditioner:
     """``fit(store)`` then ``solve(features)``: (F_l + λ_l I)⁻¹ φ_l block by block.
 
     ``memory``: bytes of blocks held at once (default ``FISHER_MEMORY``, 1 GiB); peak memory while
-    fitting is about that plus three float64 copies of the block being inverted.
+    fitting is about that plus three float64 copies of the block being factorised.
     """
 
     def __init__(
@@ -83,31 +84,31 @@ class BlockPreconditioner:
         self.memory = FISHER_MEMORY if memory is None else int(memory)
         check_fisher_memory(self.blocks, damping)
         self.groups = _groups(self.blocks, self.memory, torch.finfo(dtype).bits // 8)
-        self.inverses: BlockStore | None = None
+        self.factors: BlockStore | None = None
         self._held: dict[int, Tensor] | None = None
         self.n = 0
 
     def _total_bytes(self) -> int:
         return sum((b - a) ** 2 for a, b in self.blocks) * (torch.finfo(self.dtype).bits // 8)
 
-    def fit(self, store: FeatureStore, inverses: BlockStore | None = None) -> BlockPreconditioner:
-        """Accumulate each block's Gram matrix from ``store``'s features and invert it into ``inverses``
+    def fit(self, store: FeatureStore, factors: BlockStore | None = None) -> BlockPreconditioner:
+        """Accumulate each block's Gram matrix from ``store``'s features and factorise it into ``factors``
         (default: RAM when every block fits in ``memory``, else a temporary directory). Blocks already
-        in ``inverses`` are kept, so an interrupted fit resumes."""
+        in ``factors`` are kept, so an interrupted fit resumes."""
         self.n = store.n
         if self.damping is None:
             return self
-        if inverses is None:
-            inverses = BlockStore(None) if self._total_bytes() <= self.memory else BlockStore.temporary()
-        elif distributed.active() and inverses.path is None:
+        if factors is None:
+            factors = BlockStore(None) if self._total_bytes() <= self.memory else BlockStore.temporary()
+        elif distributed.active() and factors.path is None:
             raise DunegrassError("under torch.distributed the Fisher blocks need a cache_dir that all ranks share")
-        self.inverses, self._held = inverses, None
-        mine = range(len(self.groups)) if inverses.path is None else distributed.my_shards(range(len(self.groups)))
+        self.factors, self._held = factors, None
+        mine = range(len(self.groups)) if factors.path is None else distributed.my_shards(range(len(self.groups)))
         for group in map(self.groups.__getitem__, mine):
-            todo = [i for i in group if not inverses.has(i)]
+            todo = [i for i in group if not factors.has(i)]
             if todo:
                 for i, gram in zip(todo, self._grams(store, todo)):
-                    inverses.write(i, self._invert(i, gram).to(self.dtype))
+                    factors.write(i, self._factor(i, gram).to(self.dtype))
         distributed.barrier()  # every rank reads every block next
         return self
 
@@ -125,7 +126,8 @@ class BlockPreconditioner:
                 g.addmm_(cols.T, cols)
         return grams
 
-    def _invert(self, i: int, gram: Tensor) -> Tensor:
+    def _factor(self, i: int, gram: Tensor) -> Tensor:
+        """The lower Cholesky factor of F_l + λ_l I (float64)."""
         a, b = self.blocks[i]
         fisher = gram.to(torch.float64) / self.n
         lam = self.damping * torch.trace(fisher) / (b - a)
@@ -134,25 +136,25 @@ class BlockPreconditioner:
         mat = fisher + lam * torch.eye(b - a, dtype=torch.float64, device=fisher.device)
         chol, info = torch.linalg.cholesky_ex(mat)
         if int(info) == 0:
-            return torch.cholesky_inverse(chol)
+            return chol
         warnings.warn(
-            f"block {a}:{b} of the damped Fisher is not positive definite; using an eigendecomposition "
-            "(increase damping to avoid this)",
+            f"block {a}:{b} of the damped Fisher is not positive definite in floating point; flooring its "
+            "eigenvalues at the damping (increase damping to avoid this)",
             stacklevel=4,
         )
         evals, evecs = torch.linalg.eigh(mat)
-        return (evecs / evals.clamp_min(float(lam))) @ evecs.T
+        return torch.linalg.cholesky((evecs * evals.clamp_min(float(lam))) @ evecs.T)
 
-    def _inverse(self, i: int) -> Tensor:
-        if self.inverses is None:
+    def _factor_of(self, i: int) -> Tensor:
+        if self.factors is None:
             raise DunegrassError("the preconditioner has seen no training features; fit it first")
         if self._held is not None and i in self._held:
             return self._held[i]
-        inv = self.inverses.read(i, self.device).to(self.dtype)
+        factor = self.factors.read(i, self.device).to(self.dtype)
         if self._total_bytes() <= self.memory:  # all blocks fit: keep them for the next solve
             self._held = self._held or {}
-            self._held[i] = inv
-        return inv
+            self._held[i] = factor
+        return factor
 
     def solve(self, features: Tensor) -> Tensor:
         """(F + λI)⁻¹ φ for each row of ``features [m, k_total]`` (float32, on ``features``' device)."""
@@ -161,7 +163,7 @@ class BlockPreconditioner:
         f = features.to(self.device, self.dtype)
         out = torch.empty_like(f)
         for i, (a, b) in enumerate(self.blocks):
-            out[:, a:b] = f[:, a:b] @ self._inverse(i)
+            out[:, a:b] = torch.cholesky_solve(f[:, a:b].T, self._factor_of(i)).T
         return out.to(features.device, torch.float32)
 
     def self_influence(self, store: FeatureStore) -> Tensor:
@@ -170,13 +172,13 @@ class BlockPreconditioner:
         groups = [list(range(len(self.blocks)))] if self.damping is None else self.groups
         for group in groups:
             lo, hi = self.blocks[group[0]][0], self.blocks[group[-1]][1]
-            inverses = None if self.damping is None else [self._inverse(i) for i in group]
+            factors = None if self.damping is None else [self._factor_of(i) for i in group]
             for start, chunk in store.columns(lo, hi):
                 f = torch.from_numpy(chunk).to(self.device, self.dtype)
                 total = torch.zeros(f.shape[0], dtype=torch.float64, device=self.device)
                 for j, i in enumerate(group):
                     a, b = self.blocks[i][0] - lo, self.blocks[i][1] - lo
-                    solved = f[:, a:b] if inverses is None else f[:, a:b] @ inverses[j]
+                    solved = f[:, a:b] if factors is None else torch.cholesky_solve(f[:, a:b].T, factors[j]).T
                     total += (solved * f[:, a:b]).sum(1).to(torch.float64)
                 out[start : start + f.shape[0]] += total
         return out.to(torch.float32)

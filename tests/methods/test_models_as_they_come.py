@@ -1,0 +1,134 @@
+"""Models as users hold them: BatchNorm left in train mode, frozen layers, forwards that return tuples, dicts
+or ModelOutputs, Hugging Face's default SDPA attention, and defaults that fit a small model."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import dunegrass as dg
+from dunegrass.hf import tiny_gpt2
+
+METHODS = {
+    "gradient": lambda m, t: dg.GradientInfluence(m, t, compressor="gaussian:16"),
+    "grass": lambda m, t: dg.GraSS(m, t, k=16),
+    "trak": lambda m, t: dg.TRAK(m, t, k=16),
+    "tracin": lambda m, t: dg.TracIn(m, t),
+    "logra": lambda m, t: dg.LoGra(m, t, k_in=4, k_out=4),
+    "factgrass": lambda m, t: dg.FactGraSS(m, t, k=16, mask_in=4, mask_out=4),
+    "exact": lambda m, t: dg.ExactInfluence(m, t, hessian="gauss_newton", damping=0.1),
+}
+
+
+def _bn_model(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with torch.no_grad():  # running statistics that differ from their initial values
+        for _ in range(3):
+            model(torch.randn(16, 6) * 2 + 1)
+    return model.to(device)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_model_left_in_train_mode_is_attributed_in_eval_mode_and_left_as_it_was(device, tiny_classification, name):
+    _, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    model = _bn_model(device).train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    got = METHODS[name](model, task).fit(train).score(test).values
+    assert model.training and model[1].training, "the caller's mode is restored"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), f"{k} changed"
+    frozen = copy.deepcopy(model).eval()
+    want = METHODS[name](frozen, task).fit(train).score(test).values
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+class _Returns(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.net = kind, torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.kind == "tuple":
+            return logits, x.sum(1)
+        if self.kind == "dict":
+            return {"logits": logits, "hidden": x}
+        if self.kind == "model_output":
+            from transformers.modeling_outputs import SequenceClassifierOutput
+
+            return SequenceClassifierOutput(logits=logits)
+        return {"scores": logits, "hidden": x}  # ambiguous
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "model_output"])
+@pytest.mark.parametrize("name", ["gradient", "logra"])
+def test_forwards_returning_tuples_dicts_and_model_outputs(device, tiny_classification, kind, name):
+    _, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    model = _Returns(kind).to(device)
+    plain = model.net
+    got = METHODS[name](model, task).fit(train).score(test).values
+    want = METHODS[name](plain, task).fit(train).score(test).values
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_an_ambiguous_forward_says_how_to_write_outputs(device, tiny_classification):
+    _, train, _ = tiny_classification
+    with pytest.raises(dg.DunegrassError, match=r"keys \['scores', 'hidden'\].*override outputs\(model, batch\)"):
+        dg.GradientInfluence(_Returns("ambiguous").to(device), dg.ClassificationTask()).fit(train)
+
+
+def _lm_data():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 90, (6, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    mask[3, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", ["gradient", "grass"])
+def test_default_sdpa_attention_works_and_is_restored(device, name):
+    """A Hugging Face model as from_pretrained gives it (SDPA) with padding: the per-example gradients run with
+    eager attention for the call, said once, and the model gets its SDPA back."""
+    data, task = _lm_data(), dg.CausalLMTask()
+    build = {
+        "gradient": lambda m: dg.GradientInfluence(m, task, compressor="sjlt:64"),
+        "grass": lambda m: dg.GraSS(m, task, k=64),
+    }
+    sdpa = tiny_gpt2(attn_implementation="sdpa").to(device)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got = build[name](sdpa).fit(data).score(data).values
+    assert sdpa.config._attn_implementation == "sdpa"
+    want = build[name](tiny_gpt2(attn_implementation="eager").to(device)).fit(data).score(data).values
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_frozen_parameters_are_left_out_by_every_materialised_method(device, tiny_classification):
+    """One rule: the trainable parameters by default, params= to choose."""
+    model, train, test = tiny_classification
+    model[0].requires_grad_(False)
+    task = dg.ClassificationTask()
+    for attr in (dg.GradientInfluence(model, task), dg.TracIn(model, task), dg.ExactInfluence(model, task)):
+        assert attr.featurizers[0].params == ["2.weight", "2.bias"]
+    chosen = dg.GradientInfluence(model, task, params=["0.weight"])
+    assert chosen.featurizers[0].params == ["0.weight"]
+
+
+def test_default_k_fits_a_small_model(device, tiny_classification):
+    model, train, test = tiny_classification  # 83 parameters
+    task = dg.ClassificationTask()
+    with pytest.warns(dg.DunegrassWarning, match="83 parameters .* using k = 83"):
+        grass = dg.GraSS(model, task)
+    assert grass.k == 83 and grass.fit(train).score(test).shape == (7, 40)
+    trak = dg.TRAK(model, task)
+    assert trak.featurizers[0].dim == 83
+    with pytest.raises(dg.DunegrassError, match="k = 4096 is larger than the input dimension 83"):
+        dg.GraSS(model, task, k=4096)
+    for bad in (1.5, True, "16", 0):
+        with pytest.raises(dg.DunegrassError, match="k must be a positive integer"):
+            dg.GraSS(model, task, k=bad)
