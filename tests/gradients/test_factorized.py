@@ -12,7 +12,7 @@ import dunegrass as dg
 from dunegrass.compress.factorized import FactGraSSCompressor, LoGraCompressor
 from dunegrass.errors import DunegrassError
 from dunegrass.gradients import per_sample_gradients
-from dunegrass.gradients.factorized import capture_factors, layer_gradients, linear_layers
+from dunegrass.gradients.factorized import capture_factors, factor_layers, layer_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,7 +67,7 @@ def reference(model: nn.Module, layers, batch) -> list[torch.Tensor]:
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_conv1d_capture_equals_per_sample_gradients(gpt2, side, padded_batch):
     batch = padded_batch(side=side)
-    layers = linear_layers(gpt2)
+    layers = factor_layers(gpt2)
     assert [layer.name for layer in layers] == [
         "transformer.h.0.attn.c_attn",
         "transformer.h.0.attn.c_proj",
@@ -82,7 +82,7 @@ def test_linear_capture_with_bias_free_and_reused_layers(padded_batch):
     torch.manual_seed(0)
     model = TokenMLP()
     batch = padded_batch(n=4, t=6)
-    layers = linear_layers(model)
+    layers = factor_layers(model)
     assert [(layer.name, layer.has_bias) for layer in layers] == [("hidden", True), ("shared", True), ("out", False)]
     for got, want in zip(layer_gradients(model, layers, objective, batch), reference(model, layers, batch)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -90,7 +90,7 @@ def test_linear_capture_with_bias_free_and_reused_layers(padded_batch):
 
 def test_padding_contributes_nothing(gpt2, padded_batch):
     """A padded row's layer gradients equal those of the same sequence alone, unpadded."""
-    layers = linear_layers(gpt2)
+    layers = factor_layers(gpt2)
     for side in ("right", "left"):
         batch = padded_batch(side=side)
         padded = layer_gradients(gpt2, layers, objective, batch)
@@ -103,7 +103,7 @@ def test_padding_contributes_nothing(gpt2, padded_batch):
 
 def features(model, compressors, batch):
     """Compressed features per layer via factorised capture."""
-    layers = linear_layers(model)
+    layers = factor_layers(model)
     out = [None] * len(layers)
 
     def on(i, x, d):
@@ -115,7 +115,7 @@ def features(model, compressors, batch):
 
 def test_factgrass_equals_sjlt_of_masked_materialised_gradient(gpt2, padded_batch):
     batch = padded_batch()
-    layers = linear_layers(gpt2)
+    layers = factor_layers(gpt2)
     comps = [
         FactGraSSCompressor(la.in_dim, la.out_dim, k=24, mask_in=8, mask_out=6, seed=i, bias=True)
         for i, la in enumerate(layers)
@@ -130,7 +130,7 @@ def test_factgrass_equals_sjlt_of_masked_materialised_gradient(gpt2, padded_batc
 
 def test_logra_equals_kronecker_projection_of_materialised_gradient(gpt2, padded_batch):
     batch = padded_batch()
-    layers = linear_layers(gpt2)
+    layers = factor_layers(gpt2)
     comps = [LoGraCompressor(la.in_dim, la.out_dim, k_in=5, k_out=4, seed=i, bias=True) for i, la in enumerate(layers)]
     for comp, phi, g in zip(comps, features(gpt2, comps, batch), reference(gpt2, layers, batch)):
         p_out, p_in = comp.proj_out.matrix().T, comp.proj_in.matrix().T  # [k, d]
@@ -144,7 +144,7 @@ def test_bias_column_kept_or_dropped_and_bias_free_layers(padded_batch):
     torch.manual_seed(0)
     model = TokenMLP()
     batch = padded_batch(n=4, t=6)
-    layers = linear_layers(model)  # hidden (bias), shared (bias, called twice), out (no bias)
+    layers = factor_layers(model)  # hidden (bias), shared (bias, called twice), out (no bias)
     with_bias = dg.SelectiveMask(13, 3, indices=torch.tensor([0, 5, 12]))  # column 12 is the bias
     without = dg.SelectiveMask(13, 3, indices=torch.tensor([0, 5, 11]))
     comps = [
@@ -196,9 +196,9 @@ def to_linear(model: nn.Module) -> nn.Module:
 
 def test_conv1d_and_linear_give_the_same_features(gpt2, padded_batch):
     twin = to_linear(gpt2)
-    assert all(isinstance(la.module, nn.Linear) for la in linear_layers(twin))
+    assert all(isinstance(la.module, nn.Linear) for la in factor_layers(twin))
     batch = padded_batch(side="left")
-    layers = linear_layers(gpt2)
+    layers = factor_layers(gpt2)
     for make in (
         lambda la, i: FactGraSSCompressor(la.in_dim, la.out_dim, k=16, mask_in=8, mask_out=8, seed=i, bias=True),
         lambda la, i: LoGraCompressor(la.in_dim, la.out_dim, k_in=4, k_out=4, seed=i, bias=True),
@@ -213,7 +213,7 @@ def test_hooks_removed_and_model_gradients_untouched(gpt2, padded_batch):
     marks = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.grad = marks[n].clone()
-    layers = linear_layers(model)
+    layers = factor_layers(model)
     layer_gradients(model, layers, objective, padded_batch())
     for n, p in model.named_parameters():
         assert torch.equal(p.grad, marks[n]), n
@@ -228,27 +228,28 @@ def test_hooks_removed_and_model_gradients_untouched(gpt2, padded_batch):
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_frozen_weights_are_captured_too(gpt2, padded_batch):
+def test_frozen_weights_are_captured_when_named(gpt2, padded_batch):
     frozen = copy.deepcopy(gpt2).requires_grad_(False)
     batch = padded_batch()
+    named = [layer.name for layer in factor_layers(gpt2)]
     with torch.no_grad():  # capture enables grad itself
-        got = layer_gradients(frozen, linear_layers(frozen), objective, batch)
-    for a, b in zip(got, layer_gradients(gpt2, linear_layers(gpt2), objective, batch)):
+        got = layer_gradients(frozen, factor_layers(frozen, named), objective, batch)
+    for a, b in zip(got, layer_gradients(gpt2, factor_layers(gpt2), objective, batch)):
         torch.testing.assert_close(a, b)
 
 
 def test_selection_by_name_pattern_and_type(gpt2):
-    assert [la.name for la in linear_layers(gpt2, "transformer.h.0.mlp.c_fc")] == ["transformer.h.0.mlp.c_fc"]
-    assert len(linear_layers(gpt2, "*.mlp.*")) == 2
-    assert [la.name for la in linear_layers(gpt2, "lm_head")] == ["lm_head"]  # tied, but asked for by name
+    assert [la.name for la in factor_layers(gpt2, "transformer.h.0.mlp.c_fc")] == ["transformer.h.0.mlp.c_fc"]
+    assert len(factor_layers(gpt2, "*.mlp.*")) == 2
+    assert [la.name for la in factor_layers(gpt2, "lm_head")] == ["lm_head"]  # tied, but asked for by name
     model = TokenMLP()
-    assert [la.name for la in linear_layers(model, nn.Linear)] == ["hidden", "shared", "out"]
+    assert [la.name for la in factor_layers(model, nn.Linear)] == ["hidden", "shared", "out"]
 
 
 @pytest.mark.parametrize(
     ("modules", "message"),
     [
-        ("transformer.ln_f", "is a LayerNorm; factorised capture supports nn.Linear"),
+        ("transformer.ln_f", "is a LayerNorm; factorised capture supports nn.Linear, nn.Conv2d"),
         ("transformer.wte", "is a Embedding"),
         ("no.such.layer", "has no module named 'no.such.layer'"),
         ("*.attn.q_proj", "matches no nn.Linear"),
@@ -258,12 +259,12 @@ def test_selection_by_name_pattern_and_type(gpt2):
 )
 def test_unsupported_layers_get_clear_errors(gpt2, modules, message):
     with pytest.raises(DunegrassError, match=message):
-        linear_layers(gpt2, modules)
+        factor_layers(gpt2, modules)
 
 
-def test_model_without_linear_layers_errors():
-    with pytest.raises(DunegrassError, match="no nn.Linear or Conv1D layers"):
-        linear_layers(nn.Sequential(nn.Embedding(4, 3), nn.ReLU()))
+def test_model_without_supported_layers_errors():
+    with pytest.raises(DunegrassError, match="no layers factorised capture .* supports: it needs nn.Linear, nn.Conv2d"):
+        factor_layers(nn.Sequential(nn.Embedding(4, 3), nn.ReLU()))
 
 
 def test_examples_must_stay_on_dim_0():
@@ -278,7 +279,7 @@ def test_examples_must_stay_on_dim_0():
 
     model = Flattening()
     with pytest.raises(DunegrassError, match="examples along dim 0"):
-        layer_gradients(model, linear_layers(model), objective, {"input_ids": torch.randint(0, 10, (3, 5))})
+        layer_gradients(model, factor_layers(model), objective, {"input_ids": torch.randint(0, 10, (3, 5))})
 
 
 class WithAttention(nn.Module):
@@ -300,9 +301,9 @@ def _mse(model, batch):
 
 def test_layers_that_never_run_are_left_out_or_named():
     model, batch = WithAttention(), (torch.randn(3, 5, 4), torch.randn(3, 3))
-    assert [layer.name for layer in linear_layers(model)] == ["emb", "head"]  # out_proj is not a call
+    assert [layer.name for layer in factor_layers(model)] == ["emb", "head"]  # out_proj is not a call
     with pytest.raises(DunegrassError, match="never ran as modules.*att.out_proj"):
-        capture_factors(model, linear_layers(model, ["emb", "att.out_proj"]), _mse, batch, lambda *a: None)
+        capture_factors(model, factor_layers(model, ["emb", "att.out_proj"]), _mse, batch, lambda *a: None)
 
 
 class InPlaceAfter(nn.Module):
@@ -321,4 +322,4 @@ class InPlaceAfter(nn.Module):
 def test_an_input_modified_in_place_after_the_layer_ran_is_an_error():
     model = InPlaceAfter()
     with pytest.raises(DunegrassError, match="modified in place"):
-        capture_factors(model, linear_layers(model), _mse, (torch.randn(3, 4), torch.randn(3, 2)), lambda *a: None)
+        capture_factors(model, factor_layers(model), _mse, (torch.randn(3, 4), torch.randn(3, 2)), lambda *a: None)

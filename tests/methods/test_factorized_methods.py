@@ -9,7 +9,7 @@ import dunegrass as dg
 from dunegrass.compress import SelectiveMask
 from dunegrass.compress.factorized import FactorMaskConfig, fit_factor_masks
 from dunegrass.errors import ConfigMismatchError, DunegrassError
-from dunegrass.gradients.factorized import layer_gradients, linear_layers
+from dunegrass.gradients.factorized import factor_layers, layer_gradients
 from dunegrass.methods import factorized
 from dunegrass.methods.factorized import FactGraSS, FactorizedFeaturizer, LoGra
 
@@ -56,7 +56,7 @@ def test_scores_equal_block_influence_on_materialised_gradients(model, name, pad
     train, queries = padded_batch(n=24, seed=0, side="right"), padded_batch(n=4, seed=1, side="right")
     attr = PRESETS[name](model, damping=0.3).fit(train)
     featurizer = attr.featurizers[0]
-    layers = linear_layers(model)
+    layers = factor_layers(model)
 
     def objective(m, b):
         return TASK.loss(TASK.outputs(m, b), b)

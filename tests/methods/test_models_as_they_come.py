@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dunegrass as dg
+from dunegrass import notices
 from dunegrass.hf import tiny_gpt2
 
 METHODS = {
@@ -119,9 +120,10 @@ def test_frozen_parameters_are_left_out_by_every_materialised_method(device, tin
     assert chosen.featurizers[0].params == ["0.weight"]
 
 
-def test_default_k_fits_a_small_model(device, tiny_classification):
+def test_default_k_fits_a_small_model(device, tiny_classification, monkeypatch):
     model, train, test = tiny_classification  # 83 parameters
     task = dg.ClassificationTask()
+    monkeypatch.setattr(notices, "_said", set())  # said once per process: make this the first time
     with pytest.warns(dg.DunegrassWarning, match="83 parameters .* using k = 83"):
         grass = dg.GraSS(model, task)
     assert grass.k == 83 and grass.fit(train).score(test).shape == (7, 40)

@@ -36,6 +36,12 @@ def digits(n_train: int = 1000, n_test: int = 300, seed: int = 0) -> tuple[Split
     return _split(d.data, d.target, n_train, n_test, seed)
 
 
+def digits_as_images(n_train: int = 1000, n_test: int = 300, seed: int = 0) -> tuple[Split, Split]:
+    """``digits(n_train, n_test, seed)`` with each example as a ``[1, 8, 8]`` image (standardised per pixel)."""
+    (x_train, y_train), (x_test, y_test) = digits(n_train, n_test, seed)
+    return (x_train.view(-1, 1, 8, 8), y_train), (x_test.view(-1, 1, 8, 8), y_test)
+
+
 def digits_images(n_train: int = 1000, n_test: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The raw 8×8 images (0-16) of ``digits(n_train, n_test, seed)``, in the same order, for display."""
     from sklearn.datasets import load_digits

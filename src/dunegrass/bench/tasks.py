@@ -1,6 +1,7 @@
 """Built-in benchmark tasks: data, a model trained to θ₀, and the training recipe for ground truth.
 
-All offline: scikit-learn digits (logistic regression and an MLP) and MNIST-1D (MLP 40-256-256-10).
+All offline: scikit-learn digits (logistic regression, an MLP, and a small BatchNorm CNN on the 8×8
+images) and MNIST-1D (MLP 40-256-256-10).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from torch import Tensor, nn
 
 from ..task import ClassificationTask, Task
 from ..train import EnsembleTrainer, Member, TrainConfig
+from ..train.ensemble import load_member
 from ..train.newton import load_flat, newton_fit
 from . import data as datasets
-from .models import logistic_regression, mlp
+from .models import cnn, logistic_regression, mlp
 
 
 @dataclass
@@ -36,13 +38,15 @@ class BenchmarkTask:
 
 
 def train_model(model: nn.Module, task: Task, train, config: TrainConfig, seed: int = 0) -> nn.Module:
-    """Train ``model`` in place on all of ``train`` with ``config`` (the ensemble trainer with one member)."""
+    """Train ``model`` in place on all of ``train`` with ``config`` (the ensemble trainer with one member).
+
+    Trains in train mode (BatchNorm normalises with batch statistics and updates its running
+    statistics, which are copied into the model with the parameters) and returns the model in eval
+    mode, the mode θ₀ is explained and measured in.
+    """
     n = len(train[0])
-    trained = EnsembleTrainer(model, task, config).train(train, [Member(torch.arange(n), seed)])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(trained[name][0])
-    return model
+    trained = EnsembleTrainer(model, task, config, train_mode=True).train(train, [Member(torch.arange(n), seed)])
+    return load_member(model, trained, 0).eval()
 
 
 def digits_mlp(
@@ -66,6 +70,16 @@ def digits_logreg(n_train: int = 1000, n_test: int = 200, l2: float = 1e-2, seed
     return BenchmarkTask("digits-logreg", model, task, train, test, config, l2=l2)
 
 
+def digits_cnn(n_train: int = 1000, n_test: int = 200, epochs: float = 20.0, seed: int = 0) -> BenchmarkTask:
+    """Digits as ``[N, 1, 8, 8]`` images, the BatchNorm CNN of ``models.cnn`` (3 842 parameters, small
+    enough for exact influence's full Hessian) trained with Adam in train mode and used in eval mode."""
+    train, test = datasets.digits_as_images(n_train, n_test, seed)
+    config = TrainConfig(optimizer="adam", lr=3e-3, epochs=epochs, batch_size=64, weight_decay=1e-4)
+    task = ClassificationTask()
+    model = train_model(cnn(seed=seed), task, train, config, seed)
+    return BenchmarkTask("digits-cnn", model, task, train, test, config)
+
+
 def mnist1d_mlp(n_train: int = 4000, n_test: int = 500, epochs: float = 40.0, seed: int = 0) -> BenchmarkTask:
     """MNIST-1D, MLP 40-256-256-10 trained with Adam."""
     train, test = datasets.mnist1d(n_train, n_test, seed)
@@ -78,5 +92,6 @@ def mnist1d_mlp(n_train: int = 4000, n_test: int = 500, epochs: float = 40.0, se
 TASKS: dict[str, Callable[..., BenchmarkTask]] = {
     "digits-mlp": digits_mlp,
     "digits-logreg": digits_logreg,
+    "digits-cnn": digits_cnn,
     "mnist1d-mlp": mnist1d_mlp,
 }

@@ -1,7 +1,8 @@
 """Per-layer compressors of factorised gradients (algorithms.md §2.1): LoGra and FactGraSS.
 
-Both map a linear layer's factors — inputs x ``[B, T, d_in]`` and output gradients δ ``[B, T, d_out]``
-— to features ``[B, k]`` equal to a fixed linear map of vec(G), G = Σ_t δ_t x̃_tᵀ ``[d_out, in_dim]``
+Both map a linear layer's factors — inputs x ``[B, T, d_in]`` and output gradients δ ``[B, T, d_out]``,
+e.g. a Conv2d's unfolded patches and its output gradients per position (``gradients.factorized``) —
+to features ``[B, k]`` equal to a fixed linear map of vec(G), G = Σ_t δ_t x̃_tᵀ ``[d_out, in_dim]``
 (row-major vec, d_out outer), where x̃ = [x; 1] when the layer has a bias (``in_dim = d_in + 1``),
 without building G:
 
@@ -95,6 +96,23 @@ def _gather_columns(x: Tensor, cols: Tensor) -> Tensor:
     return torch.gather(x, 1, cols.expand(x.shape[0], -1)).to(torch.float32)
 
 
+def _gather_factor(x: Tensor, cols: Tensor) -> Tensor:
+    """``x[:, :, cols]`` in fp32 for ``x [B, T, d]``."""
+    b, t = x.shape[:2]
+    if x.is_contiguous():
+        return _gather_columns(x.reshape(b * t, -1), cols).view(b, t, -1)
+    # A Conv2d's δ is a transposed view ([B, L, O] over [B, O, L]): reshaping would copy all of it.
+    return x.index_select(2, cols).to(torch.float32)
+
+
+def _project(x: Tensor, p: Tensor) -> Tensor:
+    """``x @ p`` in fp32 for ``x [B, T, d]``, ``p [d, k]``, also without copying a transposed-view ``x``."""
+    x = x.to(torch.float32)
+    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        return (p.T @ x.transpose(1, 2)).transpose(1, 2)
+    return x @ p
+
+
 def _outer_sum(a: Tensor, b: Tensor) -> Tensor:
     """Σ_t a_t b_tᵀ for ``a [B, T, p]``, ``b [B, T, q]`` (fp32): ``[B, p·q]`` (row-major, a outer)."""
     out = torch.bmm(a.transpose(1, 2), b)
@@ -127,8 +145,8 @@ class LoGraCompressor(FactorizedCompressor):
 
     def _compress(self, inputs: Tensor, grads: Tensor) -> Tensor:
         p_out, p_in = self.matrices(inputs.device)
-        a = grads.to(torch.float32) @ p_out  # P_out δ_t  [B, T, k_out]
-        c = inputs.to(torch.float32) @ p_in[: self.in_features]  # P_in x̃_t   [B, T, k_in]
+        a = _project(grads, p_out)  # P_out δ_t  [B, T, k_out]
+        c = _project(inputs, p_in[: self.in_features])  # P_in x̃_t   [B, T, k_in]
         if self.bias:
             c = c + p_in[self.in_features]
         return _outer_sum(a, c)
@@ -195,10 +213,9 @@ class FactGraSSCompressor(FactorizedCompressor):
 
     def _compress(self, inputs: Tensor, grads: Tensor) -> Tensor:
         rows, cols = self._indices(inputs.device)
-        b, t = inputs.shape[:2]
         # Input columns first: measured a few per cent faster on GPT-2-small factors (CPU); same result.
-        c = _gather_columns(inputs.reshape(b * t, -1), cols).view(b, t, -1)  # M_in x̃_t
-        a = _gather_columns(grads.reshape(b * t, -1), rows).view(b, t, -1)  # M_out δ_t
+        c = _gather_factor(inputs, cols)  # M_in x̃_t
+        a = _gather_factor(grads, rows)  # M_out δ_t
         if self._keeps_bias:
             c = torch.cat([c, c.new_ones(*c.shape[:2], 1)], dim=2)
         # The SparseJL input is ours (right shape, fp32): skip its checks; the caller checks φ once.

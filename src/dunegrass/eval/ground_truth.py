@@ -22,6 +22,7 @@ from ..seeding import derive_seed
 from ..store.atomic import atomic_write_bytes
 from ..task import Task
 from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, reinitialize, stack_states
+from ..train.ensemble import running_stat_names
 from ..train.newton import newton_fit
 
 
@@ -81,6 +82,11 @@ def subset_retraining(
 
     ``from_scratch=True`` re-initialises each member (seeded); otherwise members start from the
     model's current weights. Records ``task.query_loss`` of every query, averaged over seeds.
+
+    Members train as θ₀ did (``bench.train_model``): a model with BatchNorm trains in train mode (batch
+    statistics), each member updating its own running statistics (reset when from scratch, θ₀'s
+    otherwise), and every member is measured in eval mode with its own. Other models train in the
+    mode they are in.
     """
     if num_subsets < 2 or num_seeds < 1:
         raise DunegrassError("ground truth needs at least 2 subsets and 1 seed")
@@ -94,7 +100,8 @@ def subset_retraining(
             if from_scratch:
                 inits.append(reinitialize(model, member_seed))
     init = stack_states(inits) if from_scratch else None
-    trainer = EnsembleTrainer(model, task, config, progress=progress)
+    train_mode = True if running_stat_names(model) else None
+    trainer = EnsembleTrainer(model, task, config, progress=progress, train_mode=train_mode)
     trained = trainer.train(train, members, init=init, max_members=max_members)
     values = ensemble_outputs(model, task, trained, queries, fn=task.query_loss)  # [M·R, n_query]
     values = values.view(num_subsets, num_seeds, -1).mean(1)

@@ -1,18 +1,30 @@
-"""Factorised capture for linear layers: each example's x_t and δ_t, never its weight gradient.
+"""Factorised capture of layers that are linear maps of per-position inputs: x_t and δ_t, never the gradient.
 
-A linear layer y_t = W x_t + b (``nn.Linear``, or Hugging Face's ``Conv1D`` whose weight is stored
-transposed) has the per-example gradient G = Σ_t δ_t x̃_tᵀ (d_out × d_in, plus one column for the bias:
-x̃_t = [x_t; 1]), with δ_t = ∂ℓ/∂y_t of that example's own loss (algorithms.md §2.1).
+A supported layer computes y_t = W x_t + b at positions t = 1…T of one example, so its per-example
+gradient is G = Σ_t δ_t x̃_tᵀ (d_out × d_in, plus one column for the bias: x̃_t = [x_t; 1]), with
+δ_t = ∂ℓ/∂y_t of that example's own loss (algorithms.md §2.1). Three layer types are such maps:
+
+- ``nn.Linear``: x_t is the input at token t (T = 1 for a ``[B, d]`` input);
+- Hugging Face's ``Conv1D`` (GPT-2): the same, weight stored transposed ``[d_in, d_out]``;
+- ``nn.Conv2d`` with ``groups=1`` and ``padding_mode="zeros"`` (any stride, dilation, padding, including
+  ``"same"``/``"valid"``): x_t is the input patch (C·kh·kw, as ``F.unfold`` lays it out) that output
+  position t sees, δ_t the output gradient there, T = H_out·W_out; G reshapes to the weight's
+  ``[O, C, kh, kw]``.
 
 How: a forward hook on each selected layer keeps its input x and returns ``y + z``, where ``z`` is one
 shared scalar zero that requires grad. ``torch.autograd.grad(Σ_b ℓ_b, z)`` then walks back through
 every selected layer's output; a tensor hook on ``y + z`` receives δ as soon as it is complete and
-hands (x, δ) to a callback (the constant 1 of x̃ is left to the consumer: appending it here would copy
-every layer input). Because only ``z`` is asked for, autograd never computes a weight gradient (nor
-any gradient upstream of the first selected layer) and never touches ``param.grad``; because the loss
-is a sum of per-example losses, δ is each example's own gradient. Frozen layers work too (``z`` makes
-their outputs require grad). Padding needs no special case: a position that no loss term depends on
-gets δ_t = 0 exactly. A layer called several times contributes once per call (its gradients add up).
+hands (x, δ) as ``[B, T, d_in]``, ``[B, T, d_out]`` to a callback (the constant 1 of x̃ is left to the
+consumer: appending it here would copy every layer input). Because only ``z`` is asked for, autograd
+never computes a weight gradient (nor any gradient upstream of the first selected layer) and never
+touches ``param.grad``; because the loss is a sum of per-example losses, δ is each example's own
+gradient. Frozen layers work too (``z`` makes their outputs require grad). Padding needs no special
+case: a position that no loss term depends on gets δ_t = 0 exactly. A layer called several times
+contributes once per call (its gradients add up).
+
+Memory: a Conv2d's patches are unfolded in the tensor hook, when δ arrives, not in the forward pass,
+so the unfolded input — B × H_out·W_out × C·kh·kw elements, kh·kw/stride² times the layer's input —
+exists for one layer at a time, while that layer is being compressed.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DunegrassError
@@ -32,11 +45,13 @@ from .per_sample import check_finite
 
 ModuleSelection = str | type | Sequence[str | type] | None
 FactorCallback = Callable[[int, Tensor, Tensor], None]  # (layer index, x [B, T, d_in], δ [B, T, d_out])
+KINDS = "nn.Linear, nn.Conv2d (groups=1, padding_mode='zeros') and transformers' Conv1D"
+MATERIALISED = "use dg.GradientInfluence / GraSS (materialised gradients) for other layers"
 
 
-def linear_types() -> tuple[type, ...]:
-    """The layer types factorised capture supports: ``nn.Linear`` and, once transformers is imported, its Conv1D."""
-    types: tuple[type, ...] = (nn.Linear,)
+def supported_types() -> tuple[type, ...]:
+    """``nn.Linear``, ``nn.Conv2d`` and, once transformers is imported, its Conv1D."""
+    types: tuple[type, ...] = (nn.Linear, nn.Conv2d)
     # A model holding a Conv1D has imported transformers already; never import it here (optional extra).
     hf = sys.modules.get("transformers.pytorch_utils")
     if hf is not None and hasattr(hf, "Conv1D"):
@@ -45,15 +60,19 @@ def linear_types() -> tuple[type, ...]:
 
 
 @dataclass
-class LinearLayer:
-    """One selected linear layer. ``in_dim`` counts the appended 1 when the layer has a bias."""
+class FactorLayer:
+    """One selected layer. ``kind``: ``"linear"``, ``"hf_conv1d"`` (weight ``[d_in, d_out]``) or ``"conv2d"``.
+
+    ``in_features`` is d_in (C·kh·kw for a Conv2d), ``out_features`` d_out; ``in_dim`` counts the
+    appended 1 when the bias is captured (``has_bias``).
+    """
 
     name: str
     module: nn.Module
     in_features: int
     out_features: int
     has_bias: bool
-    transposed: bool  # Conv1D: weight stored as [in, out]
+    kind: str
 
     @property
     def in_dim(self) -> int:
@@ -63,45 +82,141 @@ class LinearLayer:
     def out_dim(self) -> int:
         return self.out_features
 
+    @property
+    def transposed(self) -> bool:
+        return self.kind == "hf_conv1d"
+
     def split_gradient(self, grad: Tensor) -> dict[str, Tensor]:
         """Map G ``[B, d_out, in_dim]`` to ``{"weight": ..., "bias": ...}`` shaped like the layer's parameters (+B)."""
         weight = grad[:, :, : self.in_features]
-        out = {"weight": weight.transpose(1, 2) if self.transposed else weight}
+        if self.transposed:
+            weight = weight.transpose(1, 2)
+        elif self.kind == "conv2d":
+            weight = weight.reshape(grad.shape[0], *self.module.weight.shape)
+        out = {"weight": weight}
         if self.has_bias:
             out["bias"] = grad[:, :, self.in_features]
         return out
 
+    def factors(self, x: Tensor, grad: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """The layer's input and output gradient as ``[B, T, d_in]`` and ``[B, T, d_out]``."""
+        if self.kind == "conv2d":
+            if x.ndim != 4 or x.shape[0] != batch or grad.shape[0] != batch:
+                raise DunegrassError(
+                    f"Conv2d layer {self.name!r} saw an input of shape {tuple(x.shape)} for a batch of {batch} "
+                    "examples; factorised capture needs batched [B, C, H, W] inputs with the examples along dim 0"
+                )
+            return conv_patches(self.module, x), grad.flatten(2).transpose(1, 2)
+        if x.ndim < 2 or x.shape[0] != batch or grad.shape[:-1] != x.shape[:-1]:
+            raise DunegrassError(
+                f"layer {self.name!r} saw an input of shape {tuple(x.shape)} for a batch of {batch} examples; "
+                "factorised capture needs the examples along dim 0 of every selected layer's input "
+                "(a model that flattens batch and sequence before a linear layer cannot be factorised)"
+            )
+        return x.reshape(batch, -1, x.shape[-1]), grad.reshape(batch, -1, grad.shape[-1])
 
-def _describe(module: nn.Module) -> LinearLayer | None:
+
+LinearLayer = FactorLayer  # the former name, still imported by dunegrass.gradients
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of ``conv``, as ``F.pad`` takes it.
+
+    ``"same"`` pads d·(k − 1) in all, the odd one on the right/bottom, as ``F.conv2d`` does.
+    """
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        pad: list[int] = []
+        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):  # width first
+            total = d * (k - 1)
+            pad += [total // 2, total - total // 2]
+        return (pad[0], pad[1], pad[2], pad[3])
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``[B, C, H, W] -> [B, H_out·W_out, C·kh·kw]``: the patch each output position sees (``F.unfold``
+    transposed, in the order of the weight's ``[O, C, kh, kw]``), built as one contiguous copy."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    pad = conv_padding(conv)
+    if any(pad):
+        x = F.pad(x, pad)
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # a view
+    b, c, ho, wo = windows.shape[:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(b, ho * wo, c * kh * kw)
+
+
+def _describe(module: nn.Module, trainable_only: bool) -> FactorLayer | None:
+    """The layer ``module`` is, or None when factorised capture does not support it.
+
+    ``trainable_only``: capture the bias column only when the bias requires grad (default selection).
+    """
+    bias = getattr(module, "bias", None)
+    has_bias = bias is not None and (bias.requires_grad or not trainable_only)
     if isinstance(module, nn.Linear):
-        return LinearLayer("", module, module.in_features, module.out_features, module.bias is not None, False)
-    if isinstance(module, linear_types()):  # Conv1D: weight [nx, nf]
+        return FactorLayer("", module, module.in_features, module.out_features, has_bias, "linear")
+    if isinstance(module, nn.Conv2d):
+        if _unsupported_conv(module):
+            return None
+        c, (kh, kw) = module.in_channels, module.kernel_size
+        return FactorLayer("", module, c * kh * kw, module.out_channels, has_bias, "conv2d")
+    if isinstance(module, supported_types()):  # Conv1D: weight [nx, nf]
         nx, nf = module.weight.shape
-        return LinearLayer("", module, int(nx), int(nf), getattr(module, "bias", None) is not None, True)
+        return FactorLayer("", module, int(nx), int(nf), has_bias, "hf_conv1d")
     return None
 
 
-def linear_layers(model: nn.Module, modules: ModuleSelection = None) -> list[LinearLayer]:
+def _unsupported_conv(conv: nn.Conv2d) -> str:
+    """Why factorised capture cannot take this Conv2d ('' when it can)."""
+    if conv.groups != 1:
+        return f"a grouped Conv2d (groups={conv.groups})"
+    if conv.padding_mode != "zeros":
+        return f"a Conv2d with padding_mode={conv.padding_mode!r}"
+    return ""
+
+
+def factor_layers(model: nn.Module, modules: ModuleSelection = None) -> list[FactorLayer]:
     """The layers to capture, in the model's module order.
 
-    ``modules``: None (every ``nn.Linear``/``Conv1D`` whose weight no other module shares, except the
-    ``out_proj`` of ``nn.MultiheadAttention``, which that module never calls), or names,
-    ``fnmatch`` patterns (``"transformer.h.*.mlp.*"``) and types (``nn.Linear``), alone or in a list.
-    An exact name must be a supported layer; a pattern or type keeps the supported layers it matches
-    and must match one. The default skips tied layers (GPT-2's ``lm_head`` shares the token embedding):
-    their captured gradient would be only one use's share of the shared weight's gradient.
+    Trainable parameters by default; ``modules=`` to choose. ``modules=None`` selects every supported
+    layer (``nn.Linear``, ``Conv1D``, ``nn.Conv2d`` with groups=1 and zero padding) whose weight
+    requires grad, with its bias column only when the bias exists and requires grad — the rule of
+    ``select_parameters`` for the materialised methods. It skips grouped/depthwise and non-zero-padded
+    convolutions, layers whose weight another module shares (GPT-2's ``lm_head`` is tied to the token
+    embedding: its captured gradient would be one use's share of the shared weight's gradient), and
+    the ``out_proj`` of ``nn.MultiheadAttention``, which that module never calls.
+
+    Otherwise ``modules`` holds names, ``fnmatch`` patterns (``"transformer.h.*.mlp.*"``) and types
+    (``nn.Linear``), alone or in a list; the layers named are selected whole (weight and bias) whatever
+    their ``requires_grad`` says. An exact name must be a supported layer; a pattern or type keeps the
+    supported layers it matches and must match one.
     """
     named = dict(model.named_modules())
-    supported = {n: layer for n, m in named.items() if n and (layer := _describe(m)) is not None}
-    if modules is None:
+    default = modules is None
+    supported = {n: layer for n, m in named.items() if n and (layer := _describe(m, default)) is not None}
+    if default:
         shared = _shared_weights(model)
         # nn.MultiheadAttention calls F.linear on out_proj.weight, never the module: hooks cannot see it.
         unseen = {id(m.out_proj) for m in named.values() if isinstance(m, nn.MultiheadAttention)}
-        chosen = {
+        usable = {
             n
             for n, layer in supported.items()
             if id(layer.module.weight) not in shared and id(layer.module) not in unseen
         }
+        chosen = {n for n in usable if supported[n].module.weight.requires_grad}
+        if not chosen and usable:
+            raise DunegrassError(
+                f"every supported layer of {type(model).__name__} is frozen (weight.requires_grad=False: "
+                f"{_preview(usable)}); attribution covers trainable parameters by default. Name the layers to "
+                "use in modules=[...] (selected whole, frozen or not)"
+            )
+        if not chosen and supported:
+            raise DunegrassError(
+                f"every {KINDS} layer of {type(model).__name__} shares its weight with another module "
+                f"(tied: {', '.join(list(supported)[:4])}), so none is selected by default; name them in modules=[...]"
+            )
     else:
         items = [modules] if isinstance(modules, (str, type)) else list(modules)
         if not items:
@@ -109,15 +224,10 @@ def linear_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Lin
         chosen = set()
         for item in items:
             chosen |= _match(item, named, supported)
-    if not chosen and modules is None and supported:
-        raise DunegrassError(
-            f"every nn.Linear/Conv1D layer of {type(model).__name__} shares its weight with another module "
-            f"(tied: {', '.join(list(supported)[:4])}), so none is selected by default; name them in modules=[...]"
-        )
     if not chosen:
         raise DunegrassError(
-            f"{type(model).__name__} has no nn.Linear or Conv1D layers; factorised capture (LoGra, FactGraSS) "
-            "needs linear layers. Use dg.GradientInfluence / GraSS (materialised gradients) for this model."
+            f"{type(model).__name__} has no layers factorised capture (LoGra, FactGraSS) supports: it needs "
+            f"{KINDS}. {MATERIALISED[0].upper()}{MATERIALISED[1:]}."
         )
     layers = []
     for name in named:  # module order, so features are laid out the same way every time
@@ -126,6 +236,9 @@ def linear_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Lin
             layer.name = name
             layers.append(layer)
     return layers
+
+
+linear_layers = factor_layers  # the former name, still imported by dunegrass.gradients and the benchmarks
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -137,17 +250,18 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, count in seen.items() if count > 1}
 
 
-def _match(item: str | type, named: dict[str, nn.Module], supported: dict[str, LinearLayer]) -> set[str]:
-    kinds = "nn.Linear and transformers' Conv1D"
+def _match(item: str | type, named: dict[str, nn.Module], supported: dict[str, FactorLayer]) -> set[str]:
     if isinstance(item, type):
-        if not any(issubclass(item, t) or issubclass(t, item) for t in linear_types()):
+        if not any(issubclass(item, t) or issubclass(t, item) for t in supported_types()):
             raise DunegrassError(
-                f"layer type {item.__name__} is not supported by factorised capture (it handles {kinds}); "
-                "use dg.GradientInfluence / GraSS with materialised gradients for other layers"
+                f"layer type {item.__name__} is not supported by factorised capture (it handles {KINDS}); "
+                f"{MATERIALISED}"
             )
         found = {n for n, layer in supported.items() if isinstance(layer.module, item)}
         if not found:
-            raise DunegrassError(f"the model has no {item.__name__} layers")
+            raise DunegrassError(
+                f"the model has no supported {item.__name__} layers (factorised capture handles {KINDS})"
+            )
         return found
     if not isinstance(item, str):
         raise DunegrassError(f"select layers by name, pattern or type; got {type(item).__name__}")
@@ -155,27 +269,29 @@ def _match(item: str | type, named: dict[str, nn.Module], supported: dict[str, L
         found = {n for n in supported if fnmatch.fnmatchcase(n, item)}
         if not found:
             raise DunegrassError(
-                f"the pattern {item!r} matches no {kinds} layer; linear layers are: {_preview(supported)}"
+                f"the pattern {item!r} matches no {KINDS} layer; supported layers are: {_preview(supported)}"
             )
         return found
     if item not in named:
-        raise DunegrassError(f"the model has no module named {item!r}; linear layers are: {_preview(supported)}")
+        raise DunegrassError(f"the model has no module named {item!r}; supported layers are: {_preview(supported)}")
     if item not in supported:
+        module = named[item]
+        what = (_unsupported_conv(module) if isinstance(module, nn.Conv2d) else "") or f"a {type(module).__name__}"
         raise DunegrassError(
-            f"module {item!r} is a {type(named[item]).__name__}; factorised capture supports {kinds} only. "
-            "Select linear layers, or use dg.GradientInfluence / GraSS (materialised gradients) for other layers."
+            f"module {item!r} is {what}; factorised capture supports {KINDS} only. "
+            f"Select supported layers, or {MATERIALISED}."
         )
     return {item}
 
 
-def _preview(supported: dict) -> str:
-    names = list(supported)
+def _preview(names) -> str:
+    names = list(names)
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "(none)"
 
 
 def capture_factors(
     model: nn.Module,
-    layers: Sequence[LinearLayer],
+    layers: Sequence[FactorLayer],
     objective: Callable[[nn.Module, Any], Tensor],
     batch: Any,
     on_factors: FactorCallback,
@@ -183,8 +299,10 @@ def capture_factors(
     """Run ``objective(model, batch) -> [B]`` once and hand each layer's (x, δ) to ``on_factors``.
 
     ``on_factors(i, inputs [B, T, d_in], grads [B, T, d_out])`` is called during the backward pass,
-    once per call of layer ``layers[i]`` (T flattens any dimensions between batch and features; a
-    ``[B, d]`` input has T = 1). δ is the gradient of Σ_b ℓ_b, i.e. of each example's own loss.
+    once per call of layer ``layers[i]`` (for a linear layer T flattens any dimensions between batch and
+    features, a ``[B, d]`` input has T = 1; for a Conv2d T = H_out·W_out and d_in = C·kh·kw, the unfolded
+    patches, built just before the call and freed after it unless kept). δ is the gradient of Σ_b ℓ_b,
+    i.e. of each example's own loss.
     Returns the objective's values ``[B]`` (detached). Hooks are removed however this exits.
     """
     with warnings.catch_warnings():  # transformers 5 renamed the flag and warns on the old name
@@ -243,34 +361,29 @@ def capture_factors(
 
 
 def _deliver(
-    index: int, layer: LinearLayer, x: Tensor, version: int, grad: Tensor, state: dict, on_factors: FactorCallback
+    index: int, layer: FactorLayer, x: Tensor, version: int, grad: Tensor, state: dict, on_factors: FactorCallback
 ):
     if x._version != version:
         raise DunegrassError(
             f"the input of layer {layer.name!r} was modified in place after the layer ran, so its captured "
             "factor is no longer the input the layer saw; make that operation out of place"
         )
-    batch = state["batch"]
-    if x.ndim < 2 or x.shape[0] != batch or grad.shape[:-1] != x.shape[:-1]:
-        raise DunegrassError(
-            f"layer {layer.name!r} saw an input of shape {tuple(x.shape)} for a batch of {batch} examples; "
-            "factorised capture needs the examples along dim 0 of every selected layer's input "
-            "(a model that flattens batch and sequence before a linear layer cannot be factorised)"
-        )
-    on_factors(index, x.reshape(batch, -1, x.shape[-1]), grad.reshape(batch, -1, grad.shape[-1]))
+    inputs, grads = layer.factors(x, grad, state["batch"])  # a Conv2d's patches are unfolded here
+    on_factors(index, inputs, grads)
     return None
 
 
 def layer_gradients(
     model: nn.Module,
-    layers: Sequence[LinearLayer],
+    layers: Sequence[FactorLayer],
     objective: Callable[[nn.Module, Any], Tensor],
     batch: Any,
 ) -> list[Tensor]:
     """Per-example gradients of each layer built from its factors: ``[B, d_out, in_dim]`` (fp32) per layer.
 
     Materialises G = Σ_t δ_t x̃_tᵀ; for tests, mask fitting and small layers (LoGra and FactGraSS never
-    build it). Layers the loss does not depend on get zeros.
+    build it). ``layer.split_gradient`` reshapes it to the layer's parameters. Layers the loss does not
+    depend on get zeros.
     """
     grads: list[Tensor | None] = [None] * len(layers)
 

@@ -1,9 +1,11 @@
 """LoGra and FactGraSS: the gradient engine with factorised per-layer compression (algorithms.md §1.1, §2.1).
 
-``FactorizedFeaturizer`` captures each selected linear layer's inputs and output gradients during one
+``FactorizedFeaturizer`` captures each selected layer's inputs and output gradients (``nn.Linear``,
+transformers' ``Conv1D``, and ``nn.Conv2d`` as a linear map of its unfolded patches) during one
 forward/backward pass and compresses them layer by layer, so neither the per-example gradient nor the
 weight gradient is ever built. Each layer is one block of the block eFIM preconditioner. ``dg.LoGra`` and
-``dg.FactGraSS`` are presets of ``GradientInfluence`` with this featurizer.
+``dg.FactGraSS`` are presets of ``GradientInfluence`` with this featurizer. Like every method, they
+attribute through the trainable parameters by default (``modules=`` to choose; ``factor_layers``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from ..compress.factorized import (
 )
 from ..data import iterate_batches, subset, to_device
 from ..errors import DunegrassError, NonFiniteError
-from ..gradients.factorized import LinearLayer, ModuleSelection, capture_factors, layer_gradients, linear_layers
+from ..gradients.factorized import FactorLayer, ModuleSelection, capture_factors, factor_layers, layer_gradients
 from ..seeding import derive_seed
 from ..task import Task
+from .base import eval_mode
 from .featurize import Featurizer, ObjectiveFn, load_weights
 from .gradient import GradientInfluence
 from .mask_cache import load_masks, save_masks
@@ -38,7 +41,7 @@ MASK_FIT_BYTES = 2 << 30  # bound on the materialised layer gradients used to le
 class FactorizedFeaturizer(Featurizer):
     """Features ``[B, Σ_l k_l]``: layer l's compressor applied to its captured factors; one block per layer."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[LinearLayer], compressors: Sequence[FactorizedCompressor]):
+    def __init__(self, model: nn.Module, layers: Sequence[FactorLayer], compressors: Sequence[FactorizedCompressor]):
         if len(layers) != len(compressors) or not layers:
             raise DunegrassError("FactorizedFeaturizer needs one compressor per selected layer, and at least one")
         for layer, comp in zip(layers, compressors):
@@ -92,9 +95,9 @@ def _reject(kwargs: dict, preset: str) -> None:
 class _FactorizedInfluence(GradientInfluence):
     """Shared wiring: one featurizer per checkpoint, each layer with its own seed."""
 
-    def __init__(self, model, task, make: Callable[[LinearLayer, int], FactorizedCompressor], modules, **kwargs):
+    def __init__(self, model, task, make: Callable[[FactorLayer, int], FactorizedCompressor], modules, **kwargs):
         _reject(kwargs, type(self).__name__)
-        self.layers = linear_layers(model, modules)
+        self.layers = factor_layers(model, modules)
         self._make = make
         seed = kwargs.get("seed", 0)
         n_ckpt = len(kwargs["checkpoints"]) if kwargs.get("checkpoints") is not None else 1
@@ -112,7 +115,10 @@ class LoGra(_FactorizedInfluence):
 
     Args:
         k_in, k_out: factor sizes (default 64 × 64 = 4096 features per layer; capped at the layer's dims).
-        modules: layers to use — None (every nn.Linear / Conv1D), names, fnmatch patterns or types.
+        modules: layers to use. Trainable parameters by default; modules= to choose: None selects every
+            nn.Linear, Conv1D and nn.Conv2d (groups=1) whose weight requires grad, with its bias only when
+            that requires grad; names, fnmatch patterns or types select those layers whole, frozen or not
+            (``gradients.factorized.factor_layers``).
         damping: relative damping of each layer's Fisher block; None = gradient dot products.
         Other keyword arguments (checkpoints, batch_size, seed, train_signal, ...) as GradientInfluence.
     """
@@ -129,7 +135,7 @@ class LoGra(_FactorizedInfluence):
         damping: float | None = 0.1,
         **kwargs: Any,
     ):
-        def make(layer: LinearLayer, seed: int) -> FactorizedCompressor:
+        def make(layer: FactorLayer, seed: int) -> FactorizedCompressor:
             return LoGraCompressor(layer.in_dim, layer.out_dim, k_in, k_out, seed=seed, bias=layer.has_bias)
 
         super().__init__(model, task, make, modules, damping=damping, **kwargs)
@@ -146,7 +152,8 @@ class FactGraSS(_FactorizedInfluence):
             examples (a seeded random subset), at the start of ``fit``; saved under ``cache_dir``.
         mask_config: FactorMaskConfig (search budget) for the selective fit.
         c: non-zeros per coordinate of the SparseJL.
-        modules, damping and other keyword arguments as LoGra.
+        modules: trainable parameters by default; modules= to choose (as LoGra).
+        damping and other keyword arguments as LoGra.
     """
 
     method_name = "factgrass"
@@ -171,7 +178,7 @@ class FactGraSS(_FactorizedInfluence):
         self.masks, self.mask_examples, self.mask_config = masks, int(mask_examples), mask_config
         self.sizes = {"k": k, "mask_in": mask_in, "mask_out": mask_out, "c": c}
 
-        def make(layer: LinearLayer, seed: int) -> FactorizedCompressor:
+        def make(layer: FactorLayer, seed: int) -> FactorizedCompressor:
             return FactGraSSCompressor(
                 layer.in_dim, layer.out_dim, k, mask_in, mask_out, seed=seed, c=c, bias=layer.has_bias
             )
@@ -233,14 +240,9 @@ class FactGraSS(_FactorizedInfluence):
         chosen = subset(data, torch.randperm(len(data), generator=gen)[:n_fit].sort().values)
         objective = self._objective(self.train_signal)
         parts: list[list[Tensor]] = [[] for _ in self.layers]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with load_weights(self.model, state):
-                for _, batch in iterate_batches(chosen, self.batch_size):
-                    grads = layer_gradients(self.model, self.layers, objective, to_device(batch, self._device()))
-                    for i, g in enumerate(grads):
-                        parts[i].append(g.cpu())
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), load_weights(self.model, state):
+            for _, batch in iterate_batches(chosen, self.batch_size):
+                grads = layer_gradients(self.model, self.layers, objective, to_device(batch, self._device()))
+                for i, g in enumerate(grads):
+                    parts[i].append(g.cpu())
         return [torch.cat(p) for p in parts]

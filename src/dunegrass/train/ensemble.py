@@ -4,12 +4,19 @@ Parameters are stacked along a leading member dimension and one step is ``vmap(g
 members. Member j sees its own stream of mini-batches (its subset, reshuffled each epoch by its own
 seed), so the result equals training the members one by one with the same streams (tested). The
 optimiser arithmetic is elementwise and needs no vmap.
+
+Running statistics (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``) are
+per-member state too: each member gets its own stacked copy, which a train-mode forward pass updates
+(``functional_call`` writes BatchNorm's in-place update into the tensors it is given; the step returns
+them), and they come back with the parameters. Evaluation (``ensemble_outputs``) runs in eval mode,
+so each member is measured with its own running statistics.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,19 +68,69 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def running_stat_names(model: nn.Module) -> list[str]:
+    """Names of the buffers that training updates: the running statistics of BatchNorm-style layers
+    (``track_running_stats=True``). Empty for models without such layers."""
+    names = []
+    for prefix, module in model.named_modules():
+        if getattr(module, "track_running_stats", False) and getattr(module, "running_mean", None) is not None:
+            names += [f"{prefix}.{b}" if prefix else b for b, _ in module.named_buffers(recurse=False)]
+    return names
+
+
+def running_stats(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of the model's running statistics (see ``running_stat_names``)."""
+    buffers = dict(model.named_buffers())
+    return {n: buffers[n].detach().clone() for n in running_stat_names(model)}
+
+
 def reinitialize(model: nn.Module, seed: int) -> dict[str, Tensor]:
-    """Fresh parameters as the model's own ``reset_parameters`` draws them, under ``seed``."""
+    """Fresh parameters (and reset running statistics) as the model's own ``reset_parameters`` draws them,
+    under ``seed``."""
     clone = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, 0x696E6974))
         for mod in clone.modules():
             if hasattr(mod, "reset_parameters"):
                 mod.reset_parameters()
-    return trainable_state(clone)
+    return {**trainable_state(clone), **running_stats(clone)}
+
+
+def load_member(model: nn.Module, stacked: Mapping[str, Tensor], j: int) -> nn.Module:
+    """Copy member ``j`` of ``stacked`` (parameters and any running statistics) into ``model``, in place."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, value in stacked.items():
+            tensors[name].copy_(value[j])
+    return model
+
+
+@contextmanager
+def module_mode(model: nn.Module, training: bool | None) -> Iterator[nn.Module]:
+    """``model`` in train (True) or eval (False) mode for the block, then every submodule back in its own
+    mode; None leaves the modes as they are (a model may hold, say, a BatchNorm the caller froze in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    if training is not None:
+        model.train(training)
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class EnsembleTrainer:
-    """Train members of ``model``'s architecture with ``config``; see the module docstring."""
+    """Train members of ``model``'s architecture with ``config``; see the module docstring.
+
+    ``train_mode``: the mode of the training forward passes. None (default) keeps the modes the model
+    and its submodules are in when ``train`` is called — a freshly built model is in train mode; Daunce
+    puts the model in eval mode first and so trains its members in eval mode. True: train mode, so
+    BatchNorm normalises with batch statistics and updates each member's running statistics. False:
+    eval mode, BatchNorm uses the running statistics and leaves them as they are. Either way the
+    caller's model keeps its own modes and buffers, and models with running statistics get theirs
+    back per member beside the parameters. Train-mode layers must be deterministic (no dropout: vmap
+    draws no per-member randomness here).
+    """
 
     def __init__(
         self,
@@ -82,19 +139,23 @@ class EnsembleTrainer:
         config: TrainConfig,
         objective: Objective | None = None,
         progress: bool = False,
+        train_mode: bool | None = None,
     ):
         self.model, self.task, self.config, self.objective = model, task, config, objective
-        self.progress = progress
+        self.progress, self.train_mode = progress, train_mode
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.names = names
+        self.stats = running_stat_names(model)  # per-member state beside the parameters
         self.consts = {n: p.detach() for n, p in model.named_parameters() if n not in set(names)}
-        self.consts.update(dict(model.named_buffers()))
+        self.consts.update({n: b for n, b in model.named_buffers() if n not in set(self.stats)})
 
-    def _member_loss(self, params: dict[str, Tensor], batch: Any, aux: dict[str, Tensor]) -> Tensor:
-        out = self.task.outputs(FunctionalModel(self.model, {**self.consts, **params}), batch)
-        if self.objective is None:
-            return self.task.loss(out, batch).mean()
-        return self.objective(out, batch, aux)
+    def _member_loss(
+        self, params: dict[str, Tensor], stats: dict[str, Tensor], batch: Any, aux: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        stats = {n: v.clone() for n, v in stats.items()}  # a train-mode BatchNorm updates these in place
+        out = self.task.outputs(FunctionalModel(self.model, {**self.consts, **stats, **params}), batch)
+        loss = self.task.loss(out, batch).mean() if self.objective is None else self.objective(out, batch, aux)
+        return loss, stats
 
     def train(
         self,
@@ -105,9 +166,10 @@ class EnsembleTrainer:
         per_member: Mapping[str, Tensor] | None = None,
         max_members: int | None = None,
     ) -> dict[str, Tensor]:
-        """Stacked trained parameters ``{name: [M, ...]}``.
+        """Stacked trained parameters ``{name: [M, ...]}``, and the running statistics when the model has any.
 
-        ``init``: starting parameters, stacked ``[M, ...]`` or one set for all (default: the model's).
+        ``init``: starting parameters (and running statistics), stacked ``[M, ...]`` or one set for all
+        (default, and for the running statistics it lacks: the model's).
         ``shared``: per-training-example tensors ``[n, ...]`` handed to the objective for each batch;
         ``per_member``: the same, different per member ``[M, n, ...]``. ``max_members`` bounds how many
         members are vmapped at once (memory); the result does not depend on it.
@@ -122,10 +184,11 @@ class EnsembleTrainer:
         missing = [n for n in self.names if n not in base]
         if missing:
             raise DunegrassError(f"init lacks parameters {missing[:5]}")
-        if _is_stacked(base, self.model, M):
-            stacked = {n: base[n].clone() for n in self.names}
-        else:
-            stacked = {n: base[n].unsqueeze(0).expand(M, *base[n].shape).clone() for n in self.names}
+        own = running_stats(self.model)
+        base.update({n: own[n] for n in self.stats if n not in base})
+        keys = self.names + self.stats
+        shapes = {n: t.shape for n, t in (*self.model.named_parameters(), *self.model.named_buffers())}
+        stacked = {n: _stack(base[n], shapes[n], M, n) for n in keys}
         group = max_members or M
         out = {n: torch.empty_like(v) for n, v in stacked.items()}
         for lo in range(0, M, group):
@@ -133,36 +196,57 @@ class EnsembleTrainer:
             sub = {n: v[lo:hi].clone() for n, v in stacked.items()}
             pm = {k: v[lo:hi] for k, v in (per_member or {}).items()}
             trained = self._train_group(data, members[lo:hi], sub, shared or {}, pm)
-            for n in self.names:
+            for n in keys:
                 out[n][lo:hi] = trained[n]
         return out
 
-    def _train_group(self, data: TensorData, members, params, shared, per_member) -> dict[str, Tensor]:
+    def _check_modes(self) -> None:
+        """Refuse what vmap cannot do per member in the modes the model is now in."""
+        for name, module in self.model.named_modules():
+            if module.training and f"{name}.running_mean" in self.stats and getattr(module, "momentum", 0.1) is None:
+                raise DunegrassError(
+                    f"{type(module).__name__} {name!r} has momentum=None (a cumulative average over "
+                    "num_batches_tracked), which vmapped train-mode training cannot compute per member; give it "
+                    "a float momentum, train with train_mode=False, or train members one by one (train.finetune)"
+                )
+
+    def _train_group(self, data: TensorData, members, state, shared, per_member) -> dict[str, Tensor]:
         cfg = self.config
+        params = {n: state[n] for n in self.names}
+        stats = {n: state[n] for n in self.stats}
         steps = max(cfg.num_steps(len(m.indices)) for m in members)
         sched = torch.stack([batch_schedule(m, steps, cfg.batch_size) for m in members], dim=1)  # [T, M, B]
         opt = FunctionalOptimizer(params, cfg)
-        member_grad = vmap(grad(self._member_loss), in_dims=(0, 0, 0))
+        member_grad = vmap(grad(self._member_loss, has_aux=True), in_dims=(0, 0, 0, 0))
         rows = torch.arange(len(members))[:, None]
         device = next(iter(params.values())).device  # data and anchors may live on the CPU, the members not
-        for t in tqdm(range(steps), desc="train ensemble", disable=not self.progress, leave=False):
-            idx = sched[t]  # [M, B]
-            batch = to_device(data.slice(idx), device)
-            aux = {k: v[idx].to(device) for k, v in shared.items()}
-            aux.update({k: v[rows, idx].to(device) for k, v in per_member.items()})
-            grads = member_grad(params, batch, aux)
-            if t == 0 or t == steps - 1:
-                for g in grads.values():
-                    check_finite(g, "ensemble training gradient")
-            opt.step(params, grads, cfg.lr_at(t, steps))
+        with module_mode(self.model, self.train_mode):
+            self._check_modes()
+            for t in tqdm(range(steps), desc="train ensemble", disable=not self.progress, leave=False):
+                idx = sched[t]  # [M, B]
+                batch = to_device(data.slice(idx), device)
+                aux = {k: v[idx].to(device) for k, v in shared.items()}
+                aux.update({k: v[rows, idx].to(device) for k, v in per_member.items()})
+                grads, stats = member_grad(params, stats, batch, aux)
+                if t == 0 or t == steps - 1:
+                    for g in grads.values():
+                        check_finite(g, "ensemble training gradient")
+                opt.step(params, grads, cfg.lr_at(t, steps))
         for n, p in params.items():
             check_finite(p, f"trained parameter {n!r}")
-        return params
+        return {**params, **stats}
 
 
-def _is_stacked(state: Mapping[str, Tensor], model: nn.Module, M: int) -> bool:
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    return all(v.dim() == len(shapes[n]) + 1 and v.shape[0] == M for n, v in state.items() if n in shapes)
+def _stack(value: Tensor, shape: torch.Size, M: int, name: str) -> Tensor:
+    """``[M, *shape]``: ``value`` itself when already stacked, else one copy per member."""
+    if value.dim() == len(shape) + 1 and value.shape[0] == M and value.shape[1:] == shape:
+        return value.clone()
+    if value.shape != shape:
+        raise DunegrassError(
+            f"init[{name!r}] has shape {tuple(value.shape)}; expected {tuple(shape)} (one set for all members) "
+            f"or {(M, *shape)} (one per member)"
+        )
+    return value.unsqueeze(0).expand(M, *shape).clone()
 
 
 def ensemble_outputs(
@@ -173,7 +257,12 @@ def ensemble_outputs(
     fn: Callable[[Tensor, Any], Tensor] | None = None,
     batch_size: int = 1024,
 ) -> Tensor:
-    """``fn(outputs, batch)`` for every member on every example: ``[M, n, ...]`` (default: the outputs)."""
+    """``fn(outputs, batch)`` for every member on every example: ``[M, n, ...]`` (default: the outputs).
+
+    ``stacked`` holds ``[M, ...]`` parameters and, optionally, running statistics (as ``train`` returns
+    them); the rest comes from ``model``. Runs in eval mode (the model's own modes are restored), so
+    BatchNorm uses each member's running statistics.
+    """
     data = as_data(data)
     if not isinstance(data, TensorData):
         raise DunegrassError("ensemble evaluation needs in-memory tensors: pass the data as a tuple (X, y)")
@@ -187,7 +276,7 @@ def ensemble_outputs(
     run = vmap(one, in_dims=(0, None))
     device = next(iter(stacked.values())).device
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), module_mode(model, False):
         for lo in range(0, len(data), batch_size):
             parts.append(run(dict(stacked), to_device(data.slice(slice(lo, lo + batch_size)), device)))
     return torch.cat(parts, dim=1)
