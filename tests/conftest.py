@@ -71,6 +71,9 @@ def _peak_rss_mb(code: str, timeout: float = 300) -> float:
         + "\nprint('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
+    # Large blocks straight from mmap and back to the OS when freed: glibc's dynamic threshold otherwise
+    # serves them from the heap, whose fragmentation adds ~100 MiB of noise to the peak.
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         raise AssertionError(f"memory probe failed:\n{done.stderr[-4000:]}")

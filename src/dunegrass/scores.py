@@ -241,7 +241,8 @@ def concat_scores(parts: list[Scores | TopScores], gather: bool = False, device:
         if getattr(first, name) is None:
             merged[name] = None
             continue
-        t = torch.cat([getattr(p, name) for p in parts])
+        pieces = [getattr(p, name) for p in parts]
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one chunk: no copy of a large matrix
         merged[name] = distributed.gather_rows(t, device) if gather else t
     if isinstance(first, Scores):
         return Scores(merged["values"], merged["stderr"], first.method, first.meta)

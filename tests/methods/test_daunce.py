@@ -1,5 +1,7 @@
 """Daunce: back ends agree, the signals store resumes and scores new queries, bad input is refused."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,35 @@ def test_a_diverging_member_is_reported(tiny_classification):
     task = dg.ClassificationTask()
     with pytest.raises(NonFiniteError):
         Daunce(model, task, variant="efim", optimizer="sgd", lr=1e6, rho=1e3, **SMALL).fit(train)
+
+
+def _batchnorm_net(device):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)
+    ).to(device)
+    with torch.no_grad():  # running statistics away from their initial values
+        for _ in range(3):
+            net(torch.randn(16, 6, device=device) * 2 + 1)
+    return net
+
+
+@pytest.mark.parametrize("trainer", ["ensemble", "finetune"])
+def test_fit_and_score_leave_the_model_exactly_as_it_was(tiny_classification, device, trainer):
+    _, (x, y), test = tiny_classification
+    train, later = (x[:30], y[:30]), (x[30:], y[30:])
+    model = _batchnorm_net(device).train()
+    model[4].eval()  # a submodule the caller froze in eval mode stays so
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    daunce = Daunce(model, dg.ClassificationTask(), trainer=trainer, **SMALL)
+    scores = daunce.fit(train, queries=test).score(test)
+    late = daunce.score(later)  # new queries: members loaded back into the model
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # BatchNorm's running statistics and num_batches_tracked too
+    frozen = copy.deepcopy(model).eval()
+    reference = Daunce(frozen, dg.ClassificationTask(), trainer=trainer, **SMALL).fit(train, queries=test)
+    torch.testing.assert_close(scores.values, reference.score(test).values, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(late.values, reference.score(later).values, rtol=1e-6, atol=1e-9)
+    assert scores.values.abs().max() > 0

@@ -67,13 +67,22 @@ def test_a_killed_member_resumes_from_its_checkpoint(tiny_classification, tmp_pa
     ckpt = tmp_path / "member.pt"
     with pytest.raises(_Killed):
         finetune(model, task, train, member, config, objective=dies_at_step_7, checkpoint=ckpt, checkpoint_every=3)
-    assert ckpt.exists()
+    assert ckpt.exists() and ckpt.read_bytes()[8:9] == b"{"  # safetensors (8-byte header size, JSON), no pickle
     reset()  # a new process starts from θ₀; the checkpoint holds steps 1-6
     calls.clear()
     finetune(model, task, train, member, config, checkpoint=ckpt, checkpoint_every=3, objective=dies_at_step_7)
     assert len(calls) == 4 and not ckpt.exists()  # steps 7-10 only
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), want[n], rtol=1e-5, atol=1e-7)
+
+
+def test_a_corrupt_checkpoint_gets_a_clear_error(tiny_classification, tmp_path):
+    model, train, _ = tiny_classification
+    config = TrainConfig(optimizer="adam", lr=0.02, steps=4, batch_size=8)
+    ckpt = tmp_path / "member.safetensors"
+    ckpt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(dg.CorruptCacheError, match="member.safetensors is unreadable.*delete it"):
+        finetune(model, dg.ClassificationTask(), train, Member(torch.arange(10), 0), config, checkpoint=ckpt)
 
 
 def _tiny_gpt2():

@@ -9,16 +9,27 @@ draws, so it comes with a standard error (``Scores.stderr``) that shrinks as 1/�
 
 The perturbation: member k draws D_k and one ξ_{k,i} ~ U(0, 1) per training example from its own
 seed streams (so member k is the same for any K and any back end), ε = 2ξ − 1, fixed for all of
-its epochs. θ₀'s outputs, output gradients and losses are computed once and shared by all members.
+its epochs. θ₀'s outputs, output gradients and losses are recomputed for each training batch (one
+more forward per step), never stored for all n examples.
 
-Signals are stored per member as members finish (``cache_dir``), so a killed fit resumes at the next
-member; member weights are kept (``keep_members``) so that queries unknown at fit time can be
-scored later without retraining.
+Where things live: members train and are evaluated on the model's device; each member's signals go
+to the host once (a ``[n]`` row) and into the store as it finishes (``cache_dir``), so a killed fit
+resumes at the next member; member weights are written to disk (``keep_members``; a private
+temporary directory without ``cache_dir``) so that queries unknown at fit time can be scored later
+without retraining. Memory: RAM and device hold one member (one vmapped group) and one batch's
+outputs at a time; scoring streams chunks of training examples (``daunce_objectives.CHUNK_BYTES``),
+so only the result — dense, or each query's top-k — grows with n_train.
+
+Under ``torchrun`` (torch.distributed) rank r trains the member groups g with g % world_size == r
+into the shared ``cache_dir``, waits for the others, then reads every member's signals: the same
+scores as one process.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -26,25 +37,27 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data import as_data, to_device
+from .. import distributed
+from ..data import as_data
 from ..errors import DunegrassError, NonFiniteError
 from ..fingerprint import data_fingerprint, state_fingerprint
-from ..scores import Scores
+from ..scores import Scores, TopScores, make_sink
 from ..store.signals import SignalStore
 from ..task import Task
 from ..train import TrainConfig
 from ..train.lora import LoraConfig
-from .base import Attributor
+from .base import Attributor, eval_mode
 from .daunce_backends import BACKENDS, EnsembleBackend, FinetuneBackend, NewtonBackend
 from .daunce_objectives import (
     SIGNALS,
     VARIANTS,
-    covariance_scores,
+    check_theta0,
+    chunk_columns,
+    covariance_into,
     draw_eps,
     draw_members,
     objective_terms,
     signal_fn,
-    theta0_anchors,
 )
 
 # Short Adam runs with cosine decay (algorithms.md §3); lr 1e-3 and 50 steps won the lr × steps sweep
@@ -74,7 +87,8 @@ class Daunce(Attributor):
         lora: a LoraConfig, or True for the default (rank 64, α 16, MLP projections); finetune only.
         l2: the L2 coefficient for ``trainer="newton"`` (see NewtonBackend).
         max_members: members trained together by the vmapped back ends (memory); part of the cache layout.
-        keep_members: keep each member's trained tensors (on disk with ``cache_dir``) to score new queries.
+        keep_members: write each member's trained tensors to disk (under ``cache_dir``, else a private
+            temporary directory removed with the attributor) to score new queries without retraining.
         checkpoint_every: with ``finetune`` and a ``cache_dir``, checkpoint a member every so many steps.
     """
 
@@ -135,7 +149,6 @@ class Daunce(Attributor):
         self.checkpoint_every, self.eval_batch_size, self.seed = checkpoint_every, eval_batch_size, seed
         self.signal_fn = signal_fn(task, signal)
         self.store: SignalStore | None = None
-        self._backend = None
 
     # ---- configuration
     def _resolve_trainer(self, data: Any) -> str:
@@ -163,23 +176,44 @@ class Daunce(Attributor):
             "seed": self.seed,
         }
 
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _make_backend(self, trainer: str, cache_dir: str | None):
         terms = objective_terms(self.task, self.variant, self.rho, self.gamma)
+        anchored = self.variant != "blackbox"
         if trainer == "newton":
-            return NewtonBackend(self.model, self.task, terms, self.l2, anchored=self.variant != "blackbox")
+            return NewtonBackend(self.model, self.task, terms, self.l2, anchored=anchored)
         if trainer == "ensemble":
-            return EnsembleBackend(self.model, self.task, self.config, terms, self.progress)
+            return EnsembleBackend(self.model, self.task, self.config, terms, anchored, self.progress)
         ckpt = None if cache_dir is None else os.path.join(cache_dir, "partial")
         return FinetuneBackend(
-            self.model, self.task, self.config, terms, self.lora, ckpt, self.checkpoint_every, self.progress
+            self.model, self.task, self.config, terms, anchored, self.lora, ckpt, self.checkpoint_every, self.progress
         )
+
+    @contextmanager
+    def _session(self, trainer: str, cache_dir: str | None) -> Iterator[Any]:
+        """A back end on the model in eval mode; afterwards the model is exactly as the caller left it
+        (θ₀, no adapters, each submodule's train/eval mode, buffers untouched)."""
+        with eval_mode(self.model):
+            backend = self._make_backend(trainer, cache_dir)
+            try:
+                yield backend
+            finally:
+                backend.close()
 
     # ---- fit
     def fit(self, train: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> Daunce:
-        """Train the K members (or resume), storing their signals on ``train`` (and ``queries``)."""
+        """Train the K members (or resume), storing their signals on ``train`` (and ``queries``).
+
+        Under torch.distributed each rank trains its share of the member groups into the shared
+        ``cache_dir`` (required there) and returns once every rank has finished.
+        """
         data = as_data(train)
-        trainer = self._resolve_trainer(data)
         cache = None if cache_dir is None else os.fspath(cache_dir)
+        distributed.require_shared_cache(cache)
+        trainer = self._resolve_trainer(data)
         group = 1 if trainer == "finetune" else min(self.max_members, self.num_models)
         config = {
             **self.describe(),
@@ -190,46 +224,32 @@ class Daunce(Attributor):
         }
         store = SignalStore(cache, config, self.num_models, len(data), group)
         self.train_data, self.n_train, self.store, self.trainer_used = data, len(data), store, trainer
-        was_training = self.model.training
-        # Eval mode: no dropout, so the perturbation and the batch order are a member's only randomness.
-        self.model.eval()
-        backend = self._make_backend(trainer, cache)
-        try:
-            backend.check_data(data)
-            missing = store.missing_groups()
-            query_store = None if queries is None else self._query_store(queries)
-            if missing:
-                shared = self._anchors(data)
-                members = draw_members(len(data), self.num_models, self.ratio, self.seed)
-                bar = tqdm(total=len(missing), desc="daunce: members", disable=not self.progress, unit="group")
-                for lo, hi in missing:
-                    eps = None if self.variant == "blackbox" else draw_eps(len(data), range(lo, hi), self.seed)
-                    states = backend.train(data, members[lo:hi], shared, eps)
-                    rows = self._evaluate(backend, states, data, lo)
-                    qrows = {}
-                    if query_store is not None and (lo // store.group_size) in query_store.missing():
-                        qrows["q"] = (query_store, self._evaluate(backend, states, queries, lo))
-                    store.write_group(lo, rows, qrows, states if self.keep_members else None)
-                    bar.update(1)
-                bar.close()
-            self._backend = backend
-            if query_store is not None:
-                self._fill_queries(query_store, queries)
-        finally:
-            self._close(backend)
-            self.model.train(was_training)
+        query_store = None if queries is None else self._query_store(queries)
+        mine = [(lo, hi) for lo, hi in store.missing_groups() if distributed.my_shards([lo // group])]
+        if mine and self.variant != "blackbox":
+            with eval_mode(self.model):
+                check_theta0(self.model, self.task, data, self.eval_batch_size, self._device)
+        if mine or (query_store is not None and distributed.my_shards(query_store.missing())):
+            with self._session(trainer, cache) as backend:
+                backend.check_data(data)
+                if mine:
+                    self._train_groups(backend, data, mine, queries, query_store)
+                if query_store is not None:
+                    self._fill_queries(backend, query_store, queries)
+        distributed.barrier()  # every rank's members are stored before any rank reads them
         return self
 
-    def _close(self, backend) -> None:
-        backend.close()
-        self._backend = None
-
-    def _anchors(self, data: Any) -> dict[str, Tensor]:
-        if self.variant == "blackbox":
-            return {}
-        device = next(self.model.parameters()).device
-        anchors = theta0_anchors(self.model, self.task, data, self.eval_batch_size, device)
-        return {k: to_device(v, "cpu") for k, v in anchors.items()}
+    def _train_groups(self, backend, data: Any, groups: list[tuple[int, int]], queries: Any, query_store) -> None:
+        members = draw_members(len(data), self.num_models, self.ratio, self.seed)
+        for lo, hi in tqdm(groups, desc="daunce: members", disable=not self.progress, unit="group"):
+            eps = None if self.variant == "blackbox" else draw_eps(len(data), range(lo, hi), self.seed)
+            states = backend.train(data, members[lo:hi], eps)
+            rows = self._evaluate(backend, states, data, lo)
+            qrows = {}
+            if query_store is not None and (lo // self.store.group_size) in query_store.missing():
+                qrows["q"] = (query_store, self._evaluate(backend, states, queries, lo))
+            self.store.write_group(lo, rows, qrows, states if self.keep_members else None)
+            del states  # one group's members at a time
 
     def _evaluate(self, backend, states, data, lo: int) -> Tensor:
         rows = backend.evaluate(states, data, self.signal_fn, self.eval_batch_size)
@@ -248,52 +268,56 @@ class Daunce(Attributor):
         q = as_data(queries)
         return self.store.query_store(data_fingerprint(q), len(q))
 
-    def _fill_queries(self, query_store, queries: Any) -> None:
-        """Signals of already trained members on ``queries``, from their kept weights."""
-        for index in query_store.missing():
+    def _fill_queries(self, backend, query_store, queries: Any) -> None:
+        """Signals of already trained members on ``queries``, from their kept weights (this rank's groups)."""
+        for index in distributed.my_shards(query_store.missing()):
             lo, hi = query_store.rows(index)
             if not all(self.store.has_weights(k) for k in range(lo, hi)):
                 raise DunegrassError(
                     "these queries were not passed to fit and the members' weights were not kept; "
                     "pass the queries to fit(train, queries=...) or use keep_members=True"
                 )
-            states = [self.store.load_weights(k) for k in range(lo, hi)]
-            query_store.write(index, {"signal": self._evaluate(self._backend, states, queries, lo).numpy()})
+            states = [self.store.load_weights(k, self._device) for k in range(lo, hi)]
+            query_store.write(index, {"signal": self._evaluate(backend, states, queries, lo).numpy()})
 
     # ---- score
-    def signals(self, queries: Any = None) -> tuple[Tensor, Tensor | None]:
-        """``(A [K, n_train], B [K, n_query] or None)``: the members' signals (float64)."""
+    def _require_complete(self) -> None:
         self._require_fit()
         if not self.store.complete:
             raise DunegrassError("the ensemble is incomplete; run fit(train, cache_dir=...) again to finish it")
-        A = self.store.train_signals()
-        if queries is None:
-            return A, None
+
+    def _query_signals(self, queries: Any) -> Tensor:
+        """``B [K, n_query]`` float64, from the store or from the kept members (then stored)."""
         query_store = self._query_store(queries)
-        if not query_store.complete:
-            self._with_backend(lambda: self._fill_queries(query_store, queries))
-        return A, torch.from_numpy(query_store.load("signal"))
+        if distributed.my_shards(query_store.missing()):
+            with self._session(self.trainer_used, None) as backend:
+                self._fill_queries(backend, query_store, queries)
+        distributed.barrier()  # the other ranks' groups
+        return torch.from_numpy(query_store.load("signal"))
 
-    def _with_backend(self, fn) -> None:
-        was_training = self.model.training
-        self.model.eval()
-        backend = self._make_backend(self.trainer_used, None)
-        self._backend = backend
-        try:
-            fn()
-        finally:
-            self._close(backend)
-            self.model.train(was_training)
+    def signals(self, queries: Any = None) -> tuple[Tensor, Tensor | None]:
+        """``(A [K, n_train], B [K, n_query] or None)``: the members' signals (float64, on the host)."""
+        self._require_complete()
+        A = self.store.train_signals()
+        return A, None if queries is None else self._query_signals(queries)
 
-    def score(self, queries: Any) -> Scores:
-        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with their standard errors."""
-        A, B = self.signals(queries)
-        values, stderr = covariance_scores(A, B)
-        return Scores(
-            values, stderr=stderr, method=self.method_name, meta={**self.describe(), "trainer": self.trainer_used}
-        )
+    def score(self, queries: Any, top_k: int | None = None) -> Scores | TopScores:
+        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with their standard errors.
+
+        ``top_k``: only each query's ``top_k`` largest and smallest scores (TopScores), without the
+        dense matrix. Scored on the model's device chunk by chunk of training examples; memory per
+        chunk is bounded (``daunce_objectives.chunk_columns``), whatever n_train is.
+        """
+        self._require_complete()
+        B = self._query_signals(queries)
+        sink = make_sink(B.shape[1], self.n_train, top_k, with_stderr=True)
+        chunks = self.store.train_chunks(chunk_columns(self.num_models, B.shape[1]))
+        device = self._device if self._device.type != "mps" else "cpu"  # MPS has no float64
+        covariance_into(sink, chunks, B, device)
+        return sink.result(self.method_name, {**self.describe(), "trainer": self.trainer_used})
 
     def self_scores(self) -> Tensor:
         """``[n_train]``: Cov(s_i, s_i) = the variance of each training example's signal across members."""
-        A, _ = self.signals()
-        return A.to(torch.float64).var(0).to(torch.float32)
+        self._require_complete()
+        chunks = self.store.train_chunks(chunk_columns(self.num_models, 0))
+        return torch.cat([a.var(0).to(torch.float32) for _, a in chunks])

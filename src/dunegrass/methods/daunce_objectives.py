@@ -1,14 +1,15 @@
 """Daunce's pieces that do not depend on how members are trained (algorithms.md §3).
 
 - the perturbation draws: subsets D_k of ratio r and ε_{k,i} = 2ξ_{k,i} − 1;
-- θ₀'s anchors: outputs o_i(θ₀), output gradients q_i = ∂ℓ_i/∂o at θ₀ and losses ℓ_i(θ₀);
+- θ₀'s anchors, output gradients q_i = ∂ℓ_i/∂o at θ₀, ⟨o_i(θ₀), q_i⟩ and losses ℓ_i(θ₀), recomputed
+  for each training batch (never stored for all examples: for a language model q_i is [T, V]);
 - the perturbed objectives as per-example terms, and the signals;
-- the covariance scores with their standard errors.
+- the covariance scores with their standard errors, whole or streamed chunk by chunk into a sink.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -73,30 +74,35 @@ def check_outputs(task: Task, model: nn.Module, batch: Any) -> Tensor:
     return out
 
 
-def theta0_anchors(model: nn.Module, task: Task, data: Any, batch_size: int, device) -> dict[str, Tensor]:
-    """``{"oq0": [n], "q": [n, ...], "l0": [n]}`` at θ₀, computed once and shared by all members.
+def check_theta0(model: nn.Module, task: Task, data: Any, batch_size: int, device) -> None:
+    """Check once, before any member trains, that θ₀ has usable outputs and a finite loss on every
+    training example (an error names the examples). One forward pass; nothing is kept."""
+    with torch.no_grad():
+        for lo, batch in iterate_batches(data, batch_size):
+            batch = to_device(batch, device)
+            loss = task.loss(check_outputs(task, model, batch), batch)
+            try:
+                check_finite(loss, "training loss at θ₀", offset=lo)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}. Daunce starts from θ₀ and needs finite losses there") from None
+
+
+def theta0_anchors(task: Task, outputs0: Tensor, batch: Any) -> dict[str, Tensor]:
+    """``{"q": [B, ...], "oq0": [B], "l0": [B]}`` at θ₀ for one batch, from θ₀'s outputs ``[B, ...]`` on it.
 
     q_i = ∂ℓ_i/∂o_i: the gradient of Σ_i ℓ_i with respect to the outputs, which is each example's own
-    output gradient because ℓ_i depends on o_i only. Detached. θ₀'s outputs enter the objective only
-    through ⟨o_i(θ₀), q_i⟩, so that scalar is kept instead of o_i(θ₀) (for a language model, a
-    [sequence, vocabulary] tensor per example).
+    output gradient because ℓ_i depends on o_i only; oq0 = ⟨o_i(θ₀), q_i⟩ (float64); l0 = ℓ_i(θ₀).
+    All detached. Computed with torch.func, so it also runs inside the ensemble's vmap(grad(...)).
     """
-    oq0, q, l0 = [], [], []
-    for lo, batch in iterate_batches(data, batch_size):
-        batch = to_device(batch, device)
-        with torch.no_grad():
-            out = check_outputs(task, model, batch)
-        out = out.detach().requires_grad_(True)
-        loss = task.loss(out, batch)
-        try:
-            check_finite(loss, "training loss at θ₀", offset=lo)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"{e}. Daunce starts from θ₀ and needs finite losses there") from None
-        (grad,) = torch.autograd.grad(loss.sum(), out)
-        oq0.append((out.detach().double() * grad.double()).flatten(1).sum(1).cpu())
-        q.append(grad.detach().cpu())
-        l0.append(loss.detach().cpu())
-    return {"oq0": torch.cat(oq0), "q": torch.cat(q), "l0": torch.cat(l0)}
+
+    def summed(o: Tensor) -> tuple[Tensor, Tensor]:
+        loss = task.loss(o, batch)
+        return loss.sum(), loss
+
+    out = outputs0.detach()
+    q, l0 = torch.func.grad(summed, has_aux=True)(out)
+    oq0 = (out.double() * q.double()).flatten(1).sum(1)
+    return {"q": q.detach(), "oq0": oq0.detach(), "l0": l0.detach()}
 
 
 def objective_terms(task: Task, variant: str, rho: float, gamma: float) -> Terms:
@@ -105,7 +111,8 @@ def objective_terms(task: Task, variant: str, rho: float, gamma: float) -> Terms
     ``if``:   γ(ℓ_i(θ) − ℓ_i(θ₀)) − (1 + ρε_i)⟨o_i(θ) − o_i(θ₀), q_i⟩
     ``efim``: γ(ℓ_i(θ) − ℓ_i(θ₀))² − ρε_i⟨o_i(θ) − o_i(θ₀), q_i⟩
     ``blackbox``: ℓ_i(θ) (plain fine-tuning).
-    aux holds oq0 = ⟨o_i(θ₀), q_i⟩, q, l0 (shared) and eps (per member) for the examples of the batch.
+    aux holds θ₀'s anchors q, oq0 = ⟨o_i(θ₀), q_i⟩, l0 (``theta0_anchors``) and eps (per member) for the
+    examples of the batch.
     """
     if variant not in VARIANTS:
         raise DunegrassError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -124,9 +131,26 @@ def objective_terms(task: Task, variant: str, rho: float, gamma: float) -> Terms
     return terms
 
 
-def mean_objective(terms: Terms) -> Callable[[Tensor, Any, dict[str, Tensor]], Tensor]:
-    """The mini-batch estimate of mean_{i ∈ D_k}: batches are drawn from D_k only."""
-    return lambda outputs, batch, aux: terms(outputs, batch, aux).mean()
+def anchored_objective(
+    task: Task, terms: Terms, theta0_outputs: Callable[[Any], Tensor] | None
+) -> Callable[[Tensor, Any, dict[str, Tensor]], Tensor]:
+    """Member k's mini-batch objective, mean_{i ∈ batch} terms_i (batches are drawn from D_k only).
+
+    ``theta0_outputs(batch) -> [B, ...]``: θ₀'s outputs on the batch (without tracking gradients);
+    θ₀'s anchors (q, ⟨o(θ₀), q⟩, ℓ(θ₀)) are recomputed from them for each batch instead of being
+    stored for all n examples, at the price of one more forward per step. Memory: one batch's θ₀
+    outputs and q, B × (output size) each (B × T × V for a language model; one per member inside
+    the vmapped ensemble), instead of n × (output size). None (``blackbox``): no anchors.
+    """
+
+    def objective(outputs: Tensor, batch: Any, aux: dict[str, Tensor]) -> Tensor:
+        if theta0_outputs is not None:
+            with torch.no_grad():  # θ₀'s forward is a constant of the member's objective
+                outputs0 = theta0_outputs(batch)
+            aux = {**aux, **theta0_anchors(task, outputs0, batch)}
+        return terms(outputs, batch, aux).mean()
+
+    return objective
 
 
 def signal_fn(task: Task, signal: str) -> Callable[[Tensor, Any], Tensor]:
@@ -149,24 +173,63 @@ def signal_fn(task: Task, signal: str) -> Callable[[Tensor, Any], Tensor]:
     return margin_task.query_loss
 
 
-def covariance_scores(train: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
-    """Sample covariance across models and its standard error, both ``[n_query, n_train]``.
+# A scoring chunk's float64 temporaries stay below this: the signals of m training examples across
+# K members (the chunk, its centred copy, its squares: 3·K·m) and 5 [n_query, m] arrays.
+CHUNK_BYTES = 64 * 2**20
 
-    ``train [K, n_train]``, ``queries [K, n_query]``: signals of K models. Columns are centred
-    across models; S = B_cᵀ A_c / (K − 1). Positive = proponent (training on z_i and doing well on z
-    go together). The standard error is the exact finite-sample one of a sample covariance of K
-    i.i.d. pairs, Var = (μ₂₂ − σ_ab²)/K + (σ_a²σ_b² + σ_ab²)/(K(K − 1)), with plug-in moments; it
-    shrinks as 1/√K (and, like any plug-in, runs slightly low at small K: about 10 % at K = 40).
-    """
-    K = train.shape[0]
-    if K < 2 or queries.shape[0] != K:
-        raise DunegrassError(f"covariance needs the same K ≥ 2 models on both sides, got {K} and {queries.shape[0]}")
-    a = (train - train.mean(0)).to(torch.float64)
-    b = (queries - queries.mean(0)).to(torch.float64)
+
+def chunk_columns(num_models: int, n_query: int, budget: int = CHUNK_BYTES) -> int:
+    """How many training examples m one scoring chunk covers: 8·m·(3K + 5·n_query) bytes ≤ ``budget``."""
+    return max(1, budget // (8 * (3 * num_models + 5 * n_query)))
+
+
+def _centred(signals: Tensor) -> Tensor:
+    return (signals - signals.mean(0)).to(torch.float64)
+
+
+def _covariance(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Values and standard errors ``[n_query, m]`` (float64) from centred ``b [K, n_query]``, ``a [K, m]``."""
+    K = a.shape[0]
     values = (b.T @ a) / (K - 1)
     mu22 = ((b * b).T @ (a * a)) / K
     var_a, var_b = (a * a).sum(0) / (K - 1), (b * b).sum(0) / (K - 1)
     var = (mu22 - values * values).clamp_min(0) / K + (var_b[:, None] * var_a[None, :] + values * values) / (
         K * (K - 1)
     )
-    return values.to(torch.float32), var.sqrt().to(torch.float32)
+    return values, var.sqrt()
+
+
+def _check_pair(K: int, K_queries: int) -> None:
+    if K < 2 or K_queries != K:
+        raise DunegrassError(f"covariance needs the same K ≥ 2 models on both sides, got {K} and {K_queries}")
+
+
+def covariance_scores(train: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Sample covariance across models and its standard error, both ``[n_query, n_train]`` (float32).
+
+    ``train [K, n_train]``, ``queries [K, n_query]``: signals of K models. Columns are centred
+    across models; S = B_cᵀ A_c / (K − 1). Positive = proponent (training on z_i and doing well on z
+    go together). The standard error is the exact finite-sample one of a sample covariance of K
+    i.i.d. pairs, Var = (μ₂₂ − σ_ab²)/K + (σ_a²σ_b² + σ_ab²)/(K(K − 1)), with plug-in moments; it
+    shrinks as 1/√K (and, like any plug-in, runs slightly low at small K: about 10 % at K = 40).
+    The whole matrix at once; ``covariance_into`` streams it chunk by chunk.
+    """
+    _check_pair(train.shape[0], queries.shape[0])
+    values, stderr = _covariance(_centred(queries), _centred(train))
+    return values.to(torch.float32), stderr.to(torch.float32)
+
+
+def covariance_into(
+    sink: Any, train_chunks: Iterable[tuple[int, Tensor]], queries: Tensor, device: torch.device | str = "cpu"
+) -> None:
+    """Feed ``sink`` (``scores.make_sink``) the covariance scores of ``covariance_scores``, chunk by chunk.
+
+    ``train_chunks`` yields ``(start, A[:, start:start + m])`` with ``A [K, n_train]``; ``queries
+    [K, n_query]``. Each chunk is centred and scored on ``device``: memory per chunk is that of
+    ``chunk_columns`` (the K × m signals and n_query × m values), whatever n_train is.
+    """
+    b = _centred(queries).to(device)
+    for start, a in train_chunks:
+        _check_pair(a.shape[0], b.shape[0])
+        values, stderr = _covariance(b, _centred(a.to(device)))
+        sink.add(start, values.to(torch.float32), stderr.to(torch.float32))

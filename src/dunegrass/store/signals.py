@@ -2,34 +2,112 @@
 
 Layout of a store directory::
 
-    train/                 FeatureStore with K rows of width n_train (row k = model k's signals)
-    queries-<hash>/        the same for one query set, keyed by that set's fingerprint
-    weights/member-00012.pt   the trained tensors of member 12 (optional; tensors only, no pickle)
-    handles/member-00012.json the id of member 12 at a fine-tuning service (black-box members)
+    train/                            FeatureStore with K rows of width n_train (row k = model k's signals)
+    queries-<hash>/                   the same for one query set, keyed by that set's fingerprint
+    weights/member-00012.safetensors  the trained tensors of member 12 (optional)
+    weights/member-00012.json         its sha256, written after it: the member is kept once this exists
+    handles/member-00012.json         the id of member 12 at a fine-tuning service (black-box members)
 
 Rows are written as each member (or vmapped group of members) finishes; a row counts once its
 shard's JSON exists and its checksums match (FeatureStore), so a killed run resumes at the next
 unfinished member. Member weights let queries that were not known at fit time be scored later
-without retraining. ``path=None`` keeps everything in memory with the same interface.
+without retraining; they go to disk as each member finishes, and are checked against their
+checksum when loaded. Bounds: RAM one member (one vmapped group) at a time; disk K × member size.
+
+``path=None`` keeps the signals and handles in memory with the same interface, and the member
+weights in a private temporary directory, removed when the store is garbage-collected (with the
+attributor that holds it) or the process exits.
 """
 
 from __future__ import annotations
 
-import io
+import glob
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor
 
-from ..errors import CorruptCacheError, DunegrassError
+from ..errors import ConfigMismatchError, CorruptCacheError, DunegrassError
 from .atomic import atomic_write_bytes, atomic_write_json
 from .feature_store import FeatureStore, config_hash
 
 # float64: signals differ across models by far less than their size (an LM loss of 3 moving by 1e-4)
 F64 = {"signal": "float64"}
+HASH_BLOCK = 1 << 20
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, read in 1 MiB blocks (a member's weights are never read whole for it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TensorFiles:
+    """Dicts of tensors by name, one safetensors file each, with its sha256 in a JSON beside it.
+
+    ``<name>.safetensors`` is written (atomically) before ``<name>.json``, so a name exists once its
+    JSON does; loading checks the file against the recorded checksum. ``directory=None``: a private
+    temporary directory, removed when this object is garbage-collected or the process exits.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self._directory = None if directory is None else os.fspath(directory)
+
+    @property
+    def directory(self) -> str:
+        if self._directory is None:  # made on first use: a store that keeps no weights leaves nothing behind
+            self._directory = tempfile.mkdtemp(prefix="dunegrass-members-")
+            # Not a method of self: finalize must not keep this object alive.
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._directory, ignore_errors=True)
+        return self._directory
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.directory, f"{name}.safetensors")
+
+    def _meta(self, name: str) -> str:
+        return os.path.join(self.directory, f"{name}.json")
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(self._meta(name))
+
+    def save(self, name: str, state: Mapping[str, Tensor]) -> None:
+        """Write ``state`` (any device) as ``<name>.safetensors``, then its checksum."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        data = safetensors.torch.save(tensors)
+        atomic_write_bytes(self.file(name), data)
+        atomic_write_json(self._meta(name), {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+
+    def load(self, name: str, device: torch.device | str = "cpu", fix: str = "delete it") -> dict[str, Tensor]:
+        """The tensors of ``name`` on ``device``, after checking the file's checksum (``fix``: what to
+        tell the user to do about a corrupt file)."""
+        fname, meta_file = self.file(name), self._meta(name)
+        try:
+            with open(meta_file) as f:
+                want = json.load(f)["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptCacheError(f"{meta_file} is unreadable ({e}); {fix}") from e
+        try:
+            found = file_sha256(fname)
+        except FileNotFoundError as e:
+            raise CorruptCacheError(f"{fname} is missing although {meta_file} records it; {fix}") from e
+        if found != want:
+            raise CorruptCacheError(f"{fname} is corrupt or truncated (checksum mismatch); {fix}")
+        try:
+            return safetensors.torch.load_file(fname, device=str(torch.device(device)))
+        except (safetensors.SafetensorError, OSError, RuntimeError) as e:
+            raise CorruptCacheError(f"{fname} is unreadable ({e}); {fix}") from e
 
 
 class SignalStore:
@@ -52,10 +130,12 @@ class SignalStore:
         self.path = None if path is None else os.fspath(path)
         self.config = dict(config)
         self.hash = config_hash(self.config)
-        self.num_models, self.group_size = int(num_models), int(group_size)
+        self.num_models, self.group_size, self.n_train = int(num_models), int(group_size), int(n_train)
+        if self.path is not None:
+            _refuse_old_layout(self.path)
         self.train = FeatureStore(self._sub("train"), self.config, num_models, {"signal": n_train}, group_size, F64)
         self._queries: dict[str, FeatureStore] = {}
-        self._weights: dict[int, dict[str, Tensor]] = {}
+        self.weights = TensorFiles(self._sub("weights"))
         self._handles: dict[int, str] = {}
 
     def _sub(self, name: str) -> str | None:
@@ -106,38 +186,28 @@ class SignalStore:
         self.train.write(index, {"signal": _numpy(train_rows)})
 
     def save_weights(self, member: int, state: Mapping[str, Tensor]) -> None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        if self.path is None:
-            self._weights[member] = tensors
-            return
-        buf = io.BytesIO()
-        torch.save(tensors, buf)
-        atomic_write_bytes(self._weights_file(member), buf.getvalue())
+        """Write member ``member``'s tensors (from any device) to disk with their checksum."""
+        self.weights.save(_member(member), state)
 
     # ---- reading
-    def _weights_file(self, member: int) -> str:
-        return os.path.join(self.path, "weights", f"member-{member:05d}.pt")
-
     def has_weights(self, member: int) -> bool:
-        if self.path is None:
-            return member in self._weights
-        return os.path.exists(self._weights_file(member))
+        return self.weights.has(_member(member))
 
-    def load_weights(self, member: int) -> dict[str, Tensor]:
+    def load_weights(self, member: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """Member ``member``'s tensors on ``device``, checked against their recorded checksum."""
+        if not self.has_weights(member):
+            where = "" if self.path is None else f" ({self.weights.file(_member(member))} is missing)"
+            raise DunegrassError(f"the weights of member {member} were not kept{where}")
+        group = self.train.rows(member // self.group_size)
         if self.path is None:
-            if member not in self._weights:
-                raise DunegrassError(f"the weights of member {member} were not kept")
-            return self._weights[member]
-        fname = self._weights_file(member)
-        try:
-            state = torch.load(fname, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise DunegrassError(f"the weights of member {member} were not kept ({fname} is missing)") from e
-        except Exception as e:  # torch raises several types for a truncated or foreign file
-            raise CorruptCacheError(f"{fname} is unreadable ({e}); delete the cache directory to retrain") from e
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise CorruptCacheError(f"{fname} does not hold a dict of tensors; delete it to retrain")
-        return state
+            fix = "fit again to retrain the members"
+        else:
+            shard = self.train._meta_file(member // self.group_size)
+            fix = (
+                f"delete it and {shard} to retrain members {group[0]}-{group[1] - 1} at the next fit "
+                f"(or delete the cache directory {self.path} to start over)"
+            )
+        return self.weights.load(_member(member), device, fix)
 
     # ---- model handles (black-box members: an id at a fine-tuning service instead of weights)
     def _handle_file(self, member: int) -> str:
@@ -170,8 +240,36 @@ class SignalStore:
             ) from e
 
     def train_signals(self) -> Tensor:
-        """``[K, n_train]`` float64."""
+        """``[K, n_train]`` float64 (the whole matrix; ``train_chunks`` reads it a few columns at a time)."""
         return torch.from_numpy(self.train.load("signal"))
+
+    def train_chunks(self, columns: int) -> Iterator[tuple[int, Tensor]]:
+        """``(start, A[:, start:start + columns])`` over the training examples, ``A [K, n_train]`` float64.
+
+        Read through ``FeatureStore.columns``: a shard is checked against its checksum the first time this
+        store reads it (that shard, ``group_size × n_train``, in RAM for the check), then memory-mapped, so
+        a chunk costs K × ``columns`` numbers in RAM whatever n_train is.
+        """
+        if columns < 1:
+            raise DunegrassError(f"a chunk needs at least one column, got {columns}")
+        for start in range(0, self.n_train, columns):
+            stop = min(start + columns, self.n_train)
+            parts = [rows for _, rows in self.train.columns(start, stop, "signal")]
+            yield start, torch.from_numpy(np.concatenate(parts))
+
+
+def _member(member: int) -> str:
+    return f"member-{member:05d}"
+
+
+def _refuse_old_layout(path: str) -> None:
+    old = glob.glob(os.path.join(path, "weights", "member-*.pt"))
+    if old:
+        raise ConfigMismatchError(
+            f"the cache at {path} keeps member weights as .pt files ({os.path.basename(old[0])}, an older "
+            "dunegrass layout), which this version no longer reads; delete that cache directory to retrain "
+            "the members, or use another cache_dir"
+        )
 
 
 def _numpy(rows: np.ndarray | Tensor) -> np.ndarray:

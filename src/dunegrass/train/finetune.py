@@ -4,17 +4,18 @@ The counterpart of the vmapped ensemble trainer for models too large to stack. I
 batch stream (``batch_schedule``: the member's subset, reshuffled each epoch by its seed), the same
 learning-rate schedule and the same optimiser arithmetic (``FunctionalOptimizer``), so on a small
 model it trains the same member as ``EnsembleTrainer`` does (tested). It trains ``model`` in place;
-the caller restores the starting weights. Optionally checkpointed every few steps, so a long
-member resumes where it was killed.
+the caller restores the starting weights. Optionally checkpointed every few steps (a safetensors
+file of the parameters and optimiser state), so a long member resumes where it was killed.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
@@ -55,7 +56,8 @@ def finetune(
     """Train ``model`` in place on ``member``'s batches with ``config``; returns the model.
 
     ``objective(outputs, batch, aux) -> scalar`` (default: mean training loss), with ``aux`` holding
-    ``shared [n, ...]`` and ``per_member [n, ...]`` (this member's) tensors gathered at the batch.
+    ``shared [n, ...]`` and ``per_member [n, ...]`` (this member's) tensors gathered at the batch
+    (on the host or the model's device; only the batch's rows are moved).
     ``params``: names of the parameters to train (default: those with ``requires_grad``; LoRA
     adapters after ``add_lora``). ``checkpoint``: a file for the parameters and optimiser state,
     written atomically every ``checkpoint_every`` steps and removed at the end; training resumes
@@ -100,11 +102,9 @@ def finetune(
 
 
 def _save(path, trained: Mapping[str, Tensor], opt: FunctionalOptimizer) -> None:
-    tensors = {f"param:{n}": p.detach().cpu() for n, p in trained.items()}
-    tensors.update({f"opt:{k}": v.detach().cpu() for k, v in opt.state_tensors().items()})
-    buf = io.BytesIO()
-    torch.save(tensors, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    tensors = {f"param:{n}": p.detach().cpu().contiguous() for n, p in trained.items()}
+    tensors.update({f"opt:{k}": v.detach().cpu().contiguous() for k, v in opt.state_tensors().items()})
+    atomic_write_bytes(path, safetensors.torch.save(tensors))
 
 
 def _resume(path, trained: Mapping[str, Tensor], opt: FunctionalOptimizer) -> int:
@@ -112,7 +112,7 @@ def _resume(path, trained: Mapping[str, Tensor], opt: FunctionalOptimizer) -> in
     if path is None or not os.path.exists(path):
         return 0
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = safetensors.torch.load_file(os.fspath(path))
         with torch.no_grad():
             for n, p in trained.items():
                 p.copy_(tensors[f"param:{n}"])
@@ -122,6 +122,6 @@ def _resume(path, trained: Mapping[str, Tensor], opt: FunctionalOptimizer) -> in
             if k[:4] == "opt:" and "/" in k
         }
         opt.load_state_tensors({"step": tensors["opt:step"], **state})
-    except (KeyError, RuntimeError, OSError) as e:
+    except (KeyError, RuntimeError, OSError, safetensors.SafetensorError) as e:
         raise CorruptCacheError(f"the training checkpoint {path} is unreadable ({e}); delete it to restart") from e
     return opt.t

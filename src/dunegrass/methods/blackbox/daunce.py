@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from ...data import as_data
 from ...errors import DunegrassError
 from ...fingerprint import data_fingerprint
-from ...scores import Scores
+from ...scores import Scores, TopScores, make_sink
 from ...store.signals import SignalStore
-from ..daunce_objectives import covariance_scores, draw_members
+from ..daunce_objectives import chunk_columns, covariance_into, draw_members
 from .base import BlackBoxBackend
 from .openai_api import PromptCompletions
 
@@ -113,28 +113,37 @@ class BlackBoxDaunce:
             )
         return row
 
-    def signals(self, queries: Any = None) -> tuple[Tensor, Tensor | None]:
-        """``(A [K, n_train], B [K, n_query] or None)``: the members' losses."""
+    def _require_complete(self) -> None:
         if self.store is None:
             raise DunegrassError("BlackBoxDaunce: call fit(train) before score()/self_scores()")
         if not self.store.complete:
             raise DunegrassError("the ensemble is incomplete; run fit(train, cache_dir=...) again to finish it")
-        A = self.store.train_signals()
-        if queries is None:
-            return A, None
+
+    def _query_signals(self, queries: Any) -> Tensor:
         q = _dataset(queries)
         qstore = self.store.query_store(data_fingerprint(q), len(q))
         for index in qstore.missing():
             qstore.write(index, {"signal": self._losses(self.store.load_handle(index), q, index)[None].numpy()})
-        return A, torch.from_numpy(qstore.load("signal"))
+        return torch.from_numpy(qstore.load("signal"))
 
-    def score(self, queries: Any) -> Scores:
-        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with standard errors."""
-        A, B = self.signals(queries)
-        values, stderr = covariance_scores(A, B)
-        return Scores(values, stderr=stderr, method=self.method_name, meta=self.describe())
+    def signals(self, queries: Any = None) -> tuple[Tensor, Tensor | None]:
+        """``(A [K, n_train], B [K, n_query] or None)``: the members' losses."""
+        self._require_complete()
+        A = self.store.train_signals()
+        return A, None if queries is None else self._query_signals(queries)
+
+    def score(self, queries: Any, top_k: int | None = None) -> Scores | TopScores:
+        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with standard errors; with
+        ``top_k``, only each query's ``top_k`` largest and smallest (TopScores). Streamed chunk by chunk
+        of training examples (``daunce_objectives.chunk_columns``), so memory is bounded by the result."""
+        self._require_complete()
+        B = self._query_signals(queries)
+        sink = make_sink(B.shape[1], self.n_train, top_k, with_stderr=True)
+        covariance_into(sink, self.store.train_chunks(chunk_columns(self.num_models, B.shape[1])), B)
+        return sink.result(self.method_name, self.describe())
 
     def self_scores(self) -> Tensor:
         """``[n_train]``: the variance of each training loss across members."""
-        A, _ = self.signals()
-        return A.var(0).to(torch.float32)
+        self._require_complete()
+        chunks = self.store.train_chunks(chunk_columns(self.num_models, 0))
+        return torch.cat([a.var(0).to(torch.float32) for _, a in chunks])

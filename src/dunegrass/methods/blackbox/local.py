@@ -9,17 +9,20 @@ from torch import Tensor, nn
 
 from ...errors import DunegrassError
 from ...fingerprint import state_fingerprint
+from ...store.signals import TensorFiles
 from ...task import Task
 from ...train import Member, TrainConfig
 from ...train.finetune import finetune
 from ...train.lora import LoraConfig
+from ..base import eval_mode
 from ..daunce_backends import FinetuneBackend
 from .base import BlackBoxBackend
 
 
 class LocalBackend(BlackBoxBackend):
-    """Fine-tunes ``model`` (fully, or LoRA adapters) and evaluates ``task.loss``; members are kept in
-    memory under handles ``"local-<seed>"``. The model is left as it was after every call."""
+    """Fine-tunes ``model`` (fully, or LoRA adapters) and evaluates ``task.loss``; members are written
+    under handles ``"local-<seed>"`` to a private temporary directory (safetensors, one member in RAM
+    at a time) that lives as long as this back end. The model is left as it was after every call."""
 
     def __init__(
         self,
@@ -31,38 +34,37 @@ class LocalBackend(BlackBoxBackend):
     ):
         self.model, self.task, self.train_config, self.lora = model, task, config, lora
         self.batch_size = batch_size
-        self.members: dict[str, dict[str, Tensor]] = {}
+        self.members: dict[str, str] = {}  # handle -> its file's name in self.files
+        self.files = TensorFiles(None)
 
     def _session(self) -> FinetuneBackend:
-        return FinetuneBackend(self.model, self.task, self.train_config, None, self.lora, None, 0, False)
+        return FinetuneBackend(self.model, self.task, self.train_config, None, False, self.lora, None, 0, False)
 
     def fine_tune(self, train: Any, indices: Tensor, seed: int) -> str:
-        session = self._session()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            session._reset(Member(indices, seed))
-            finetune(session.net, self.task, train, Member(indices, seed), self.train_config)
-            handle = f"local-{seed}"
-            # Kept on the CPU: K members would otherwise hold K copies of the weights on the accelerator.
-            self.members[handle] = {n: t.cpu() for n, t in session._state().items()}
-        finally:
-            session.close()
-            self.model.train(was_training)
+        handle = f"local-{seed}"
+        with eval_mode(self.model):
+            session = self._session()
+            try:
+                session._reset(Member(indices, seed))
+                finetune(session.net, self.task, train, Member(indices, seed), self.train_config)
+                # On disk: K members would otherwise hold K copies of the weights in memory.
+                self.files.save(handle, session._state())
+                self.members[handle] = handle
+            finally:
+                session.close()
         return handle
 
     @torch.no_grad()
     def losses(self, handle: str, data: Any) -> Tensor:
-        session = self._session()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            if handle not in self.members:
-                raise DunegrassError(f"no local member {handle!r}: local members live in this process's memory")
-            return session.evaluate([self.members[handle]], data, self.task.loss, self.batch_size)[0]
-        finally:
-            session.close()
-            self.model.train(was_training)
+        if handle not in self.members:
+            raise DunegrassError(f"no local member {handle!r}: local members live in this process's memory")
+        with eval_mode(self.model):
+            session = self._session()
+            try:
+                state = self.files.load(self.members[handle], next(self.model.parameters()).device)
+                return session.evaluate([state], data, self.task.loss, self.batch_size)[0]
+            finally:
+                session.close()
 
     def has_model(self, handle: str) -> bool:
         return handle in self.members
