@@ -11,7 +11,7 @@ import torch
 import dunegrass as dg
 from dunegrass.errors import DunegrassError
 from dunegrass.gradients import per_sample_gradients
-from dunegrass.gradients.factorized import layer_gradients, linear_layers
+from dunegrass.gradients.factorized import factor_layers, layer_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,7 +81,7 @@ def test_lora_layers_are_captured_like_any_linear_layer():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    layers = linear_layers(model, ["*lora_A.default", "*lora_B.default"])
+    layers = factor_layers(model, ["*lora_A.default", "*lora_B.default"])
     assert len(layers) == 4 and not any(layer.has_bias for layer in layers)
     batch = {"input_ids": torch.randint(0, 24, (3, 9), generator=torch.Generator().manual_seed(1))}
     names = [f"{layer.name}.weight" for layer in layers]

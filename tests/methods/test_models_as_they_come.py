@@ -91,7 +91,7 @@ def _lm_data():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("name", ["gradient", "grass"])
+@pytest.mark.parametrize("name", ["gradient", "grass", "daunce"])
 def test_default_sdpa_attention_works_and_is_restored(device, name):
     """A Hugging Face model as from_pretrained gives it (SDPA) with padding: the per-example gradients run with
     eager attention for the call, said once, and the model gets its SDPA back."""
@@ -99,6 +99,7 @@ def test_default_sdpa_attention_works_and_is_restored(device, name):
     build = {
         "gradient": lambda m: dg.GradientInfluence(m, task, compressor="sjlt:64"),
         "grass": lambda m: dg.GraSS(m, task, k=64),
+        "daunce": lambda m: dg.Daunce(m, task, num_models=3, steps=3, batch_size=2, trainer="ensemble"),  # vmapped
     }
     sdpa = tiny_gpt2(attn_implementation="sdpa").to(device)
     with warnings.catch_warnings(record=True):

@@ -5,8 +5,9 @@ import torch
 
 import dunegrass as dg
 from dunegrass.bench.models import cnn
+from dunegrass.modes import running_stat_names
 from dunegrass.train import EnsembleTrainer, Member, TrainConfig, batch_schedule, ensemble_outputs, reinitialize
-from dunegrass.train.ensemble import load_member, running_stat_names
+from dunegrass.train.ensemble import load_member
 
 
 def _sequential(model, task, data, member, config, train_mode=None):

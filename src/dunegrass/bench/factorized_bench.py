@@ -43,7 +43,7 @@ from ..compress.base import canonical_device
 from ..compress.factorized import FactGraSSCompressor, LoGraCompressor
 from ..errors import DunegrassError
 from ..gradients import per_sample_gradients
-from ..gradients.factorized import capture_factors, linear_layers
+from ..gradients.factorized import capture_factors, factor_layers
 from ..seeding import derive_seed
 from ..store import FeatureStore, atomic_write_json
 from ..task import CausalLMTask
@@ -235,7 +235,7 @@ def run(
         raise DunegrassError(f"--device {device}: this PyTorch sees no CUDA device; run on the CPU (--device cpu)")
     device = canonical_device(device)
     model = build_model(n_layer, vocab, max(seq_len, 1024), n_embd).to(device)
-    layers = linear_layers(model)
+    layers = factor_layers(model)
     methods = _Methods(layers)
     batches = [{k: v.to(device) for k, v in b.items()} for b in _batches(steps + 1, batch, seq_len, vocab, seed=1)]
     names = ["logra", "factgrass"] + (["materialized"] if materialized else [])

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data import as_data
 from ..errors import DunegrassError
+from ..modes import retraining_mode
 from ..scores import Scores
 from ..seeding import derive_seed
 from ..task import ClassificationTask
@@ -61,7 +62,8 @@ def brittleness(
             s = derive_seed(seed, 0x6D656D, r)  # same seed per r for every removal: a paired comparison
             members.append(Member(keep, s))
             inits.append(reinitialize(model, s))
-    trained = EnsembleTrainer(model, task, config).train(train, members, init=stack_states(inits))
+    trainer = EnsembleTrainer(model, task, config, train_mode=retraining_mode(model))
+    trained = trainer.train(train, members, init=stack_states(inits))
     losses = ensemble_outputs(model, task, trained, queries, fn=task.loss).view(len(keep_sets), num_seeds, nq)
     correct = ensemble_outputs(model, task, trained, queries, fn=_correct).view(len(keep_sets), num_seeds, nq)
     base = losses[0]  # [R, nq]

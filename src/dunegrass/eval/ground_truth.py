@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from ..data import as_data
 from ..errors import DunegrassError
+from ..modes import retraining_mode
 from ..seeding import derive_seed
 from ..store.atomic import atomic_write_bytes
 from ..task import Task
 from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, reinitialize, stack_states
-from ..train.ensemble import running_stat_names
 from ..train.newton import newton_fit
 
 
@@ -100,8 +100,7 @@ def subset_retraining(
             if from_scratch:
                 inits.append(reinitialize(model, member_seed))
     init = stack_states(inits) if from_scratch else None
-    train_mode = True if running_stat_names(model) else None
-    trainer = EnsembleTrainer(model, task, config, progress=progress, train_mode=train_mode)
+    trainer = EnsembleTrainer(model, task, config, progress=progress, train_mode=retraining_mode(model))
     trained = trainer.train(train, members, init=init, max_members=max_members)
     values = ensemble_outputs(model, task, trained, queries, fn=task.query_loss)  # [M·R, n_query]
     values = values.view(num_subsets, num_seeds, -1).mean(1)

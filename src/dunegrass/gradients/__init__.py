@@ -1,6 +1,6 @@
-"""Per-example gradients: materialised (torch.func) and factorised capture for linear layers."""
+"""Per-example gradients: materialised (torch.func) and factorised capture (linear, Conv1D and Conv2d layers)."""
 
-from .factorized import LinearLayer, capture_factors, layer_gradients, linear_layers
+from .factorized import FactorLayer, LinearLayer, capture_factors, factor_layers, layer_gradients, linear_layers
 from .per_sample import (
     FunctionalModel,
     check_finite,
@@ -11,9 +11,11 @@ from .per_sample import (
 )
 
 __all__ = [
+    "FactorLayer",
     "LinearLayer",
     "capture_factors",
     "layer_gradients",
+    "factor_layers",
     "linear_layers",
     "FunctionalModel",
     "check_finite",

@@ -116,7 +116,7 @@ class FactorLayer:
         return x.reshape(batch, -1, x.shape[-1]), grad.reshape(batch, -1, grad.shape[-1])
 
 
-LinearLayer = FactorLayer  # the former name, still imported by dunegrass.gradients
+LinearLayer = FactorLayer  # the former name (dunegrass.gradients exported it)
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -238,7 +238,7 @@ def factor_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Fac
     return layers
 
 
-linear_layers = factor_layers  # the former name, still imported by dunegrass.gradients and the benchmarks
+linear_layers = factor_layers  # the former name (dunegrass.gradients exported it)
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..errors import DunegrassError
+from ..modes import eval_mode
 from ..scores import Scores
 from ..task import Task
 
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run with ``model`` in eval mode (no dropout, BatchNorm uses its running statistics and never updates
-    them), then restore the caller's mode of every submodule, whatever it was."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
+__all__ = ["Attributor", "eval_mode"]
 
 
 class Attributor(ABC):

@@ -22,6 +22,7 @@ from ..errors import DunegrassError
 from ..gradients import per_sample_gradients
 from ..seeding import derive_seed
 from ..task import Task
+from .base import eval_mode
 from .featurize import check_k, default_k, load_weights
 from .gradient import GradientInfluence
 from .mask_cache import load_masks, save_masks
@@ -168,16 +169,12 @@ class GraSS(GradientInfluence):
         chosen = subset(data, torch.randperm(len(data), generator=gen)[:n_fit])
         objective = self._objective(self.train_signal)
         parts = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with load_weights(self.model, state):
-                for _, batch in iterate_batches(chosen, self.batch_size):
-                    batch = to_device(batch, self._device())
-                    grads = per_sample_gradients(self.model, objective, batch, featurizer.params, featurizer.chunk_size)
-                    parts.append(grads)
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), load_weights(self.model, state):
+            for _, batch in iterate_batches(chosen, self.batch_size):
+                batch = to_device(batch, self._device())
+                parts.append(
+                    per_sample_gradients(self.model, objective, batch, featurizer.params, featurizer.chunk_size)
+                )
         return torch.cat(parts)
 
     def describe(self) -> dict:

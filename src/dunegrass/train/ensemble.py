@@ -15,8 +15,7 @@ so each member is measured with its own running statistics.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ..data import TensorData, as_data, to_device
 from ..errors import DunegrassError
+from ..gradients.attention import vmap_safe_attention
 from ..gradients.per_sample import FunctionalModel, check_finite
+from ..modes import module_mode, running_stat_names
 from ..seeding import derive_seed
 from ..task import Task
 from .config import TrainConfig
@@ -68,16 +69,6 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def running_stat_names(model: nn.Module) -> list[str]:
-    """Names of the buffers that training updates: the running statistics of BatchNorm-style layers
-    (``track_running_stats=True``). Empty for models without such layers."""
-    names = []
-    for prefix, module in model.named_modules():
-        if getattr(module, "track_running_stats", False) and getattr(module, "running_mean", None) is not None:
-            names += [f"{prefix}.{b}" if prefix else b for b, _ in module.named_buffers(recurse=False)]
-    return names
-
-
 def running_stats(model: nn.Module) -> dict[str, Tensor]:
     """Copies of the model's running statistics (see ``running_stat_names``)."""
     buffers = dict(model.named_buffers())
@@ -103,20 +94,6 @@ def load_member(model: nn.Module, stacked: Mapping[str, Tensor], j: int) -> nn.M
         for name, value in stacked.items():
             tensors[name].copy_(value[j])
     return model
-
-
-@contextmanager
-def module_mode(model: nn.Module, training: bool | None) -> Iterator[nn.Module]:
-    """``model`` in train (True) or eval (False) mode for the block, then every submodule back in its own
-    mode; None leaves the modes as they are (a model may hold, say, a BatchNorm the caller froze in eval)."""
-    modes = [(m, m.training) for m in model.modules()]
-    if training is not None:
-        model.train(training)
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 class EnsembleTrainer:
@@ -220,7 +197,7 @@ class EnsembleTrainer:
         member_grad = vmap(grad(self._member_loss, has_aux=True), in_dims=(0, 0, 0, 0))
         rows = torch.arange(len(members))[:, None]
         device = next(iter(params.values())).device  # data and anchors may live on the CPU, the members not
-        with module_mode(self.model, self.train_mode):
+        with module_mode(self.model, self.train_mode), vmap_safe_attention(self.model):
             self._check_modes()
             for t in tqdm(range(steps), desc="train ensemble", disable=not self.progress, leave=False):
                 idx = sched[t]  # [M, B]
@@ -276,7 +253,7 @@ def ensemble_outputs(
     run = vmap(one, in_dims=(0, None))
     device = next(iter(stacked.values())).device
     parts = []
-    with torch.no_grad(), module_mode(model, False):
+    with torch.no_grad(), module_mode(model, False), vmap_safe_attention(model):
         for lo in range(0, len(data), batch_size):
             parts.append(run(dict(stacked), to_device(data.slice(slice(lo, lo + batch_size)), device)))
     return torch.cat(parts, dim=1)
