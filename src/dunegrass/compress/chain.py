@@ -91,8 +91,11 @@ def parse_spec(spec: str) -> list[tuple[str, int | None, dict]]:
     return stages
 
 
-def compressor(spec: str | Compressor, in_dim: int, seed: int = 0) -> Compressor:
-    """Build the compressor ``spec`` describes for inputs of dimension ``in_dim``: ``[B, in_dim] -> [B, k]``."""
+def compressor(spec: str | Compressor, in_dim: int, seed: int = 0, cap: bool = False) -> Compressor:
+    """Build the compressor ``spec`` describes for inputs of dimension ``in_dim``: ``[B, in_dim] -> [B, k]``.
+
+    ``cap=True`` caps each stage's size at its input dimension (one spec for blocks of many sizes, e.g. every
+    parameter tensor of a model); otherwise a size above it is an error."""
     if isinstance(spec, Compressor):
         if spec.in_dim != in_dim:
             raise DunegrassError(f"the compressor takes inputs of dimension {spec.in_dim}, the gradients have {in_dim}")
@@ -104,6 +107,8 @@ def compressor(spec: str | Compressor, in_dim: int, seed: int = 0) -> Compressor
         cls = REGISTRY[name]
         if k is None and name != "identity":
             raise DunegrassError(f"stage {name!r} needs an output size, e.g. '{name}:4096'")
+        if cap and k is not None:
+            k = min(k, dim)
         stage_seed = seed if len(parsed) == 1 else derive_seed(seed, i)
         try:
             stage = cls(dim, k, seed=stage_seed, **options)

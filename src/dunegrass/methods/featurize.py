@@ -64,7 +64,8 @@ class MaterializedFeaturizer(Featurizer):
         self.in_dim = parameter_count(model, self.params)
         sizes = [dict(model.named_parameters())[n].numel() for n in self.params] if per_parameter else [self.in_dim]
         self.compressors = [
-            _build(spec, d, derive_seed(seed, i) if per_parameter else seed) for i, d in enumerate(sizes)
+            _build(spec, d, derive_seed(seed, i) if per_parameter else seed, cap=per_parameter)
+            for i, d in enumerate(sizes)
         ]
         self.in_blocks = _ranges(sizes)
         self.blocks = _ranges([c.out_dim for c in self.compressors])
@@ -118,12 +119,12 @@ def default_k(model: nn.Module, params: Sequence[str] | None, default: int, meth
     return min(default, d)
 
 
-def _build(spec: CompressorSpec, in_dim: int, seed: int) -> Compressor:
+def _build(spec: CompressorSpec, in_dim: int, seed: int, cap: bool = False) -> Compressor:
     if spec is None:
         return compressor("identity", in_dim, seed)
     if callable(spec) and not isinstance(spec, (str, Compressor)):
         return spec(in_dim, seed)
-    return compressor(spec, in_dim, seed)
+    return compressor(spec, in_dim, seed, cap=cap)
 
 
 def _ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
