@@ -35,6 +35,24 @@ def test_lds_matches_scipy_spearman_per_query():
     assert result.mean == pytest.approx(np.mean(want)) and result.high - result.mean == pytest.approx(t)
 
 
+def test_lds_counts_constant_queries_as_zero_and_says_so():
+    """A method that scores 9 of 10 queries with zeros must not get the LDS of the one it got right."""
+    gen = torch.Generator().manual_seed(4)
+    tau = torch.randn(10, 30, generator=gen)
+    masks = random_subsets(30, 60, 0.5, seed=5)
+    gt = _linear_truth(tau, masks)
+    lazy = tau.clone()
+    lazy[1:] = 0
+    result = dg.lds(lazy, gt)
+    assert result.mean == pytest.approx(0.1) and result.degenerate == 9
+    assert "9 of 10 queries constant or NaN" in str(result)
+    nan_truth = GroundTruth(masks, gt.values.clone())
+    nan_truth.values[:, 3] = float("nan")
+    assert dg.lds(tau, nan_truth).degenerate == 1
+    with pytest.raises(dg.DunegrassError, match="undefined: for all 10 queries"):
+        dg.lds(torch.zeros(10, 30), gt)
+
+
 def test_lds_rejects_mismatched_shapes():
     gt = GroundTruth(random_subsets(10, 5, 0.5, 0), torch.zeros(5, 3))
     with pytest.raises(dg.DunegrassError, match="do not match the ground truth"):
@@ -56,6 +74,8 @@ def test_mislabel_auc_known_values():
     assert dg.mislabel_auc(torch.tensor([9.0, 1, 2.5, 2, 3, 4]), flags) == pytest.approx(6 / 8)
     with pytest.raises(dg.DunegrassError, match="both"):
         dg.mislabel_auc(torch.ones(3), torch.zeros(3, dtype=torch.bool))
+    ties = torch.tensor([1.0, 1.0, 2.0, 0.0])  # a tie between a positive and a negative counts half
+    assert dg.mislabel_auc(ties, torch.tensor([1, 0, 1, 0], dtype=torch.bool)) == pytest.approx(7 / 8)
 
 
 def test_loo_correlation_and_mean_ci():

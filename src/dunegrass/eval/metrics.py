@@ -16,19 +16,22 @@ from .ground_truth import GroundTruth
 
 @dataclass
 class MeanCI:
-    """A mean over queries with its 95 % confidence interval (Student t)."""
+    """A mean over queries with its 95 % confidence interval (Student t). ``degenerate`` counts the queries
+    whose ranking carried no information (constant or NaN scores or ground truth), which count as 0."""
 
     mean: float
     low: float
     high: float
     per_query: np.ndarray
+    degenerate: int = 0
 
     @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} ± {self.half_width:.3f}"
+        note = f" ({self.degenerate} of {len(self.per_query)} queries constant or NaN, counted as 0)"
+        return f"{self.mean:.3f} ± {self.half_width:.3f}" + (note if self.degenerate else "")
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> MeanCI:
@@ -66,7 +69,9 @@ def lds(scores: Scores | Tensor, ground_truth: GroundTruth) -> MeanCI:
     """Linear datamodeling score: mean over queries of Spearman_j(Σ_{i∈S_j} τ(z, i), −query_loss_j(z)).
 
     ``scores [n_query, n_train]`` (positive = proponent); the ground truth holds subset masks
-    ``[M, n_train]`` and retrained query losses ``[M, n_query]``.
+    ``[M, n_train]`` and retrained query losses ``[M, n_query]``. A query whose predicted or actual
+    values are constant (or NaN) across the subsets counts as 0 and is reported in ``degenerate``;
+    if every query is, that is an error.
     """
     tau = _values(scores)
     masks = ground_truth.masks.to(torch.float64)
@@ -77,7 +82,18 @@ def lds(scores: Scores | Tensor, ground_truth: GroundTruth) -> MeanCI:
         )
     predicted = (tau @ masks.T).numpy()  # [n_query, M]
     actual = (-ground_truth.values.to(torch.float64)).T.numpy()  # higher = better for the query
-    return mean_ci(_spearman_rows(predicted, actual))
+    per_query = _spearman_rows(predicted, actual)
+    degenerate = ~np.isfinite(per_query)
+    if degenerate.all():
+        raise DunegrassError(
+            f"LDS is undefined: for all {len(per_query)} queries the scores' subset sums or the retrained "
+            "measurements are constant (or NaN) across the subsets; check the scores (all zero?) and the ground truth"
+        )
+    # A constant ranking carries no information: it counts as 0 rather than being dropped, which would
+    # let a method that scores most queries with zeros report the LDS of the few it got right.
+    result = mean_ci(np.where(degenerate, 0.0, per_query))
+    result.degenerate = int(degenerate.sum())
+    return result
 
 
 def loo_correlation(scores: Scores | Tensor, loo_effects: Tensor) -> dict:
@@ -99,15 +115,16 @@ def loo_correlation(scores: Scores | Tensor, loo_effects: Tensor) -> dict:
 
 
 def mislabel_auc(self_scores: Tensor, is_mislabeled: Tensor) -> float:
-    """ROC AUC of ranking training examples by self-influence (high first) to find flipped labels."""
-    from scipy import stats  # imported here: it costs a second at start-up
+    """ROC AUC (scikit-learn's ``roc_auc_score``) of ranking training examples by self-influence, high
+    first, to find flipped labels."""
+    from sklearn.metrics import roc_auc_score  # imported here: it costs a second at start-up
 
     s = torch.as_tensor(self_scores, dtype=torch.float64).numpy()
     y = torch.as_tensor(is_mislabeled).bool().numpy()
     if s.shape != y.shape:
         raise DunegrassError(f"self_scores {s.shape} and labels {y.shape} must have the same shape")
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
+    if y.all() or not y.any():
         raise DunegrassError("mislabel_auc needs both mislabeled and clean examples")
-    ranks = stats.rankdata(s)
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    if not np.isfinite(s).all():
+        raise DunegrassError("self_scores hold NaN or inf; an AUC of such a ranking means nothing")
+    return float(roc_auc_score(y, s))

@@ -90,6 +90,9 @@ class Daunce(Attributor):
         keep_members: write each member's trained tensors to disk (under ``cache_dir``, else a private
             temporary directory removed with the attributor) to score new queries without retraining.
         checkpoint_every: with ``finetune`` and a ``cache_dir``, checkpoint a member every so many steps.
+        eval_batch_size: examples per forward pass when members are evaluated. Default: 512 for the
+            vmapped back ends (small models), the training batch size member by member (a language
+            model's logits are batch × tokens × vocabulary: 512 of them would not fit).
     """
 
     method_name = "daunce"
@@ -115,7 +118,7 @@ class Daunce(Attributor):
         max_members: int = 128,
         keep_members: bool = True,
         checkpoint_every: int = 0,
-        eval_batch_size: int = 512,
+        eval_batch_size: int | None = None,
         seed: int = 0,
         progress: bool | None = None,
     ):
@@ -176,6 +179,11 @@ class Daunce(Attributor):
             "seed": self.seed,
         }
 
+    def _eval_batch(self) -> int:
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return self.config.batch_size if self.trainer_used == "finetune" else 512
+
     @property
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -228,7 +236,7 @@ class Daunce(Attributor):
         mine = [(lo, hi) for lo, hi in store.missing_groups() if distributed.my_shards([lo // group])]
         if mine and self.variant != "blackbox":
             with eval_mode(self.model):
-                check_theta0(self.model, self.task, data, self.eval_batch_size, self._device)
+                check_theta0(self.model, self.task, data, self._eval_batch(), self._device)
         if mine or (query_store is not None and distributed.my_shards(query_store.missing())):
             with self._session(trainer, cache) as backend:
                 backend.check_data(data)
@@ -252,7 +260,7 @@ class Daunce(Attributor):
             del states  # one group's members at a time
 
     def _evaluate(self, backend, states, data, lo: int) -> Tensor:
-        rows = backend.evaluate(states, data, self.signal_fn, self.eval_batch_size)
+        rows = backend.evaluate(states, data, self.signal_fn, self._eval_batch())
         bad = ~torch.isfinite(rows).all(dim=1)
         if bad.any():
             k = lo + int(bad.nonzero()[0, 0])

@@ -16,8 +16,10 @@ query features (``QUERY_BYTES`` per checkpoint) and the scores themselves (dense
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,7 +116,7 @@ class GradientInfluence(Attributor):
         check_fisher_memory(self.featurizers[0].blocks, damping)  # fail now, not after featurising
         self.stores: list[FeatureStore] = []
         self.preconditioners: list = []
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # wall time of fit's steps: "featurize", "fisher" (GraSS: "masks")
 
     # ---- objectives
     def _objective(self, signal: str):
@@ -163,9 +165,11 @@ class GradientInfluence(Attributor):
                 dtypes = {"features": self.store_dtype}
                 rows = shard_rows(4 * sum(widths.values()), self.shard_size)
                 store = FeatureStore(path, config, self.n_train, widths, rows, dtypes)
-                self._featurize_into(store, m, state, data)
+                with _timed(self.seconds, "featurize", m):
+                    self._featurize_into(store, m, state, data)
                 self.stores.append(store)
-                self.preconditioners.append(self._fit_preconditioner(m, store, root))
+                with _timed(self.seconds, "fisher", m):
+                    self.preconditioners.append(self._fit_preconditioner(m, store, root))
         return self
 
     def _prepare_checkpoint(
@@ -286,6 +290,16 @@ class GradientInfluence(Attributor):
             "checkpoints": len(self.checkpoints),
             "featurizer": self.featurizers[0].config(),
         }
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], key: str, m: int) -> Iterator[None]:
+    """Add the block's wall time to ``seconds[key]`` (reset at checkpoint 0, summed over checkpoints)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = (seconds.get(key, 0.0) if m else 0.0) + time.perf_counter() - start
 
 
 def _to_host(t: Tensor, dtype: str) -> np.ndarray:
