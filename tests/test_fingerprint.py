@@ -1,10 +1,12 @@
-"""Fingerprints tie caches to their data: a change anywhere in the data must change them."""
+"""Fingerprints tie caches to their data, weights, architecture and task: a change anywhere must be seen."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dunegrass.fingerprint import data_fingerprint
+import dunegrass as dg
+from dunegrass.fingerprint import RowHasher, data_fingerprint, model_fingerprint
 
 
 def test_a_change_in_the_middle_of_in_memory_data_is_seen():
@@ -16,11 +18,82 @@ def test_a_change_in_the_middle_of_in_memory_data_is_seen():
     assert data_fingerprint({"x": x}) != data_fingerprint({"x": changed})
 
 
-def test_datasets_are_sampled_across_their_length():
+def test_every_example_of_a_dataset_is_hashed_whatever_the_batching():
     x, y = torch.randn(3000, 4), torch.arange(3000)
-    picks = torch.linspace(0, 2999, 1024).round().long()
     changed = x.clone()
-    changed[picks[512], 0] += 1.0  # an example in the middle that the sample reads
+    changed[1537, 0] += 1.0  # an example that a sample of 1024 evenly spread rows did not read
     dataset = torch.utils.data.TensorDataset
-    assert data_fingerprint(dataset(x, y)) == data_fingerprint(dataset(x.clone(), y))
+    assert data_fingerprint(dataset(x, y)) == data_fingerprint(dataset(x.clone(), y), batch_size=7)
     assert data_fingerprint(dataset(x, y)) != data_fingerprint(dataset(changed, y))
+    assert RowHasher().update((x[:5], y[:5])).hexdigest() == RowHasher().update((x[:2], y[:2])).update(
+        (x[2:5], y[2:5])
+    ).hexdigest()
+
+
+class _Table(torch.utils.data.Dataset):
+    """A lazily read dataset, as a Hugging Face dataset or a folder of files is."""
+
+    def __init__(self, x, y, fingerprint=None):
+        self.x, self.y = x, y
+        if fingerprint is not None:
+            self._fingerprint = fingerprint
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_a_changed_row_of_a_lazy_dataset_is_an_error_not_a_stale_cache(tmp_path):
+    """The cached score of a changed example was +37.5 where a fresh fit gives −55.6, and nothing was said."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2000, 6, generator=gen), torch.randint(0, 3, (2000,), generator=gen)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    task = dg.ClassificationTask()
+    build = lambda: dg.GradientInfluence(model, task, compressor="gaussian:16", batch_size=256)  # noqa: E731
+    first = build().fit(_Table(x, y), cache_dir=tmp_path).score((x[:2], y[:2])).values
+    again = build().fit(_Table(x.clone(), y), cache_dir=tmp_path).score((x[:2], y[:2])).values
+    torch.testing.assert_close(again, first)  # the same data reuse the cache
+    changed = x.clone()
+    changed[1537] += 1.0
+    with pytest.raises(dg.ConfigMismatchError, match=r"training examples 1024\.\.1999 differ"):
+        build().fit(_Table(changed, y), cache_dir=tmp_path)
+
+
+def test_a_dataset_that_carries_its_own_fingerprint_is_named_by_it():
+    x, y = torch.randn(10, 2), torch.arange(10)
+    assert data_fingerprint(_Table(x, y, "abc123")) == "n=10:dataset:abc123"
+    assert data_fingerprint(_Table(x, y, "abc123")) != data_fingerprint(_Table(x, y, "def456"))
+
+
+def test_the_architecture_is_part_of_the_weights_fingerprint(tmp_path):
+    """Tanh → ReLU keeps every tensor of the state dict and changes every score."""
+    torch.manual_seed(0)
+    tanh = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    relu = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    relu.load_state_dict(tanh.state_dict())
+    assert model_fingerprint(tanh) != model_fingerprint(relu)
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    dg.GradientInfluence(tanh, dg.ClassificationTask()).fit((x, y), cache_dir=tmp_path)
+    with pytest.raises(dg.ConfigMismatchError, match="weights"):
+        dg.GradientInfluence(relu, dg.ClassificationTask()).fit((x, y), cache_dir=tmp_path)
+
+
+class _ScaledLoss(dg.ClassificationTask):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def loss(self, outputs, batch):
+        return self.scale * super().loss(outputs, batch)
+
+
+def test_a_tasks_settings_are_part_of_its_config(tmp_path):
+    assert _ScaledLoss(1.0).config() != _ScaledLoss(2.0).config()
+    assert _ScaledLoss(2.0).config()["scale"] == 2.0 and _ScaledLoss(2.0).config()["task"] == "_ScaledLoss"
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    dg.GradientInfluence(model, _ScaledLoss(1.0)).fit((x, y), cache_dir=tmp_path)
+    with pytest.raises(dg.ConfigMismatchError, match="scale"):
+        dg.GradientInfluence(model, _ScaledLoss(2.0)).fit((x, y), cache_dir=tmp_path)

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .data import TensorData, as_data, iterate_batches, subset
+from .data import TensorData, as_data, iterate_batches
 
 
 def _update(h, obj: Any) -> None:
@@ -39,19 +39,81 @@ def state_fingerprint(state: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-SAMPLED = 1024  # examples hashed from a dataset that is not held in memory as tensors
+def module_structure(model: nn.Module) -> list[tuple[str, str, str]]:
+    """``(name, class, extra_repr)`` of every submodule: what a state dict does not show (a Tanh that became
+    a ReLU, a changed stride or epsilon)."""
+    return [(name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()) for name, m in model.named_modules()]
 
 
-def data_fingerprint(data: Any, batch_size: int = 64) -> str:
-    """n plus a sha256 of the examples: all of them for tensors in memory (hashing is far cheaper than
-    featurising them); for any other Dataset, an evenly spread sample of 1024 plus the first and last."""
+def model_fingerprint(model: nn.Module, state: Mapping[str, Tensor] | None = None) -> str:
+    """sha256 of the module structure and of the weights: ``model.state_dict()`` with ``state``'s tensors in
+    place of its own (a checkpoint). Code inside a ``forward`` is not seen: change the model's class name or
+    the cache directory when you change it."""
+    h = hashlib.sha256()
+    _update(h, module_structure(model))
+    _update(h, {**model.state_dict(), **dict(state or {})})
+    return h.hexdigest()
+
+
+class RowHasher:
+    """sha256 of examples fed batch by batch, one example at a time: the digest does not depend on how the
+    examples were batched."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def update(self, batch: Any) -> RowHasher:
+        leaves = [t for t in _leaves(batch) if isinstance(t, Tensor)]
+        rows = leaves[0].shape[0] if leaves else 0
+        flat = [t.detach().cpu().reshape(rows, -1).contiguous() for t in leaves]
+        for i in range(rows):
+            for t in flat:
+                self.h.update(str(t.dtype).encode())
+                self.h.update(t[i].view(torch.uint8).numpy().tobytes())
+        return self
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _leaves(obj: Any) -> list:
+    if isinstance(obj, Mapping):
+        return [leaf for k in sorted(obj) for leaf in _leaves(obj[k])]
+    if isinstance(obj, (tuple, list)):
+        return [leaf for v in obj for leaf in _leaves(v)]
+    return [obj]
+
+
+def own_fingerprint(data: Any) -> str | None:
+    """The fingerprint a dataset carries itself (a Hugging Face ``datasets.Dataset``: ``_fingerprint``)."""
+    fp = getattr(data, "_fingerprint", None)
+    return fp if isinstance(fp, str) and fp else None
+
+
+def data_fingerprint(data: Any, batch_size: int = 64, read: bool = True) -> str:
+    """n plus a sha256 of every example (tensors in memory are hashed whole; any other Dataset is read
+    once); a dataset that carries its own fingerprint (Hugging Face's) is named by it instead.
+
+    ``read=False`` reads nothing from a lazily read Dataset (the fingerprint then names only its length
+    and type): for callers that hash every example as they read it anyway and check each shard against
+    the cache (the gradient engine's ``FeatureStore.check_data``)."""
     data = as_data(data)
     n = len(data)
+    if (fp := own_fingerprint(data)) is not None:
+        return f"n={n}:dataset:{fp}"
     h = hashlib.sha256(str(n).encode())
     if isinstance(data, TensorData):
         _update(h, data.tensors if isinstance(data.tensors, Mapping) else list(data.tensors))
+    elif not read:
+        return f"n={n}:streamed:{type(data).__qualname__}"
     else:
-        picks = torch.linspace(0, max(n - 1, 0), min(n, SAMPLED)).round().long().unique().tolist()
-        for _, batch in iterate_batches(subset(data, picks), batch_size):
-            _update(h, batch)
+        rows = RowHasher()
+        for _, batch in iterate_batches(data, batch_size):
+            rows.update(batch)
+        h.update(rows.hexdigest().encode())
     return f"n={n}:{h.hexdigest()[:32]}"
+
+
+def hashed_per_shard(data: Any) -> bool:
+    """Whether a cache checks ``data`` shard by shard (``data_fingerprint(read=False)`` does not cover it)."""
+    return not isinstance(as_data(data), TensorData) and own_fingerprint(data) is None

@@ -53,8 +53,26 @@ class Task(ABC):
         return int(first_tensor(batch).shape[0])
 
     def config(self) -> dict:
-        """JSON-able description, part of every cache's config hash."""
-        return {"task": type(self).__name__}
+        """JSON-able description, part of every cache's config hash: the class name and every public
+        attribute (a Task built with other settings must not share a cache). Override it when a setting
+        lives elsewhere (a private attribute, a global) or an attribute is not a plain value: return
+        ``{**super().config(), "my_setting": ...}``."""
+        return {"task": type(self).__qualname__, **{k: _plain(v) for k, v in sorted(vars(self).items()) if k[0] != "_"}}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if JSON can hold it; a tensor's digest; else its repr (a function becomes text, still hashed)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Tensor):  # its repr elides the middle of a large tensor
+        from .fingerprint import state_fingerprint
+
+        return {"tensor_sha256": state_fingerprint({"t": value})}
+    return repr(value)
 
 
 def model_logits(out: Any, model: nn.Module) -> Tensor:
@@ -156,7 +174,11 @@ class ClassificationTask(Task):
         return labels.long()
 
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
-        return F.cross_entropy(outputs, self._labels(outputs, batch), reduction="none")
+        """Cross-entropy ``[B]``, as softplus(−log-odds) = log(1 + Σ_{j≠y} e^{x_j − x_y}): the same value as
+        ``F.cross_entropy``, but a confident example keeps a loss of e^{−margin} instead of rounding to 0
+        (logsumexp − x_y cancels to exactly 0 in float32 once p rounds to 1, which erases the differences
+        Daunce measures)."""
+        return F.softplus(-self.logodds(outputs, batch))
 
     def logodds(self, outputs: Tensor, batch: Any) -> Tensor:
         """log(p / (1 - p)) for the correct class ``[B]``."""
@@ -180,8 +202,6 @@ class ClassificationTask(Task):
         others = outputs.masked_fill(_one_hot(labels, outputs.shape[1]), float("-inf"))
         return correct - others.max(dim=1).values
 
-    def config(self) -> dict:
-        return {"task": type(self).__name__, "measurement": self.measurement_name}
 
 
 def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
@@ -252,8 +272,14 @@ class CausalLMTask(Task):
         if mask is not None:
             # A left-padded row would otherwise predict its first real token from a pad position.
             counted = counted & (mask[:, :-1] != 0)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        # at least float32: half-precision logits lose the tokens' differences
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        index = target.clamp_min(0).unsqueeze(-1)
+        correct = logits.gather(-1, index).squeeze(-1)
+        others = torch.logsumexp(logits.scatter(-1, index, float("-inf")), dim=-1)
+        # log p = −softplus(lse_{j≠y} − x_y): a confidently predicted token keeps a log-probability of
+        # about −e^{−margin} where log_softmax would round it to exactly 0 in float32
+        picked = -F.softplus(others - correct)
         return torch.where(counted, picked, torch.zeros_like(picked)), counted
 
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
@@ -265,8 +291,6 @@ class CausalLMTask(Task):
             return self.loss(outputs, batch)
         return self._token_logprobs(outputs, batch)[0].sum(1)
 
-    def config(self) -> dict:
-        return {"task": type(self).__name__, "measurement": self.measurement_name}
 
 
 def _takes_position_ids(model: Any) -> bool:

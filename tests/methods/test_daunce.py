@@ -223,3 +223,26 @@ def test_fit_and_score_leave_the_model_exactly_as_it_was(tiny_classification, de
     torch.testing.assert_close(scores.values, reference.score(test).values, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(late.values, reference.score(later).values, rtol=1e-6, atol=1e-9)
     assert scores.values.abs().max() > 0
+
+
+def test_confident_examples_keep_their_signal(device):
+    """Examples the model gets right with p = 1 in float32 (margins 18 to 40): a float32 cross-entropy is
+    exactly 0 for every member, which made their scores and standard errors exact zeros."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 4, generator=gen)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Linear(4, 2).to(device)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-10.0, 0, 0, 0], [10.0, 0, 0, 0]]))  # margin = 20 |x₀|
+        model.bias.zero_()
+    confident = ((x[:, 0].abs() > 0.9) & (x[:, 0].abs() < 2)).nonzero()[:, 0]
+    unsure = (x[:, 0].abs() < 0.5).nonzero()[:3, 0]
+    assert len(confident) > 5 and len(unsure) == 3
+    with torch.no_grad():  # these examples' float32 cross-entropy is exactly 0 at θ₀
+        logits = model(x[confident].to(device))
+        assert (torch.nn.functional.cross_entropy(logits, y[confident].to(device), reduction="none") == 0).all()
+    daunce = Daunce(model, dg.ClassificationTask(), num_models=8, steps=5, batch_size=16).fit((x, y))
+    A, _ = daunce.signals()
+    assert (A[:, confident].var(0) > 0).all()
+    scores = daunce.score((x[unsure], y[unsure]))
+    assert (scores.stderr[:, confident] > 0).all() and (scores.values[:, confident] != 0).all()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,17 +112,16 @@ def _gauss_newton(task: Task, proxy, flat: Tensor, batch: Any) -> Tensor:
 
 
 def solve_damped(h: Tensor, rhs: Tensor, damping: float = 0.0) -> Tensor:
-    """(H + damping · tr(H)/p · I)⁻¹ rhs, with an eigendecomposition fallback for indefinite H."""
+    """(H + damping · tr(H)/p · I)⁻¹ rhs by Cholesky. A damped matrix that is not positive definite (the exact
+    Hessian of a non-convex model) has no meaningful inverse here: that is an error naming the fixes."""
     p = h.shape[0]
     mat = h + damping * torch.trace(h) / p * torch.eye(p, dtype=h.dtype, device=h.device)
     chol, info = torch.linalg.cholesky_ex(mat)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs.to(h.dtype), chol)
-    warnings.warn(
-        "the damped Hessian is not positive definite; solving with |eigenvalues| "
-        "(use hessian='gauss_newton' or more damping for a PSD curvature)",
-        stacklevel=2,
-    )
-    evals, evecs = torch.linalg.eigh(mat)
-    floor = max(float(damping * torch.trace(h).abs() / p), 1e-12)
-    return evecs @ ((evecs.T @ rhs.to(h.dtype)) / evals.abs().clamp_min(floor)[:, None])
+    if int(info) != 0:
+        low = float(torch.linalg.eigvalsh(mat)[0])
+        raise DunegrassError(
+            f"the damped Hessian is not positive definite (smallest eigenvalue {low:.3g}): the model is not convex "
+            "around θ₀. Use hessian='gauss_newton' (positive semi-definite), more damping (e.g. damping=0.1), or "
+            "the L2 coefficient the model was trained with (l2=...)"
+        )
+    return torch.cholesky_solve(rhs.to(h.dtype), chol)

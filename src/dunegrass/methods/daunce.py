@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import as_data
 from ..errors import DunegrassError, NonFiniteError
-from ..fingerprint import data_fingerprint, state_fingerprint
+from ..fingerprint import data_fingerprint, model_fingerprint
 from ..scores import Scores, TopScores, make_sink
 from ..store.signals import SignalStore
 from ..task import Task
@@ -228,7 +228,7 @@ class Daunce(Attributor):
             "trainer": trainer,
             "task": self.task.config(),
             "data": data_fingerprint(data),
-            "weights": state_fingerprint(self.model.state_dict()),
+            "weights": model_fingerprint(self.model),
         }
         store = SignalStore(cache, config, self.num_models, len(data), group)
         self.train_data, self.n_train, self.store, self.trainer_used = data, len(data), store, trainer

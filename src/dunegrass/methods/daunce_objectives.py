@@ -158,19 +158,28 @@ def signal_fn(task: Task, signal: str) -> Callable[[Tensor, Any], Tensor]:
 
     ``loss``: the training loss; ``margin``: minus the classification margin; ``measurement``: the
     task's measurement in loss-like form (``task.query_loss``).
+
+    The tasks' losses keep e^{−margin} for confident examples (``ClassificationTask.loss``, the token
+    log-probabilities of ``CausalLMTask``): a float32 cross-entropy computed as logsumexp − x_y is exactly
+    0 once p rounds to 1, every member would then agree, and that example's scores and standard errors
+    would be exact zeros. A classifier's signals are computed in float64 as well (its logits are small),
+    which keeps margins beyond float32's range (e^{−104}).
     """
     if signal not in SIGNALS:
         raise DunegrassError(f"signal must be one of {SIGNALS}, got {signal!r}")
     if signal == "loss":
-        return task.loss
-    if signal == "measurement":
-        return task.query_loss
-    if not isinstance(task, ClassificationTask):
+        base = task.loss
+    elif signal == "measurement":
+        base = task.query_loss
+    elif not isinstance(task, ClassificationTask):
         raise DunegrassError(
             f"signal='margin' needs a ClassificationTask, got {type(task).__name__}; use signal='loss' or 'measurement'"
         )
-    margin_task = ClassificationTask(measurement="margin")
-    return margin_task.query_loss
+    else:
+        base = ClassificationTask(measurement="margin").query_loss
+    if isinstance(task, ClassificationTask):  # [B, C] logits cost nothing in float64, where e^{−120} still exists
+        return lambda outputs, batch: base(outputs.to(torch.float64), batch)
+    return base
 
 
 # A scoring chunk's float64 temporaries stay below this: the signals of m training examples across

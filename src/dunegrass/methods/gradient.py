@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import as_data, iterate_batches, to_device
 from ..errors import DunegrassError
-from ..fingerprint import data_fingerprint, state_fingerprint
+from ..fingerprint import RowHasher, data_fingerprint, hashed_per_shard, model_fingerprint
 from ..gradients import check_finite
 from ..influence import BlockPreconditioner, check_fisher_memory, stream_scores
 from ..scores import Scores, TopScores, concat_scores, make_sink
@@ -153,7 +153,8 @@ class GradientInfluence(Attributor):
         with eval_mode(self.model):
             self._preflight(data)
             self.train_data, self.n_train = data, len(data)
-            fingerprint = data_fingerprint(data)
+            # a dataset read lazily is hashed example by example as it is featurised (FeatureStore.check_data)
+            fingerprint = data_fingerprint(data, read=False)
             self.stores, self.preconditioners = [], []
             for m, state in enumerate(self.checkpoints):
                 fingerprints = {"data": fingerprint, "weights": self._weights_fingerprint(state)}
@@ -188,26 +189,38 @@ class GradientInfluence(Attributor):
         check_finite(values, "training loss")
 
     def _weights_fingerprint(self, state: Mapping[str, Tensor]) -> str:
-        full = {**self.model.state_dict(), **dict(state)}
-        return state_fingerprint(full)
+        return model_fingerprint(self.model, state)
 
     def _featurize_into(self, store: FeatureStore, m: int, state: Mapping[str, Tensor], data: Any) -> None:
-        missing = distributed.my_shards(store.missing())
+        """Featurise this rank's missing shards. A dataset the config's fingerprint does not cover (read lazily)
+        is hashed example by example as it is read: featurised shards record the digest, complete ones are
+        read again and checked against it, so a changed example is an error, never a stale score."""
+        per_shard = hashed_per_shard(data)
+        missing = set(store.missing())
+        todo = distributed.my_shards([i for i in range(store.num_shards) if per_shard or i in missing])
         bar = tqdm(
-            total=len(missing),
+            total=len(todo),
             desc=f"{self.method_name}: featurise (ckpt {m})",
             disable=not self.progress,
             unit="shard",
             leave=False,
         )
-        for index in missing:
+        for index in todo:
             lo, hi = store.rows(index)
+            rows = RowHasher() if per_shard else None
             parts: dict[str, list[Tensor]] = {}
             for _, batch in iterate_batches(data, self.batch_size, lo, hi):
+                if rows is not None:
+                    rows.update(batch)
+                if index not in missing:
+                    continue
                 for name, arr in self._arrays(m, state, batch, self.train_signal, extras=True).items():
                     parts.setdefault(name, []).append(arr.detach())
-            # one host transfer per shard (not per batch), in the store's dtype
-            store.write(index, {k: _to_host(torch.cat(v), store.dtype(k)) for k, v in parts.items()})
+            digest = None if rows is None else rows.hexdigest()
+            if index in missing:  # one host transfer per shard (not per batch), in the store's dtype
+                store.write(index, {k: _to_host(torch.cat(v), store.dtype(k)) for k, v in parts.items()}, digest)
+            else:
+                store.check_data(index, digest)
             bar.update(1)
         bar.close()
         distributed.barrier()  # every rank reads all shards next

@@ -127,9 +127,12 @@ class ExactInfluence(GradientInfluence):
     """Influence with the full Hessian in parameter space: g_zᵀ (H + λI)⁻¹ g_i (small models only).
 
     ``l2`` is the L2 coefficient the model was trained with (it is part of the training objective's
-    Hessian); ``damping`` adds relative damping λ = damping · tr(H)/p. ``hessian="gauss_newton"``
-    uses the positive semi-definite Gauss-Newton part instead. Scores omit the 1/n factor of a
-    leave-one-out effect: τ ≈ n · (m_z(θ without z_i) − m_z(θ)).
+    Hessian); ``damping`` adds relative damping λ = damping · tr(H)/p. The default is the setting that
+    works on a network: the positive semi-definite Gauss-Newton Hessian with damping 0.1 (on a wine
+    MLP, LDS 0.336 against 0.084 for the exact Hessian undamped, which is indefinite there).
+    ``hessian="exact"`` is the true Hessian, for convex models (with ``l2``): a damped Hessian that is
+    not positive definite is an error naming the fixes. Scores omit the 1/n factor of a leave-one-out
+    effect: τ ≈ n · (m_z(θ without z_i) − m_z(θ)).
     """
 
     method_name = "exact"
@@ -140,8 +143,8 @@ class ExactInfluence(GradientInfluence):
         task: Task,
         params: Sequence[str] | None = None,
         l2: float = 0.0,
-        damping: float = 0.0,
-        hessian: str = "exact",
+        damping: float = 0.1,
+        hessian: str = "gauss_newton",
         **kwargs: Any,
     ):
         if damping < 0 or l2 < 0:

@@ -146,8 +146,9 @@ class FeatureStore:
     def complete(self) -> bool:
         return not self.missing()
 
-    def write(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Store shard ``index``; ``arrays`` maps every array name to ``[rows, width]``."""
+    def write(self, index: int, arrays: Mapping[str, np.ndarray], data_digest: str | None = None) -> None:
+        """Store shard ``index``; ``arrays`` maps every array name to ``[rows, width]``. ``data_digest``
+        (a hash of the examples the rows were computed from) is recorded for ``check_data``."""
         lo, hi = self.rows(index)
         out = {}
         for name, spec in self.manifest["arrays"].items():
@@ -165,8 +166,26 @@ class FeatureStore:
         sums = {}
         for name, a in out.items():
             sums[name] = hashlib.sha256(atomic_save_npy(self._file(name, index), a)).hexdigest()
-        atomic_write_json(self._meta_file(index), {"index": index, "rows": [lo, hi], "sha256": sums})
+        meta = {"index": index, "rows": [lo, hi], "sha256": sums, "data_sha256": data_digest}
+        atomic_write_json(self._meta_file(index), meta)
         self._verified.add(index)
+
+    def check_data(self, index: int, data_digest: str) -> None:
+        """Raise ConfigMismatchError if shard ``index`` was computed from other examples than those hashing to
+        ``data_digest`` (a dataset read lazily can change under a cache without changing its length)."""
+        if self.path is None:
+            return
+        try:
+            with open(self._meta_file(index)) as f:
+                recorded = json.load(f).get("data_sha256")
+        except (OSError, ValueError) as e:
+            raise CorruptCacheError(f"{self._meta_file(index)} is unreadable ({e}); delete it to recompute") from e
+        if recorded is not None and recorded != data_digest:
+            lo, hi = self.rows(index)
+            raise ConfigMismatchError(
+                f"training examples {lo}..{hi - 1} differ from those the cache at {self.path} was computed from "
+                "(the dataset changed); use another cache_dir, or delete this one to recompute"
+            )
 
     # ---- reading
     def read(self, index: int) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import DunegrassError
-from ...fingerprint import state_fingerprint
+from ...fingerprint import model_fingerprint
 from ...store.signals import TensorFiles
 from ...task import Task
 from ...train import Member, TrainConfig
@@ -72,7 +72,7 @@ class LocalBackend(BlackBoxBackend):
     def config(self) -> dict:
         return {
             "backend": "local",
-            "weights": state_fingerprint(self.model.state_dict()),  # the base model being fine-tuned
+            "weights": model_fingerprint(self.model),  # the base model being fine-tuned
             "task": self.task.config(),
             "train_config": self.train_config.to_dict(),
             "lora": None if self.lora is None else self.lora.to_dict(),
