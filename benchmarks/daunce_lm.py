@@ -40,7 +40,7 @@ def runs(bench, quick: bool):
             K,
             "if",
             f"adamw lr={lr:g}, 1 epoch, b16",
-            lambda c=cfg: Daunce(m, task, num_models=K, lora=lora, config=c),
+            lambda c=cfg: Daunce(m, task, num_models=K, lora=lora, train=c),
         )
     full = TrainConfig(optimizer="adam", lr=1e-3, steps=30, epochs=None, batch_size=32, schedule="cosine")
     for variant in ("if", "blackbox"):
@@ -49,7 +49,7 @@ def runs(bench, quick: bool):
             K,
             variant,
             "adam lr=1e-3, 30 steps, b32",
-            lambda v=variant: Daunce(m, task, num_models=K, variant=v, config=full, trainer="ensemble", max_members=32),
+            lambda v=variant: Daunce(m, task, num_models=K, variant=v, train=full, trainer="ensemble", max_members=32),
         )
     yield (
         "GradientInfluence (gaussian:4096)",

@@ -38,16 +38,16 @@ CNN_METHODS = {
     "TRAK": lambda m, t: dg.TRAK(m, t, k=512),
     "TracIn": lambda m, t: dg.TracIn(m, t),
     "LoGra": lambda m, t: dg.LoGra(m, t, k_in=8, k_out=8),
-    "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=256, mask_in=32, mask_out=16),
+    "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=256, mask_size=(32, 16)),
     "ExactInfluence": lambda m, t: dg.ExactInfluence(m, t, hessian="gauss_newton", damping=0.1),
-    "Daunce": lambda m, t: dg.Daunce(m, t, num_models=32, steps=30, batch_size=32),
+    "Daunce": lambda m, t: dg.Daunce(m, t, num_models=32, steps=30, train_batch_size=32),
 }
 LM_METHODS = {
     "GradientInfluence": lambda m, t: dg.GradientInfluence(m, t, compressor="sjlt:1024"),
     "GraSS": lambda m, t: dg.GraSS(m, t, k=1024),
     "LoGra": lambda m, t: dg.LoGra(m, t, k_in=16, k_out=16),
-    "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=256, mask_in=32, mask_out=32),
-    "Daunce (finetune)": lambda m, t: dg.Daunce(m, t, num_models=8, steps=8, batch_size=8, trainer="finetune"),
+    "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=256, mask_size=(32, 32)),
+    "Daunce (finetune)": lambda m, t: dg.Daunce(m, t, num_models=8, steps=8, train_batch_size=8, trainer="finetune"),
 }
 STOCHASTIC = ("Daunce",)
 

@@ -78,7 +78,7 @@ def study(bt, queries, gt, k: int, seeds: int) -> list[dict]:
         f"Random Mask k'={4 * k}": lambda s: dg.GradientInfluence(m, task, compressor=f"mask:{4 * k}", seed=s),
     }
     for factor in (4, 8, 16):
-        variants[f"GraSS k'={min(factor * k, d)}"] = lambda s, f=factor: GraSS(m, task, k=k, mask_dim=f * k, seed=s)
+        variants[f"GraSS k'={min(factor * k, d)}"] = lambda s, f=factor: GraSS(m, task, k=k, mask_size=f * k, seed=s)
     rows = []
     for name, make in variants.items():
         values = []

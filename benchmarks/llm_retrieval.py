@@ -108,11 +108,11 @@ def retrieval(values: torch.Tensor, source: torch.Tensor) -> dict:
 def methods(model, task, batch_size: int):
     yield (
         "FactGraSS influence",
-        lambda: dg.FactGraSS(model, task, k=1024, mask_in=64, mask_out=64, batch_size=batch_size),
+        lambda: dg.FactGraSS(model, task, k=1024, mask_size=(64, 64), batch_size=batch_size),
     )
     yield (
         "FactGraSS dot product",
-        lambda: dg.FactGraSS(model, task, k=1024, mask_in=64, mask_out=64, damping=None, batch_size=batch_size),
+        lambda: dg.FactGraSS(model, task, k=1024, mask_size=(64, 64), damping=None, batch_size=batch_size),
     )
     yield "LoGra influence", lambda: dg.LoGra(model, task, k_in=32, k_out=32, batch_size=batch_size)
     yield "LoGra dot product", lambda: dg.LoGra(model, task, k_in=32, k_out=32, damping=None, batch_size=batch_size)

@@ -29,15 +29,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def methods(model, task):
     """(method, k per layer, factory) rows of the table."""
     yield "LoGra", 256, lambda: LoGra(model, task, k_in=16, k_out=16)
-    yield "FactGraSS (random)", 256, lambda: FactGraSS(model, task, k=256, mask_in=32, mask_out=32)
+    yield "FactGraSS (random)", 256, lambda: FactGraSS(model, task, k=256, mask_size=(32, 32))
     yield (
         "FactGraSS (selective)",
         256,
-        lambda: FactGraSS(model, task, k=256, mask_in=32, mask_out=32, masks="selective"),
+        lambda: FactGraSS(model, task, k=256, mask_size=(32, 32), mask="selective"),
     )
     yield "LoGra", 4096, lambda: LoGra(model, task)
     yield "FactGraSS (random)", 4096, lambda: FactGraSS(model, task)
-    yield "FactGraSS (selective)", 4096, lambda: FactGraSS(model, task, masks="selective")
+    yield "FactGraSS (selective)", 4096, lambda: FactGraSS(model, task, mask="selective")
     yield "TracIn (exact gradient dot, all parameters)", None, lambda: dg.TracIn(model, task)
 
 

@@ -92,7 +92,7 @@ def _attributor(method: str, model, task):
         return dg.LoGra(model, task, k_in=64, k_out=64, batch_size=8)
     if method == "grass":
         params = [f"{name}.weight" for name in GRASS_LAYERS]
-        return dg.GraSS(model, task, k=K, mask_dim=4 * K, params=params, batch_size=8, chunk_size=8)
+        return dg.GraSS(model, task, k=K, mask_size=4 * K, params=params, batch_size=8, chunk_size=8)
     return dg.Daunce(model, task, num_models=16, lora=True, trainer="finetune")
 
 

@@ -77,8 +77,8 @@ def test_a_fisher_block_too_large_fails_when_the_method_is_built():
     of 32768² (8 GiB of float64) is refused before any gradient is computed, with the fixes."""
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(40)])
     task = dg.ClassificationTask()
-    dg.FactGraSS(model, task, k=16384, mask_in=256, mask_out=256)
+    dg.FactGraSS(model, task, k=16384, mask_size=(256, 256))
     wide = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
     with pytest.raises(dg.DunegrassError, match=r"32768 x 32768 \(8\.0 GiB in float64\).*smaller k"):
-        dg.GraSS(wide, task, k=32768, mask_dim=65536)
-    dg.GraSS(wide, task, k=32768, mask_dim=65536, damping=None)  # dot products need no Fisher
+        dg.GraSS(wide, task, k=32768, mask_size=65536)
+    dg.GraSS(wide, task, k=32768, mask_size=65536, damping=None)  # dot products need no Fisher

@@ -25,9 +25,10 @@ def test_every_example_of_a_dataset_is_hashed_whatever_the_batching():
     dataset = torch.utils.data.TensorDataset
     assert data_fingerprint(dataset(x, y)) == data_fingerprint(dataset(x.clone(), y), batch_size=7)
     assert data_fingerprint(dataset(x, y)) != data_fingerprint(dataset(changed, y))
-    assert RowHasher().update((x[:5], y[:5])).hexdigest() == RowHasher().update((x[:2], y[:2])).update(
-        (x[2:5], y[2:5])
-    ).hexdigest()
+    assert (
+        RowHasher().update((x[:5], y[:5])).hexdigest()
+        == RowHasher().update((x[:2], y[:2])).update((x[2:5], y[2:5])).hexdigest()
+    )
 
 
 class _Table(torch.utils.data.Dataset):

@@ -203,7 +203,6 @@ class ClassificationTask(Task):
         return correct - others.max(dim=1).values
 
 
-
 def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
     """Boolean one-hot ``[B, C]`` (F.one_hot cannot run under vmap)."""
     return torch.arange(num_classes, device=labels.device)[None, :] == labels[:, None]
@@ -290,7 +289,6 @@ class CausalLMTask(Task):
         if self.measurement_name == "loss":
             return self.loss(outputs, batch)
         return self._token_logprobs(outputs, batch)[0].sum(1)
-
 
 
 def _takes_position_ids(model: Any) -> bool:

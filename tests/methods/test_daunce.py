@@ -12,7 +12,7 @@ from dunegrass.methods import daunce_backends
 from dunegrass.methods.daunce import Daunce
 from dunegrass.methods.daunce_objectives import covariance_scores, draw_members
 
-SMALL = {"num_models": 6, "steps": 6, "batch_size": 8, "max_members": 3}
+SMALL = {"num_models": 6, "steps": 6, "train_batch_size": 8, "max_members": 3}
 
 
 class _Killed(Exception):
@@ -53,7 +53,7 @@ def test_members_move_away_from_theta0_and_scores_are_covariances(tiny_classific
     scores = daunce.score(test)
     want = np.cov(np.concatenate([B.numpy(), A.numpy()], axis=1), rowvar=False)[:7, 7:]
     np.testing.assert_allclose(scores.values.numpy(), want, rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(daunce.self_scores().numpy(), A.numpy().var(0, ddof=1), rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(daunce.self_scores().values[0].numpy(), A.numpy().var(0, ddof=1), rtol=1e-4, atol=1e-12)
     assert scores.stderr is not None and (scores.stderr > 0).all()
 
 
@@ -241,7 +241,7 @@ def test_confident_examples_keep_their_signal(device):
     with torch.no_grad():  # these examples' float32 cross-entropy is exactly 0 at θ₀
         logits = model(x[confident].to(device))
         assert (torch.nn.functional.cross_entropy(logits, y[confident].to(device), reduction="none") == 0).all()
-    daunce = Daunce(model, dg.ClassificationTask(), num_models=8, steps=5, batch_size=16).fit((x, y))
+    daunce = Daunce(model, dg.ClassificationTask(), num_models=8, steps=5, train_batch_size=16).fit((x, y))
     A, _ = daunce.signals()
     assert (A[:, confident].var(0) > 0).all()
     scores = daunce.score((x[unsure], y[unsure]))

@@ -125,7 +125,7 @@ from dunegrass.hf import tiny_gpt2
 n = {n}
 model = tiny_gpt2(vocab_size=4096, n_positions=32, n_embd=16, n_layer=1, n_head=2)
 ids = torch.randint(0, 4096, (n, 32), generator=torch.Generator().manual_seed(0))
-daunce = dg.Daunce(model, dg.CausalLMTask(), num_models=2, trainer="finetune", steps=2, batch_size=4,
+daunce = dg.Daunce(model, dg.CausalLMTask(), num_models=2, trainer="finetune", steps=2, train_batch_size=4,
                    eval_batch_size=32, progress=False)
 daunce.fit({{"input_ids": ids}})
 assert daunce.signals()[0].shape == (2, n)

@@ -32,11 +32,11 @@ def test_local_backend_matches_the_blackbox_variant(tiny_classification):
     task = dg.ClassificationTask()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     service = BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=5, seed=3).fit(train)
-    local = Daunce(model, task, num_models=5, variant="blackbox", trainer="finetune", config=CONFIG, seed=3).fit(train)
+    local = Daunce(model, task, num_models=5, variant="blackbox", trainer="finetune", train=CONFIG, seed=3).fit(train)
     a, b = service.score(test), local.score(test)
     torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(a.stderr, b.stderr, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(service.self_scores(), local.self_scores(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(service.self_scores().values, local.self_scores().values, rtol=1e-4, atol=1e-8)
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n])
 

@@ -12,9 +12,9 @@ METHODS = {
     "TRAK": lambda m, t: dg.TRAK(m, t, k=256),
     "TracIn": lambda m, t: dg.TracIn(m, t),
     "LoGra": lambda m, t: dg.LoGra(m, t, k_in=8, k_out=8),
-    "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=64, mask_in=16, mask_out=8),
+    "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=64, mask_size=(16, 8)),
     "ExactInfluence": lambda m, t: dg.ExactInfluence(m, t, hessian="gauss_newton", damping=0.1),
-    "Daunce": lambda m, t: dg.Daunce(m, t, num_models=16, steps=20, batch_size=32),
+    "Daunce": lambda m, t: dg.Daunce(m, t, num_models=16, steps=20, train_batch_size=32),
 }
 
 

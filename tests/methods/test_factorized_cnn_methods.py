@@ -42,7 +42,7 @@ def func_layer_gradients(model, layers, data) -> list[torch.Tensor]:
 
 PRESETS = {
     "logra": lambda m, t, **kw: dg.LoGra(m, t, k_in=6, k_out=4, **kw),
-    "factgrass": lambda m, t, **kw: dg.FactGraSS(m, t, k=16, mask_in=8, mask_out=6, **kw),
+    "factgrass": lambda m, t, **kw: dg.FactGraSS(m, t, k=16, mask_size=(8, 6), **kw),
 }
 
 
@@ -107,7 +107,7 @@ def test_selective_factgrass_masks_fit_on_conv_layers(digits, device):
     model, task, train, queries = digits
     model = copy.deepcopy(model).to(device)
     model.train()  # mask fitting and featurising run in eval mode and give the caller's mode back
-    attr = dg.FactGraSS(model, task, k=16, mask_in=8, mask_out=6, masks="selective", mask_examples=20).fit(train)
+    attr = dg.FactGraSS(model, task, k=16, mask_size=(8, 6), mask="selective", mask_examples=20).fit(train)
     conv = attr.featurizers[0].compressors[1]  # layer "3": 72 patch coordinates, 16 channels
     assert (conv.mask_in.in_dim, conv.mask_out.in_dim) == (72, 16) and conv.mask_in.fitted
     assert torch.isfinite(attr.score(queries).values).all()

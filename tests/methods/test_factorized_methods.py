@@ -10,7 +10,7 @@ from dunegrass.compress import SelectiveMask
 from dunegrass.compress.factorized import FactorMaskConfig, fit_factor_masks
 from dunegrass.errors import ConfigMismatchError, DunegrassError
 from dunegrass.gradients.factorized import factor_layers, layer_gradients
-from dunegrass.methods import factorized
+from dunegrass.methods import mask_cache
 from dunegrass.methods.factorized import FactGraSS, FactorizedFeaturizer, LoGra
 
 transformers = pytest.importorskip("transformers")
@@ -27,7 +27,7 @@ def model():
 
 PRESETS = {
     "logra": lambda m, **kw: LoGra(m, TASK, k_in=4, k_out=5, **kw),
-    "factgrass": lambda m, **kw: FactGraSS(m, TASK, k=16, mask_in=8, mask_out=6, **kw),
+    "factgrass": lambda m, **kw: FactGraSS(m, TASK, k=16, mask_size=(8, 6), **kw),
 }
 
 
@@ -75,7 +75,7 @@ def test_scores_equal_block_influence_on_materialised_gradients(model, name, pad
 
 
 def test_one_block_per_layer_and_config(model):
-    attr = FactGraSS(model, TASK, k=16, mask_in=8, mask_out=6)
+    attr = FactGraSS(model, TASK, k=16, mask_size=(8, 6))
     featurizer = attr.featurizers[0]
     assert isinstance(featurizer, FactorizedFeaturizer)
     assert featurizer.blocks == [(0, 16), (16, 32), (32, 48), (48, 64)]
@@ -98,8 +98,8 @@ def test_each_checkpoint_gets_its_own_seed(model, padded_batch):
 def test_materialised_options_are_rejected(model):
     with pytest.raises(DunegrassError, match="drop params="):
         LoGra(model, TASK, params=["transformer.wte.weight"])
-    with pytest.raises(DunegrassError, match="masks must be 'random' or 'selective'"):
-        FactGraSS(model, TASK, masks="learned")
+    with pytest.raises(DunegrassError, match="mask must be one of 'random', 'selective'"):
+        FactGraSS(model, TASK, mask="learned")
 
 
 def test_fit_factor_masks_recovers_planted_coordinates():
@@ -128,7 +128,7 @@ def test_selective_masks_are_learned_cached_and_checked(model, tmp_path, padded_
     cfg = FactorMaskConfig(max_rounds=2)
 
     def make():
-        return FactGraSS(model, TASK, k=16, mask_in=8, mask_out=6, masks="selective", mask_examples=20, mask_config=cfg)
+        return FactGraSS(model, TASK, k=16, mask_size=(8, 6), mask="selective", mask_examples=20, mask_config=cfg)
 
     first = make().fit(train, cache_dir=tmp_path)
     comp = first.featurizers[0].compressors[0]
@@ -142,8 +142,8 @@ def test_selective_masks_are_learned_cached_and_checked(model, tmp_path, padded_
 
 
 def test_selective_mask_memory_guard(model, monkeypatch, padded_batch):
-    monkeypatch.setattr(factorized, "MASK_FIT_BYTES", 1000)
-    attr = FactGraSS(model, TASK, k=16, masks="selective", mask_examples=20)
+    monkeypatch.setattr(mask_cache, "MASK_FIT_BYTES", 1000)
+    attr = FactGraSS(model, TASK, k=16, mask="selective", mask_examples=20)
     with pytest.raises(DunegrassError, match="lower mask_examples"):
         attr.fit(padded_batch(n=30, seed=0, side="right"))
 

@@ -17,7 +17,7 @@ METHODS = {
     "trak": lambda m, t: dg.TRAK(m, t, k=16),
     "tracin": lambda m, t: dg.TracIn(m, t),
     "logra": lambda m, t: dg.LoGra(m, t, k_in=4, k_out=4),
-    "factgrass": lambda m, t: dg.FactGraSS(m, t, k=16, mask_in=4, mask_out=4),
+    "factgrass": lambda m, t: dg.FactGraSS(m, t, k=16, mask_size=(4, 4)),
     "exact": lambda m, t: dg.ExactInfluence(m, t, hessian="gauss_newton", damping=0.1),
 }
 
@@ -99,7 +99,9 @@ def test_default_sdpa_attention_works_and_is_restored(device, name):
     build = {
         "gradient": lambda m: dg.GradientInfluence(m, task, compressor="sjlt:64"),
         "grass": lambda m: dg.GraSS(m, task, k=64),
-        "daunce": lambda m: dg.Daunce(m, task, num_models=3, steps=3, batch_size=2, trainer="ensemble"),  # vmapped
+        "daunce": lambda m: dg.Daunce(
+            m, task, num_models=3, steps=3, train_batch_size=2, trainer="ensemble"
+        ),  # vmapped
     }
     sdpa = tiny_gpt2(attn_implementation="sdpa").to(device)
     with warnings.catch_warnings(record=True):

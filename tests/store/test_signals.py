@@ -71,7 +71,7 @@ def test_without_a_path_weights_live_in_a_private_directory_removed_with_the_sto
 
 def test_daunce_without_cache_dir_keeps_no_member_in_ram_and_cleans_up(tiny_classification):
     model, train, test = tiny_classification
-    daunce = Daunce(model, dg.ClassificationTask(), num_models=3, steps=3, batch_size=8).fit(train)
+    daunce = Daunce(model, dg.ClassificationTask(), num_models=3, steps=3, train_batch_size=8).fit(train)
     directory = daunce.store.weights.directory
     assert sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")) == [
         f"member-{k:05d}.safetensors" for k in range(3)

@@ -127,7 +127,7 @@ def test_daunce_with_lora_on_a_causal_lm_leaves_the_model_unchanged(tmp_path):
     task = dg.CausalLMTask()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     queries = {"input_ids": data["input_ids"][:3].flip(1)}
-    daunce = Daunce(model, task, num_models=3, lora=LoraConfig(rank=4), steps=3, batch_size=4, lr=1e-2, seed=1)
+    daunce = Daunce(model, task, num_models=3, lora=LoraConfig(rank=4), steps=3, train_batch_size=4, lr=1e-2, seed=1)
     scores = daunce.fit(data, cache_dir=tmp_path).score(queries)
     assert daunce.trainer_used == "finetune"
     assert scores.shape == (3, 12) and torch.isfinite(scores.values).all() and (scores.stderr > 0).all()
@@ -143,7 +143,7 @@ def test_lora_dropout_is_off_so_members_are_reproducible():
 
     def signals():
         lora = LoraConfig(rank=4, dropout=0.5)
-        daunce = Daunce(model, dg.CausalLMTask(), num_models=3, lora=lora, steps=3, batch_size=4, lr=1e-2, seed=1)
+        daunce = Daunce(model, dg.CausalLMTask(), num_models=3, lora=lora, steps=3, train_batch_size=4, lr=1e-2, seed=1)
         return daunce.fit(data).signals()[0]
 
     torch.testing.assert_close(signals(), signals(), rtol=0, atol=0)

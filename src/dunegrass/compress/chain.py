@@ -34,6 +34,15 @@ class Chain(Compressor):
         super().__init__(stages[0].in_dim, stages[-1].out_dim, stages[0].seed)
         self.stages = stages
 
+    @property
+    def head(self) -> Compressor:
+        """The first stage (GraSS's mask)."""
+        return self.stages[0]
+
+    def with_head(self, stage: Compressor) -> Chain:
+        """This chain with its first stage replaced (e.g. by a learned mask of the same shape)."""
+        return Chain([stage, *self.stages[1:]])
+
     def _compress(self, x: Tensor) -> Tensor:
         for stage in self.stages:
             x = stage._compress(x)

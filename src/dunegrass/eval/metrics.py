@@ -114,12 +114,14 @@ def loo_correlation(scores: Scores | Tensor, loo_effects: Tensor) -> dict:
     }
 
 
-def mislabel_auc(self_scores: Tensor, is_mislabeled: Tensor) -> float:
+def mislabel_auc(self_scores: Scores | Tensor, is_mislabeled: Tensor) -> float:
     """ROC AUC (scikit-learn's ``roc_auc_score``) of ranking training examples by self-influence, high
-    first, to find flipped labels."""
+    first, to find flipped labels. ``self_scores``: what an attributor's ``self_scores()`` returns
+    (``Scores [1, n_train]``) or a ``[n_train]`` tensor."""
     from sklearn.metrics import roc_auc_score  # imported here: it costs a second at start-up
 
-    s = torch.as_tensor(self_scores, dtype=torch.float64).numpy()
+    values = self_scores.values.reshape(-1) if isinstance(self_scores, Scores) else self_scores
+    s = torch.as_tensor(values, dtype=torch.float64).numpy()
     y = torch.as_tensor(is_mislabeled).bool().numpy()
     if s.shape != y.shape:
         raise DunegrassError(f"self_scores {s.shape} and labels {y.shape} must have the same shape")

@@ -41,16 +41,13 @@ from .. import distributed
 from ..data import as_data
 from ..errors import DunegrassError, NonFiniteError
 from ..fingerprint import data_fingerprint, model_fingerprint
+from ..options import DaunceOptions, build, deprecated
 from ..scores import Scores, TopScores, make_sink
 from ..store.signals import SignalStore
 from ..task import Task
-from ..train import TrainConfig
-from ..train.lora import LoraConfig
 from .base import Attributor, eval_mode
-from .daunce_backends import BACKENDS, EnsembleBackend, FinetuneBackend, NewtonBackend
+from .daunce_backends import EnsembleBackend, FinetuneBackend, NewtonBackend
 from .daunce_objectives import (
-    SIGNALS,
-    VARIANTS,
     check_theta0,
     chunk_columns,
     covariance_into,
@@ -58,41 +55,22 @@ from .daunce_objectives import (
     draw_members,
     objective_terms,
     signal_fn,
+    variance_with_stderr,
 )
 
-# Short Adam runs with cosine decay (algorithms.md §3); lr 1e-3 and 50 steps won the lr × steps sweep
-# on the digits MLP (benchmarks/daunce_lds.py): the estimator wants many cheap members.
-DEFAULT_CONFIG = TrainConfig(optimizer="adam", lr=1e-3, steps=50, epochs=None, batch_size=64, schedule="cosine")
-# The authors' LLM recipe: LoRA on the MLP projections, AdamW, cosine with 3 % warm-up, one epoch.
-LORA_CONFIG = TrainConfig(optimizer="adamw", lr=3e-4, epochs=1.0, batch_size=16, schedule="cosine", warmup=0.03)
 AUTO_ENSEMBLE_MAX_PARAMS = 2_000_000  # above this, vmapping many copies costs too much memory
+# Shortcuts for single fields of the members' recipe (DaunceOptions.train), and names of earlier releases.
+RECIPE_SHORTCUTS = ("optimizer", "lr", "steps", "train_batch_size")
+LEGACY = {"signal": "train_signal= and query_signal=", "batch_size": "train_batch_size=", "config": "train="}
 
 
 class Daunce(Attributor):
-    """Daunce with K perturbed members.
-
-    Args:
-        num_models: K ≥ 2; the Monte-Carlo noise of every score shrinks as 1/√K.
-        variant: ``"if"`` (default), ``"efim"`` or ``"blackbox"`` (plain fine-tuning on D_k).
-        subsample_ratio: r in (0, 1], |D_k| = round(r · n).
-        rho, gamma: the perturbation scale ρ and loss weight γ of the objectives (default 1).
-        signal: ``"loss"``, ``"margin"`` (classification; minus the margin) or ``"measurement"``
-            (``task.query_loss``), evaluated on both sides.
-        config: the fine-tuning recipe (TrainConfig); ``optimizer``/``lr``/``steps``/``batch_size``
-            override single fields. Default: Adam lr 1e-3, 50 steps, batch 64, cosine decay; with
-            LoRA, AdamW lr 3e-4, one epoch, batch 16, cosine with 3 % warm-up.
-        trainer: ``"auto"`` (vmapped ensemble for in-memory data and small models, else member by
-            member), ``"ensemble"``, ``"finetune"`` or ``"newton"`` (exact minimisation; convex
-            models whose outputs are linear in the parameters, with ``l2``).
-        lora: a LoraConfig, or True for the default (rank 64, α 16, MLP projections); finetune only.
-        l2: the L2 coefficient for ``trainer="newton"`` (see NewtonBackend).
-        max_members: members trained together by the vmapped back ends (memory); part of the cache layout.
-        keep_members: write each member's trained tensors to disk (under ``cache_dir``, else a private
-            temporary directory removed with the attributor) to score new queries without retraining.
-        checkpoint_every: with ``finetune`` and a ``cache_dir``, checkpoint a member every so many steps.
-        eval_batch_size: examples per forward pass when members are evaluated. Default: 512 for the
-            vmapped back ends (small models), the training batch size member by member (a language
-            model's logits are batch × tokens × vocabulary: 512 of them would not fit).
+    """Daunce with K perturbed members; settings in ``DaunceOptions`` (``options=``, or any of its fields
+    as a keyword: ``num_models``, ``variant``, ``subsample_ratio``, ``rho``, ``gamma``, ``train_signal``,
+    ``query_signal``, ``train``, ``trainer``, ``lora`` (a LoraConfig or True), ``l2``, ``max_members``,
+    ``keep_members``, ``checkpoint_every``, ``eval_batch_size``, ``seed``). ``optimizer``, ``lr``,
+    ``steps`` and ``train_batch_size`` set single fields of the members' recipe. Presets:
+    ``DaunceOptions.preset("llm")`` (LoRA, the authors' recipe), ``"low_memory"``.
     """
 
     method_name = "daunce"
@@ -101,103 +79,73 @@ class Daunce(Attributor):
         self,
         model: nn.Module,
         task: Task,
-        num_models: int = 32,
-        variant: str = "if",
-        subsample_ratio: float = 0.3,
-        rho: float = 1.0,
-        gamma: float = 1.0,
-        signal: str = "loss",
-        config: TrainConfig | None = None,
-        optimizer: str | None = None,
-        lr: float | None = None,
-        steps: int | None = None,
-        batch_size: int | None = None,
-        trainer: str = "auto",
-        lora: LoraConfig | bool | None = None,
-        l2: float = 0.0,
-        max_members: int = 128,
-        keep_members: bool = True,
-        checkpoint_every: int = 0,
-        eval_batch_size: int | None = None,
-        seed: int = 0,
+        *,
+        options: DaunceOptions | None = None,
         progress: bool | None = None,
+        **overrides: Any,
     ):
         super().__init__(model, task, progress)
-        if not isinstance(num_models, int) or num_models < 2:
-            raise DunegrassError(
-                f"num_models must be an integer K ≥ 2 (a covariance needs two models), got {num_models}"
-            )
-        if variant not in VARIANTS:
-            raise DunegrassError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if not 0 < subsample_ratio <= 1:
-            raise DunegrassError(f"subsample_ratio must be in (0, 1], got {subsample_ratio}")
-        if signal not in SIGNALS:
-            raise DunegrassError(f"signal must be one of {SIGNALS}, got {signal!r}")
-        if trainer not in ("auto", *BACKENDS):
-            raise DunegrassError(f"trainer must be 'auto' or one of {BACKENDS}, got {trainer!r}")
-        if not (rho > 0 and gamma > 0) or l2 < 0 or max_members < 1:
-            raise DunegrassError("rho and gamma must be positive, l2 non-negative and max_members at least 1")
-        self.lora = LoraConfig() if lora is True else (lora or None)
-        if self.lora is not None and trainer in ("ensemble", "newton"):
-            raise DunegrassError(f"LoRA trains member by member; use trainer='finetune' (not {trainer!r})")
-        base = config or (LORA_CONFIG if self.lora is not None else DEFAULT_CONFIG)
-        overrides = {"optimizer": optimizer, "lr": lr, "batch_size": batch_size}
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if steps is not None:
-            overrides.update(steps=steps, epochs=None)
-        self.config = replace(base, **overrides)
-        self.num_models, self.variant, self.ratio = num_models, variant, float(subsample_ratio)
-        self.rho, self.gamma, self.signal, self.l2 = float(rho), float(gamma), signal, float(l2)
-        self.trainer, self.max_members, self.keep_members = trainer, max_members, keep_members
-        self.checkpoint_every, self.eval_batch_size, self.seed = checkpoint_every, eval_batch_size, seed
-        self.signal_fn = signal_fn(task, signal)
+        for old, new in LEGACY.items():
+            if old in overrides:
+                deprecated(f"{old}=", new, "Daunce")
+        if "signal" in overrides:
+            signal = overrides.pop("signal")
+            overrides.setdefault("train_signal", signal)
+            overrides.setdefault("query_signal", signal)
+        if "config" in overrides:
+            overrides["train"] = overrides.pop("config")
+        if "batch_size" in overrides:
+            overrides["train_batch_size"] = overrides.pop("batch_size")
+        recipe = {k: overrides.pop(k) for k in RECIPE_SHORTCUTS if overrides.get(k) is not None}
+        for k in RECIPE_SHORTCUTS:
+            overrides.pop(k, None)
+        opts = build(DaunceOptions, options, overrides, "Daunce")
+        if recipe:
+            fields = {("batch_size" if k == "train_batch_size" else k): v for k, v in recipe.items()}
+            if "steps" in fields:
+                fields["epochs"] = None
+            opts = replace(opts, train=replace(opts.recipe, **fields))
+        self.options = opts
+        self.signal_fns = {side: signal_fn(task, getattr(opts, f"{side}_signal")) for side in ("train", "query")}
         self.store: SignalStore | None = None
+
+    @property
+    def num_models(self) -> int:
+        return self.options.num_models
 
     # ---- configuration
     def _resolve_trainer(self, data: Any) -> str:
-        if self.trainer != "auto":
-            return self.trainer
+        if self.options.trainer != "auto":
+            return self.options.trainer
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         from ..data import TensorData
 
         small = isinstance(as_data(data), TensorData) and n_params <= AUTO_ENSEMBLE_MAX_PARAMS
-        return "ensemble" if small and self.lora is None else "finetune"
+        return "ensemble" if small and self.options.lora is None else "finetune"
 
     def describe(self) -> dict:
-        return {
-            "method": self.method_name,
-            "num_models": self.num_models,
-            "variant": self.variant,
-            "subsample_ratio": self.ratio,
-            "rho": self.rho,
-            "gamma": self.gamma,
-            "signal": self.signal,
-            "train_config": self.config.to_dict(),
-            "trainer": self.trainer,
-            "lora": None if self.lora is None else self.lora.to_dict(),
-            "l2": self.l2,
-            "seed": self.seed,
-        }
+        return {"method": self.method_name, **self.options.to_dict()}
 
     def _eval_batch(self) -> int:
-        if self.eval_batch_size is not None:
-            return self.eval_batch_size
-        return self.config.batch_size if self.trainer_used == "finetune" else 512
+        if self.options.eval_batch_size is not None:
+            return self.options.eval_batch_size
+        return self.options.recipe.batch_size if self.trainer_used == "finetune" else 512
 
     @property
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _make_backend(self, trainer: str, cache_dir: str | None):
-        terms = objective_terms(self.task, self.variant, self.rho, self.gamma)
-        anchored = self.variant != "blackbox"
+        o = self.options
+        terms = objective_terms(self.task, o.variant, o.rho, o.gamma)
+        anchored = o.variant != "blackbox"
         if trainer == "newton":
-            return NewtonBackend(self.model, self.task, terms, self.l2, anchored=anchored)
+            return NewtonBackend(self.model, self.task, terms, o.l2, anchored=anchored)
         if trainer == "ensemble":
-            return EnsembleBackend(self.model, self.task, self.config, terms, anchored, self.progress)
+            return EnsembleBackend(self.model, self.task, o.recipe, terms, anchored, self.progress)
         ckpt = None if cache_dir is None else os.path.join(cache_dir, "partial")
         return FinetuneBackend(
-            self.model, self.task, self.config, terms, anchored, self.lora, ckpt, self.checkpoint_every, self.progress
+            self.model, self.task, o.recipe, terms, anchored, o.lora, ckpt, o.checkpoint_every, self.progress
         )
 
     @contextmanager
@@ -212,19 +160,21 @@ class Daunce(Attributor):
                 backend.close()
 
     # ---- fit
-    def fit(self, train: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> Daunce:
+    def fit(self, train: Any, *args: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> Daunce:
         """Train the K members (or resume), storing their signals on ``train`` (and ``queries``).
 
-        Under torch.distributed each rank trains its share of the member groups into the shared
+        A cache made with fewer members grows: only the new members are trained (member k does not depend
+        on K). Under torch.distributed each rank trains its share of the member groups into the shared
         ``cache_dir`` (required there) and returns once every rank has finished.
         """
+        queries, cache_dir = self._fit_args(args, queries, cache_dir, ("queries", "cache_dir"))
         data = as_data(train)
-        cache = None if cache_dir is None else os.fspath(cache_dir)
+        cache = self._cache_dir(cache_dir)
         distributed.require_shared_cache(cache)
         trainer = self._resolve_trainer(data)
-        group = 1 if trainer == "finetune" else min(self.max_members, self.num_models)
+        group = 1 if trainer == "finetune" else min(self.options.max_members, self.num_models)
         config = {
-            **self.describe(),
+            **{k: v for k, v in self.describe().items() if k != "num_models"},  # K may grow
             "trainer": trainer,
             "task": self.task.config(),
             "data": data_fingerprint(data),
@@ -234,7 +184,7 @@ class Daunce(Attributor):
         self.train_data, self.n_train, self.store, self.trainer_used = data, len(data), store, trainer
         query_store = None if queries is None else self._query_store(queries)
         mine = [(lo, hi) for lo, hi in store.missing_groups() if distributed.my_shards([lo // group])]
-        if mine and self.variant != "blackbox":
+        if mine and self.options.variant != "blackbox":
             with eval_mode(self.model):
                 check_theta0(self.model, self.task, data, self._eval_batch(), self._device)
         if mine or (query_store is not None and distributed.my_shards(query_store.missing())):
@@ -248,25 +198,25 @@ class Daunce(Attributor):
         return self
 
     def _train_groups(self, backend, data: Any, groups: list[tuple[int, int]], queries: Any, query_store) -> None:
-        members = draw_members(len(data), self.num_models, self.ratio, self.seed)
+        o = self.options
+        members = draw_members(len(data), self.num_models, o.subsample_ratio, o.seed)
         for lo, hi in tqdm(groups, desc="daunce: members", disable=not self.progress, unit="group"):
-            eps = None if self.variant == "blackbox" else draw_eps(len(data), range(lo, hi), self.seed)
+            eps = None if o.variant == "blackbox" else draw_eps(len(data), range(lo, hi), o.seed)
             states = backend.train(data, members[lo:hi], eps)
-            rows = self._evaluate(backend, states, data, lo)
+            rows = self._evaluate(backend, states, data, lo, "train")
             qrows = {}
             if query_store is not None and (lo // self.store.group_size) in query_store.missing():
-                qrows["q"] = (query_store, self._evaluate(backend, states, queries, lo))
-            self.store.write_group(lo, rows, qrows, states if self.keep_members else None)
+                qrows["q"] = (query_store, self._evaluate(backend, states, queries, lo, "query"))
+            self.store.write_group(lo, rows, qrows, states if o.keep_members else None)
             del states  # one group's members at a time
 
-    def _evaluate(self, backend, states, data, lo: int) -> Tensor:
-        rows = backend.evaluate(states, data, self.signal_fn, self._eval_batch())
+    def _evaluate(self, backend, states, data, lo: int, side: str) -> Tensor:
+        rows = backend.evaluate(states, data, self.signal_fns[side], self._eval_batch())
         bad = ~torch.isfinite(rows).all(dim=1)
         if bad.any():
             k = lo + int(bad.nonzero()[0, 0])
-            hint = (
-                " (the efim objective diverges at step sizes that suit if: lower lr)" if self.variant == "efim" else ""
-            )
+            efim = self.options.variant == "efim"
+            hint = " (the efim objective diverges at step sizes that suit if: lower lr)" if efim else ""
             raise NonFiniteError(
                 f"member {k} has NaN/inf signals: its fine-tuning diverged{hint}; lower lr or steps, or rho"
             )
@@ -274,7 +224,13 @@ class Daunce(Attributor):
 
     def _query_store(self, queries: Any):
         q = as_data(queries)
-        return self.store.query_store(data_fingerprint(q), len(q))
+        store = self.store.query_store(data_fingerprint(q), len(q))
+        if store.missing():  # new queries: a NaN in one of them is its own fault, not a member's
+            with eval_mode(self.model):
+                check_theta0(
+                    self.model, self.task, q, self._eval_batch(), self._device, self.signal_fns["query"], "query"
+                )
+        return store
 
     def _fill_queries(self, backend, query_store, queries: Any) -> None:
         """Signals of already trained members on ``queries``, from their kept weights (this rank's groups)."""
@@ -286,7 +242,7 @@ class Daunce(Attributor):
                     "pass the queries to fit(train, queries=...) or use keep_members=True"
                 )
             states = [self.store.load_weights(k, self._device) for k in range(lo, hi)]
-            query_store.write(index, {"signal": self._evaluate(backend, states, queries, lo).numpy()})
+            query_store.write(index, {"signal": self._evaluate(backend, states, queries, lo, "query").numpy()})
 
     # ---- score
     def _require_complete(self) -> None:
@@ -324,8 +280,13 @@ class Daunce(Attributor):
         covariance_into(sink, chunks, B, device)
         return sink.result(self.method_name, {**self.describe(), "trainer": self.trainer_used})
 
-    def self_scores(self) -> Tensor:
-        """``[n_train]``: Cov(s_i, s_i) = the variance of each training example's signal across members."""
+    def self_scores(self) -> Scores:
+        """``Scores [1, n_train]``: Cov(s_i, s_i), the variance of each training example's signal across the
+        members, with its standard error (the covariance's, with both sides the same signal)."""
         self._require_complete()
-        chunks = self.store.train_chunks(chunk_columns(self.num_models, 0))
-        return torch.cat([a.var(0).to(torch.float32) for _, a in chunks])
+        values, errors = [], []
+        for _, a in self.store.train_chunks(chunk_columns(self.num_models, 0)):
+            v, e = variance_with_stderr(a)
+            values.append(v)
+            errors.append(e)
+        return self._self_scores(torch.cat(values), torch.cat(errors))

@@ -29,6 +29,7 @@ SIGNALS = ("loss", "margin", "measurement")
 SUBSET_STREAM, EPS_STREAM, ORDER_STREAM = 0x737562, 0x657073, 0x6F7264
 
 Terms = Callable[[Tensor, Any, dict[str, Tensor]], Tensor]  # (outputs [B, ...], batch, aux) -> [B]
+Signal = Callable[[Tensor, Any], Tensor]  # (outputs [B, ...], batch) -> [B]
 
 
 def draw_members(n: int, num_models: int, ratio: float, seed: int) -> list[Member]:
@@ -74,17 +75,21 @@ def check_outputs(task: Task, model: nn.Module, batch: Any) -> Tensor:
     return out
 
 
-def check_theta0(model: nn.Module, task: Task, data: Any, batch_size: int, device) -> None:
-    """Check once, before any member trains, that θ₀ has usable outputs and a finite loss on every
-    training example (an error names the examples). One forward pass; nothing is kept."""
+def check_theta0(
+    model: nn.Module, task: Task, data: Any, batch_size: int, device, fn: Signal | None = None, what: str = "training"
+) -> None:
+    """Check once, before members train or are evaluated, that θ₀ has usable outputs and a finite ``fn``
+    (default: the training loss) on every example of ``data`` (an error names the examples: a NaN in an
+    input is that example's fault, not a member's). One forward pass; nothing is kept."""
+    fn = fn or task.loss
     with torch.no_grad():
         for lo, batch in iterate_batches(data, batch_size):
             batch = to_device(batch, device)
-            loss = task.loss(check_outputs(task, model, batch), batch)
+            values = fn(check_outputs(task, model, batch), batch)
             try:
-                check_finite(loss, "training loss at θ₀", offset=lo)
+                check_finite(values, f"{what} signal at θ₀" if fn is not task.loss else "training loss at θ₀", lo)
             except NonFiniteError as e:
-                raise NonFiniteError(f"{e}. Daunce starts from θ₀ and needs finite losses there") from None
+                raise NonFiniteError(f"{e}. Daunce starts from θ₀ and needs finite values there") from None
 
 
 def theta0_anchors(task: Task, outputs0: Tensor, batch: Any) -> dict[str, Tensor]:
@@ -242,3 +247,14 @@ def covariance_into(
         _check_pair(a.shape[0], b.shape[0])
         values, stderr = _covariance(b, _centred(a.to(device)))
         sink.add(start, values.to(torch.float32), stderr.to(torch.float32))
+
+
+def variance_with_stderr(signals: Tensor) -> tuple[Tensor, Tensor]:
+    """Each column's sample variance across the K members of ``signals [K, m]`` and its standard error: the
+    covariance estimator's (``covariance_scores``) with both sides the same signal, (μ₄ − σ⁴)/K + 2σ⁴/(K(K − 1))."""
+    K = signals.shape[0]
+    a = signals.to(torch.float64) - signals.to(torch.float64).mean(0)
+    var = (a * a).sum(0) / (K - 1)
+    mu4 = (a**4).mean(0)
+    err = ((mu4 - var * var).clamp_min(0) / K + 2 * var * var / (K * (K - 1))).sqrt()
+    return var.to(torch.float32), err.to(torch.float32)

@@ -11,13 +11,15 @@ attribute through the trainable parameters by default (``modules=`` to choose; `
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..compress import SelectiveMask
 from ..compress.factorized import (
     FactGraSSCompressor,
     FactorizedCompressor,
@@ -28,14 +30,13 @@ from ..compress.factorized import (
 from ..data import iterate_batches, subset, to_device
 from ..errors import DunegrassError, NonFiniteError
 from ..gradients.factorized import FactorLayer, ModuleSelection, capture_factors, factor_layers, layer_gradients
+from ..options import choice, deprecated, positive_int
 from ..seeding import derive_seed
 from ..task import Task
 from .base import eval_mode
 from .featurize import Featurizer, ObjectiveFn, load_weights
 from .gradient import GradientInfluence
-from .mask_cache import load_masks, save_masks
-
-MASK_FIT_BYTES = 2 << 30  # bound on the materialised layer gradients used to learn selective masks
+from .mask_cache import check_fit_bytes, learned_masks
 
 
 class FactorizedFeaturizer(Featurizer):
@@ -93,21 +94,21 @@ def _reject(kwargs: dict, preset: str) -> None:
 
 
 class _FactorizedInfluence(GradientInfluence):
-    """Shared wiring: one featurizer per checkpoint, each layer with its own seed."""
+    """Shared wiring: the selected layers, and one featurizer per checkpoint with a seed per layer."""
 
-    def __init__(self, model, task, make: Callable[[FactorLayer, int], FactorizedCompressor], modules, **kwargs):
+    def __init__(self, model: nn.Module, task: Task, modules: ModuleSelection, **kwargs: Any):
         _reject(kwargs, type(self).__name__)
         self.layers = factor_layers(model, modules)
-        self._make = make
-        seed = kwargs.get("seed", 0)
-        n_ckpt = len(kwargs["checkpoints"]) if kwargs.get("checkpoints") is not None else 1
-        featurizers = [self._featurizer(model, derive_seed(seed, m)) for m in range(max(n_ckpt, 1))]
-        super().__init__(model, task, featurizer=featurizers[0], **kwargs)
-        self.featurizers = featurizers[: len(self.checkpoints)]
+        super().__init__(model, task, **kwargs)
 
-    def _featurizer(self, model: nn.Module, seed: int) -> FactorizedFeaturizer:
+    def _featurizer(self, m: int, compressor, params, per_parameter) -> FactorizedFeaturizer:
+        seed = derive_seed(self.options.seed, m)
         comps = [self._make(layer, derive_seed(seed, i)) for i, layer in enumerate(self.layers)]
-        return FactorizedFeaturizer(model, self.layers, comps)
+        return FactorizedFeaturizer(self.model, self.layers, comps)
+
+    @abstractmethod
+    def _make(self, layer: FactorLayer, seed: int) -> FactorizedCompressor:
+        """Layer ``layer``'s compressor, seeded with ``seed``: each preset builds its own."""
 
 
 class LoGra(_FactorizedInfluence):
@@ -119,8 +120,7 @@ class LoGra(_FactorizedInfluence):
             nn.Linear, Conv1D and nn.Conv2d (groups=1) whose weight requires grad, with its bias only when
             that requires grad; names, fnmatch patterns or types select those layers whole, frozen or not
             (``gradients.factorized.factor_layers``).
-        damping: relative damping of each layer's Fisher block; None = gradient dot products.
-        Other keyword arguments (checkpoints, batch_size, seed, train_signal, ...) as GradientInfluence.
+        options, damping, checkpoints, batch_size, seed, train_signal, ...: as GradientInfluence.
     """
 
     method_name = "logra"
@@ -129,16 +129,17 @@ class LoGra(_FactorizedInfluence):
         self,
         model: nn.Module,
         task: Task,
+        *,
         k_in: int = 64,
         k_out: int = 64,
         modules: ModuleSelection = None,
-        damping: float | None = 0.1,
         **kwargs: Any,
     ):
-        def make(layer: FactorLayer, seed: int) -> FactorizedCompressor:
-            return LoGraCompressor(layer.in_dim, layer.out_dim, k_in, k_out, seed=seed, bias=layer.has_bias)
+        self.k_in, self.k_out = positive_int(k_in, "k_in"), positive_int(k_out, "k_out")
+        super().__init__(model, task, modules, **kwargs)
 
-        super().__init__(model, task, make, modules, damping=damping, **kwargs)
+    def _make(self, layer: FactorLayer, seed: int) -> FactorizedCompressor:
+        return LoGraCompressor(layer.in_dim, layer.out_dim, self.k_in, self.k_out, seed=seed, bias=layer.has_bias)
 
 
 class FactGraSS(_FactorizedInfluence):
@@ -146,14 +147,15 @@ class FactGraSS(_FactorizedInfluence):
 
     Args:
         k: features per layer after SparseJL (default 4096).
-        mask_in, mask_out: coordinates kept of each factor (default 128 × 128; capped at the layer's dims).
-        masks: ``"random"`` (seeded) or ``"selective"`` — learned per layer and checkpoint by
+        mask: ``"random"`` (seeded) or ``"selective"`` — learned per layer and checkpoint by
             ``fit_factor_masks`` on the per-example layer gradients of ``mask_examples`` training
             examples (a seeded random subset), at the start of ``fit``; saved under ``cache_dir``.
+        mask_size: coordinates kept of each factor: one size for both (default 128), or
+            ``(input side, output side)``; capped at the layer's dims.
         mask_config: FactorMaskConfig (search budget) for the selective fit.
         c: non-zeros per coordinate of the SparseJL.
         modules: trainable parameters by default; modules= to choose (as LoGra).
-        damping and other keyword arguments as LoGra.
+        options, damping and other keyword arguments as GradientInfluence.
     """
 
     method_name = "factgrass"
@@ -162,36 +164,50 @@ class FactGraSS(_FactorizedInfluence):
         self,
         model: nn.Module,
         task: Task,
+        *,
         k: int = 4096,
-        mask_in: int = 128,
-        mask_out: int = 128,
-        masks: str = "random",
+        mask: str = "random",
+        mask_size: int | tuple[int, int] = 128,
         modules: ModuleSelection = None,
-        damping: float | None = 0.1,
         mask_examples: int = 256,
         mask_config: FactorMaskConfig | None = None,
         c: int = 1,
         **kwargs: Any,
     ):
-        if masks not in ("random", "selective"):
-            raise DunegrassError(f"masks must be 'random' or 'selective', got {masks!r}")
-        self.masks, self.mask_examples, self.mask_config = masks, int(mask_examples), mask_config
-        self.sizes = {"k": k, "mask_in": mask_in, "mask_out": mask_out, "c": c}
-
-        def make(layer: FactorLayer, seed: int) -> FactorizedCompressor:
-            return FactGraSSCompressor(
-                layer.in_dim, layer.out_dim, k, mask_in, mask_out, seed=seed, c=c, bias=layer.has_bias
-            )
-
-        super().__init__(model, task, make, modules, damping=damping, **kwargs)
-        if masks == "selective":
+        if "masks" in kwargs:
+            deprecated("masks=", "mask=", "FactGraSS")
+            mask = kwargs.pop("masks")
+        mask_in, mask_out = (mask_size, mask_size) if isinstance(mask_size, int) else tuple(mask_size)
+        for old in ("mask_in", "mask_out"):
+            if old in kwargs:
+                deprecated(f"{old}=", "mask_size=(input side, output side)", "FactGraSS")
+        mask_in, mask_out = kwargs.pop("mask_in", mask_in), kwargs.pop("mask_out", mask_out)
+        self.mask = choice(mask, ("random", "selective"), "mask")
+        self.mask_examples, self.mask_config = positive_int(mask_examples, "mask_examples"), mask_config
+        self.sizes = {
+            "k": positive_int(k, "k"),
+            "mask_in": positive_int(mask_in, "mask_size (input side)"),
+            "mask_out": positive_int(mask_out, "mask_size (output side)"),
+            "c": positive_int(c, "c"),
+        }
+        super().__init__(model, task, modules, **kwargs)
+        if mask == "selective":
             self.method_name = "factgrass-selective"
+
+    def _make(self, layer: FactorLayer, seed: int) -> FactorizedCompressor:
+        z = self.sizes
+        return FactGraSSCompressor(
+            layer.in_dim, layer.out_dim, z["k"], z["mask_in"], z["mask_out"], seed=seed, c=z["c"], bias=layer.has_bias
+        )
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self.sizes, "mask": self.mask}
 
     def _prepare_checkpoint(
         self, m: int, state: Mapping[str, Tensor], data: Any, fingerprints: dict[str, str], root: str | None
     ) -> None:
         """Learn (or load) this checkpoint's selective factor masks before it is featurised."""
-        if self.masks == "selective":
+        if self.mask == "selective":
             self._fit_masks(m, state, data, fingerprints, None if root is None else os.path.join(root, "masks"))
 
     def _fit_masks(
@@ -204,44 +220,44 @@ class FactGraSS(_FactorizedInfluence):
             "examples": self.mask_examples,
             "config": asdict(self.mask_config or FactorMaskConfig()),
             "sizes": self.sizes,
-            "signal": self.train_signal,
+            "signal": self.options.train_signal,
             "layers": [layer.name for layer in self.layers],
             "task": self.task.config(),
-            "seed": self.seed,  # picks the examples the masks are learned from
+            "seed": self.options.seed,  # picks the examples the masks are learned from
         }
         names = [(f"{i}-out", f"{i}-in") for i in range(len(self.layers))]
-        cached = load_masks(path, key, [name for pair in names for name in pair])
-        if cached is None:
+
+        def learn() -> dict[str, SelectiveMask]:
             grads = self._fit_gradients(state, data)
+            z = self.sizes
             fitted = [
-                fit_factor_masks(g, self.sizes["mask_out"], self.sizes["mask_in"], comp.seed, self.mask_config)
+                fit_factor_masks(g, z["mask_out"], z["mask_in"], comp.seed, self.mask_config)
                 for g, comp in zip(grads, featurizer.compressors)
             ]
-            save_masks(path, key, {name: mask for pair, masks in zip(names, fitted) for name, mask in zip(pair, masks)})
-        else:
-            fitted = [(cached[out], cached[inp]) for out, inp in names]
+            return {name: mask for pair, masks in zip(names, fitted) for name, mask in zip(pair, masks)}
+
+        masks = learned_masks(path, key, [name for pair in names for name in pair], learn)
         featurizer.compressors = [
             FactGraSSCompressor(
-                c.in_dim, c.out_dim, self.sizes["k"], mi, mo, seed=c.seed, c=self.sizes["c"], bias=c.bias
+                c.in_dim, c.out_dim, self.sizes["k"], masks[i_], masks[o_], seed=c.seed, c=self.sizes["c"], bias=c.bias
             )
-            for c, (mo, mi) in zip(featurizer.compressors, fitted)
+            for c, (o_, i_) in zip(featurizer.compressors, names)
         ]
 
     def _fit_gradients(self, state: Mapping[str, Tensor], data: Any) -> list[Tensor]:
         """``[n_fit, d_out, in_dim]`` per layer: training-loss gradients of a seeded random subset."""
         n_fit = min(self.mask_examples, len(data))
-        need = 4 * n_fit * sum(layer.out_dim * layer.in_dim for layer in self.layers)
-        if need > MASK_FIT_BYTES:
-            raise DunegrassError(
-                f"learning selective masks materialises {n_fit} per-example gradients of the selected layers "
-                f"({need / 2**30:.1f} GiB); lower mask_examples, select fewer modules, or use masks='random'"
-            )
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, 0x66697473))
+        check_fit_bytes(
+            4 * n_fit * sum(layer.out_dim * layer.in_dim for layer in self.layers),
+            f"{n_fit} per-example gradients of the selected layers",
+            "lower mask_examples, select fewer modules, or use mask='random'",
+        )
+        gen = torch.Generator().manual_seed(derive_seed(self.options.seed, 0x66697473))
         chosen = subset(data, torch.randperm(len(data), generator=gen)[:n_fit].sort().values)
-        objective = self._objective(self.train_signal)
+        objective = self._objective(self.options.train_signal)
         parts: list[list[Tensor]] = [[] for _ in self.layers]
         with eval_mode(self.model), load_weights(self.model, state):
-            for _, batch in iterate_batches(chosen, self.batch_size):
+            for _, batch in iterate_batches(chosen, self.options.batch_size):
                 grads = layer_gradients(self.model, self.layers, objective, to_device(batch, self._device()))
                 for i, g in enumerate(grads):
                     parts[i].append(g.cpu())

@@ -93,7 +93,8 @@ class MaterializedFeaturizer(Featurizer):
             "compressors": [c.config() for c in self.compressors],
         }
 
-    def describe(self) -> str:
+    def spec(self) -> str:
+        """The first block's compressor as a spec string, e.g. ``"mask:16384>sjlt:4096"``."""
         return describe(self.compressors[0])
 
 

@@ -33,6 +33,7 @@ from ..errors import DunegrassError
 from ..fingerprint import RowHasher, data_fingerprint, hashed_per_shard, model_fingerprint
 from ..gradients import check_finite
 from ..influence import BlockPreconditioner, check_fisher_memory, stream_scores
+from ..options import InfluenceOptions, build
 from ..scores import Scores, TopScores, concat_scores, make_sink
 from ..seeding import derive_seed
 from ..store import BlockStore, FeatureStore, config_hash, shard_rows
@@ -40,7 +41,6 @@ from ..task import Task
 from .base import Attributor, eval_mode
 from .featurize import CompressorSpec, Featurizer, MaterializedFeaturizer
 
-SIGNALS = ("loss", "measurement")
 QUERY_BYTES = 1 << 30  # query features held at once, per checkpoint: queries are scored in chunks of this
 
 
@@ -50,20 +50,14 @@ class GradientInfluence(Attributor):
     Args:
         compressor: spec string (``"gaussian:4096"``, ``"mask:16384>sjlt:4096"``), a Compressor,
             a factory ``(in_dim, seed) -> Compressor``, or None/"identity" for raw gradients.
-        damping: relative damping of the block Fisher (λ = damping · tr(F)/k); None = no
-            preconditioner (gradient dot products).
+        options: ``InfluenceOptions`` (damping, train_signal, query_signal, batch_size, chunk_size,
+            shard_size, store_dtype, fisher_dtype, seed); any of its fields may also be passed as a
+            keyword, which overrides it. Presets: ``InfluenceOptions.preset("low_memory")``, ``"fast"``.
         params: parameter names to differentiate (default: all trainable).
         checkpoints: state dicts to average over (default: the model as it is). Each uses its own
             projection seed.
         checkpoint_weights: weights for combining checkpoints (default: the mean).
-        train_signal / query_signal: ``"loss"`` (the training loss) or ``"measurement"`` (the
-            task's measurement in loss-like form).
         per_parameter: compress each parameter tensor as its own block.
-        batch_size: examples per featurisation batch; chunk_size: per-example gradients materialised
-            at once (memory: chunk_size × number of parameters).
-        shard_size: training examples per stored shard (at most; a shard is also capped at 256 MiB).
-        fisher_dtype: ``torch.float32`` (default) or ``torch.float64`` for the Fisher's accumulation
-            and solves (each block is inverted in float64 either way).
     """
 
     method_name = "gradient"
@@ -73,28 +67,18 @@ class GradientInfluence(Attributor):
         model: nn.Module,
         task: Task,
         compressor: CompressorSpec = "identity",
-        damping: float | None = 0.1,
+        *,
+        options: InfluenceOptions | None = None,
         params: Sequence[str] | None = None,
         checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
         checkpoint_weights: Sequence[float] | None = None,
-        train_signal: str = "loss",
-        query_signal: str = "measurement",
         per_parameter: bool = False,
-        batch_size: int = 64,
-        chunk_size: int = 32,
-        shard_size: int = 1024,
-        store_dtype: str = "float32",
-        fisher_dtype: torch.dtype = torch.float32,
-        seed: int = 0,
-        progress: bool | None = None,
         featurizer: Featurizer | None = None,
+        progress: bool | None = None,
+        **overrides: Any,
     ):
         super().__init__(model, task, progress)
-        for name, sig in (("train_signal", train_signal), ("query_signal", query_signal)):
-            if sig not in SIGNALS:
-                raise DunegrassError(f"{name} must be one of {SIGNALS}, got {sig!r}")
-        if damping is not None and not damping > 0:
-            raise DunegrassError(f"damping must be positive or None, got {damping}")
+        self.options = build(InfluenceOptions, options, overrides, type(self).__name__)
         self.checkpoints = list(checkpoints) if checkpoints is not None else [{}]
         if not self.checkpoints:
             raise DunegrassError("checkpoints is empty; pass at least one state dict or None for the model itself")
@@ -103,20 +87,19 @@ class GradientInfluence(Attributor):
         if len(checkpoint_weights) != len(self.checkpoints):
             raise DunegrassError("checkpoint_weights must have one weight per checkpoint")
         self.checkpoint_weights = [float(w) for w in checkpoint_weights]
-        self.damping, self.fisher_dtype = damping, fisher_dtype
-        self.train_signal, self.query_signal = train_signal, query_signal
-        self.batch_size, self.shard_size, self.store_dtype = batch_size, shard_size, store_dtype
-        self.seed = seed
         self.featurizers = [
-            featurizer
-            if featurizer is not None
-            else MaterializedFeaturizer(model, params, compressor, derive_seed(seed, m), chunk_size, per_parameter)
+            featurizer if featurizer is not None else self._featurizer(m, compressor, params, per_parameter)
             for m in range(len(self.checkpoints))
         ]
-        check_fisher_memory(self.featurizers[0].blocks, damping)  # fail now, not after featurising
+        check_fisher_memory(self.featurizers[0].blocks, self.options.damping)  # fail now, not after featurising
         self.stores: list[FeatureStore] = []
         self.preconditioners: list = []
         self.seconds: dict[str, float] = {}  # wall time of fit's steps: "featurize", "fisher" (GraSS: "masks")
+
+    def _featurizer(self, m: int, compressor: CompressorSpec, params, per_parameter: bool) -> Featurizer:
+        """Checkpoint ``m``'s featurizer (its own projection seed)."""
+        seed = derive_seed(self.options.seed, m)
+        return MaterializedFeaturizer(self.model, params, compressor, seed, self.options.chunk_size, per_parameter)
 
     # ---- objectives
     def _objective(self, signal: str):
@@ -142,13 +125,19 @@ class GradientInfluence(Attributor):
             "method": self.method_name,
             "task": self.task.config(),
             "featurizer": self.featurizers[m].config(),
-            "train_signal": self.train_signal,
+            "train_signal": self.options.train_signal,
             "checkpoint": m,
         }
 
     # ---- fit
-    def fit(self, train: Any, cache_dir: str | os.PathLike | None = None) -> GradientInfluence:
+    def fit(
+        self, train: Any, *args: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None
+    ) -> GradientInfluence:
+        """Featurise ``train`` and fit the preconditioner, per checkpoint (resumable from ``cache_dir``).
+        ``queries`` are not needed here: they are featurised when they are scored."""
+        _, cache_dir = self._fit_args(args, queries, cache_dir, ("cache_dir",))
         data = as_data(train)
+        cache_dir = self._cache_dir(cache_dir)
         distributed.require_shared_cache(cache_dir)
         with eval_mode(self.model):
             self._preflight(data)
@@ -163,8 +152,8 @@ class GradientInfluence(Attributor):
                 config = {**self.config(m), **fingerprints}
                 path = None if root is None else os.path.join(root, "train")
                 widths = {"features": self.featurizers[m].dim, **self._extra_widths()}
-                dtypes = {"features": self.store_dtype}
-                rows = shard_rows(4 * sum(widths.values()), self.shard_size)
+                dtypes = {"features": self.options.store_dtype}
+                rows = shard_rows(4 * sum(widths.values()), self.options.shard_size)
                 store = FeatureStore(path, config, self.n_train, widths, rows, dtypes)
                 with _timed(self.seconds, "featurize", m):
                     self._featurize_into(store, m, state, data)
@@ -209,12 +198,12 @@ class GradientInfluence(Attributor):
             lo, hi = store.rows(index)
             rows = RowHasher() if per_shard else None
             parts: dict[str, list[Tensor]] = {}
-            for _, batch in iterate_batches(data, self.batch_size, lo, hi):
+            for _, batch in iterate_batches(data, self.options.batch_size, lo, hi):
                 if rows is not None:
                     rows.update(batch)
                 if index not in missing:
                     continue
-                for name, arr in self._arrays(m, state, batch, self.train_signal, extras=True).items():
+                for name, arr in self._arrays(m, state, batch, self.options.train_signal, extras=True).items():
                     parts.setdefault(name, []).append(arr.detach())
             digest = None if rows is None else rows.hexdigest()
             if index in missing:  # one host transfer per shard (not per batch), in the store's dtype
@@ -235,13 +224,13 @@ class GradientInfluence(Attributor):
     def _fisher_path(self, store: FeatureStore, root: str | None) -> str | None:
         if root is None:
             return None
-        key = {"store": store.manifest["config_hash"], "damping": self.damping, "dtype": str(self.fisher_dtype)}
+        o = self.options
+        key = {"store": store.manifest["config_hash"], "damping": o.damping, "dtype": o.fisher_dtype}
         return os.path.join(root, f"fisher-{config_hash(key)[:16]}")
 
     def _fit_preconditioner(self, m: int, store: FeatureStore, root: str | None):
-        pre = BlockPreconditioner(
-            self.featurizers[m].blocks, self.damping, dtype=self.fisher_dtype, device=self._device()
-        )
+        dtype = getattr(torch, self.options.fisher_dtype)
+        pre = BlockPreconditioner(self.featurizers[m].blocks, self.options.damping, dtype=dtype, device=self._device())
         path = self._fisher_path(store, root)
         return pre.fit(store, None if path is None else BlockStore(path))
 
@@ -252,8 +241,8 @@ class GradientInfluence(Attributor):
         state = self.checkpoints[m]
         with eval_mode(self.model):
             rows = [
-                self._arrays(m, state, batch, self.query_signal, extras=False)["features"].detach()
-                for _, batch in iterate_batches(queries, self.batch_size, start, stop)
+                self._arrays(m, state, batch, self.options.query_signal, extras=False)["features"].detach()
+                for _, batch in iterate_batches(queries, self.options.batch_size, start, stop)
             ]
         return torch.cat(rows)
 
@@ -287,19 +276,19 @@ class GradientInfluence(Attributor):
             parts.append(make_sink(0, self.n_train, top_k).result(self.method_name, self.describe()))
         return concat_scores(parts, gather=distributed.active(), device=self._device())
 
-    def self_scores(self) -> Tensor:
-        """``[n_train]`` (host): each training example's influence on itself, φ_iᵀ (F + λI)⁻¹ φ_i."""
+    def self_scores(self) -> Scores:
+        """``Scores [1, n_train]``: each training example's influence on itself, φ_iᵀ (F + λI)⁻¹ φ_i."""
         self._require_fit()
         total = sum(
             w * p.self_influence(s) for w, s, p in zip(self.checkpoint_weights, self.stores, self.preconditioners)
         )
         scale = self._column_scale()
-        return (total if scale is None else total * scale.to(total.device)).cpu()
+        return self._self_scores((total if scale is None else total * scale.to(total.device)).cpu())
 
     def describe(self) -> dict:
         return {
             "method": self.method_name,
-            "damping": self.damping,
+            **self.options.to_dict(),
             "checkpoints": len(self.checkpoints),
             "featurizer": self.featurizers[0].config(),
         }

@@ -1,4 +1,4 @@
-"""Learned masks cached under a fit's ``cache_dir``, keyed by what they were learned from.
+"""Learned masks (GraSS's, FactGraSS's) cached under a fit's ``cache_dir``, keyed by what they were learned from.
 
 A directory holds one sub-directory per mask (``SelectiveMask.save``) and ``key.json`` with the hash
 of the key (data, weights, mask settings), written last so that its presence means complete.
@@ -8,11 +8,31 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ..compress import SelectiveMask
-from ..errors import ConfigMismatchError
+from ..errors import ConfigMismatchError, DunegrassError
 from ..store import atomic_write_json, config_hash
+
+MASK_FIT_BYTES = 2 << 30  # bound on the per-example gradients materialised to learn selective masks
+
+
+def check_fit_bytes(need: int, what: str, fixes: str) -> None:
+    """Refuse to materialise more than MASK_FIT_BYTES of gradients to learn masks (``what`` needs ``need``)."""
+    if need > MASK_FIT_BYTES:
+        raise DunegrassError(f"learning selective masks materialises {what} ({need / 2**30:.1f} GiB); {fixes}")
+
+
+def learned_masks(
+    path: str | None, key: dict, names: Iterable[str], learn: Callable[[], dict[str, SelectiveMask]]
+) -> dict[str, SelectiveMask]:
+    """The masks ``names`` cached at ``path`` for ``key``, or ``learn()`` them and cache them there."""
+    names = list(names)
+    masks = load_masks(path, key, names)
+    if masks is None:
+        masks = learn()
+        save_masks(path, key, masks)
+    return masks
 
 
 def load_masks(path: str | None, key: dict, names: Iterable[str]) -> dict[str, SelectiveMask] | None:

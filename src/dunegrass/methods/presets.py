@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,8 +9,9 @@ from torch import Tensor, nn
 
 from ..errors import DunegrassError
 from ..influence.exact import damped_hessian, solve_damped
+from ..options import choice, deprecated, positive_int
 from ..task import ClassificationTask, Task
-from .featurize import CompressorSpec, check_k, default_k, load_weights
+from .featurize import CompressorSpec, default_k, load_weights
 from .gradient import GradientInfluence
 
 
@@ -31,10 +31,9 @@ class TRAK(GradientInfluence):
         self,
         model: nn.Module,
         task: Task,
+        *,
         k: int | None = None,
         projector: str = "gaussian",
-        checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
-        damping: float | None = 0.1,
         compressor: CompressorSpec = None,
         **kwargs: Any,
     ):
@@ -43,19 +42,16 @@ class TRAK(GradientInfluence):
                 "TRAK needs a ClassificationTask (it explains the log-odds of the correct class); "
                 f"got {type(task).__name__}. Use dg.GradientInfluence for other tasks."
             )
+        for side in ("train_signal", "query_signal"):
+            if kwargs.pop(side, "measurement") != "measurement":
+                raise DunegrassError(f"TRAK differentiates the log-odds on both sides; {side} cannot be changed")
         self.base_task = task
         if compressor is None:
-            k = default_k(model, kwargs.get("params"), 2048, "TRAK") if k is None else check_k(k)
+            k = default_k(model, kwargs.get("params"), 2048, "TRAK") if k is None else positive_int(k, "k")
+            compressor = f"{projector}:{k}"
         logodds = ClassificationTask(measurement="logodds")
         super().__init__(
-            model,
-            logodds,
-            compressor=compressor if compressor is not None else (f"{projector}:{k}" if k else "identity"),
-            damping=damping,
-            checkpoints=checkpoints,
-            train_signal="measurement",
-            query_signal="measurement",
-            **kwargs,
+            model, logodds, compressor=compressor, train_signal="measurement", query_signal="measurement", **kwargs
         )
 
     def _extra_widths(self) -> dict[str, int]:
@@ -80,29 +76,19 @@ class TRAK(GradientInfluence):
 class TracIn(GradientInfluence):
     """TracIn / gradient dot product: Σ_m η_m g_{z,m}ᵀ g_{i,m} (optionally compressed, no preconditioner).
 
-    ``learning_rates`` weight the checkpoints (default: equal weights summing to one).
+    ``checkpoint_weights`` (η_m, e.g. the learning rates) weight the checkpoints (default: equal weights
+    summing to one).
     """
 
     method_name = "tracin"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task: Task,
-        compressor: Any = "identity",
-        checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
-        learning_rates: Sequence[float] | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(
-            model,
-            task,
-            compressor=compressor,
-            damping=None,
-            checkpoints=checkpoints,
-            checkpoint_weights=learning_rates,
-            **kwargs,
-        )
+    def __init__(self, model: nn.Module, task: Task, compressor: CompressorSpec = "identity", **kwargs: Any):
+        if "learning_rates" in kwargs:
+            deprecated("learning_rates=", "checkpoint_weights=", "TracIn")
+            kwargs["checkpoint_weights"] = kwargs.pop("learning_rates")
+        if kwargs.pop("damping", None) is not None:
+            raise DunegrassError("TracIn takes no damping: it is the plain dot product (use GradientInfluence)")
+        super().__init__(model, task, compressor=compressor, damping=None, **kwargs)
 
 
 class _HessianSolver:
@@ -141,7 +127,7 @@ class ExactInfluence(GradientInfluence):
         self,
         model: nn.Module,
         task: Task,
-        params: Sequence[str] | None = None,
+        *,
         l2: float = 0.0,
         damping: float = 0.1,
         hessian: str = "gauss_newton",
@@ -149,11 +135,18 @@ class ExactInfluence(GradientInfluence):
     ):
         if damping < 0 or l2 < 0:
             raise DunegrassError("l2 and damping must be non-negative")
-        super().__init__(model, task, compressor="identity", damping=None, params=params, **kwargs)
+        choice(hessian, ("exact", "gauss_newton"), "hessian")
+        # the engine's block Fisher is not used: the Hessian solver replaces it (damping is the Hessian's)
+        super().__init__(model, task, compressor="identity", damping=None, **kwargs)
         self.l2, self.hessian_damping, self.hessian_mode = l2, damping, hessian
 
     def config(self, m: int) -> dict:
         return {**super().config(m), "l2": self.l2, "hessian": self.hessian_mode}
+
+    def describe(self) -> dict:
+        out = {**super().describe(), "l2": self.l2, "hessian": self.hessian_mode}
+        out["damping"] = self.hessian_damping  # the Hessian's, not a block Fisher's
+        return out
 
     def _fit_preconditioner(self, m: int, store, root):
         with load_weights(self.model, self.checkpoints[m]):
@@ -164,6 +157,6 @@ class ExactInfluence(GradientInfluence):
                 self.featurizers[m].params,
                 self.l2,
                 self.hessian_mode,
-                self.batch_size,
+                self.options.batch_size,
             )
         return _HessianSolver(h, self.hessian_damping)

@@ -46,7 +46,11 @@ def config_hash(config: Mapping) -> str:
 
 
 class FeatureStore:
-    """Rows ``[0, n)`` of named arrays, each ``[n, width]``, stored in shards of ``shard_size`` rows."""
+    """Rows ``[0, n)`` of named arrays, each ``[n, width]``, stored in shards of ``shard_size`` rows.
+
+    ``growable``: n may differ from the cache's (rows are defined independently of n, as Daunce's
+    members are): complete shards are kept, a shard whose rows changed is recomputed.
+    """
 
     def __init__(
         self,
@@ -56,6 +60,7 @@ class FeatureStore:
         widths: Mapping[str, int],
         shard_size: int = 1024,
         dtypes: Mapping[str, str] | None = None,
+        growable: bool = False,
     ):
         if n < 1:
             raise DunegrassError("a feature store needs at least one row; the dataset is empty")
@@ -74,6 +79,7 @@ class FeatureStore:
             "shard_size": int(shard_size),
             "arrays": {k: {"width": int(w), "dtype": dtypes.get(k, "float32")} for k, w in widths.items()},
         }
+        self.growable = growable
         self._memory: dict[int, dict[str, np.ndarray]] = {}
         self._verified: set[int] = set()  # shards whose checksums this object has checked
         if self.path is not None:
@@ -121,7 +127,8 @@ class FeatureStore:
                 raise CorruptCacheError(
                     f"{mpath} is unreadable ({e}); delete the directory {self.path} to recompute"
                 ) from e
-            if found.get("config_hash") != self.manifest["config_hash"] or found.get("n") != self.n:
+            resized = found.get("n") != self.n
+            if found.get("config_hash") != self.manifest["config_hash"] or (resized and not self.growable):
                 diff = _diff(found.get("config", {}), self.manifest["config"])
                 raise ConfigMismatchError(
                     f"the cache at {self.path} was made with a different configuration ({diff}); "
@@ -132,15 +139,29 @@ class FeatureStore:
                     f"the cache at {self.path} has a different layout (shard size or arrays); "
                     "use another cache_dir, or delete this one to recompute"
                 )
+            if resized:  # rows are independent of n (Daunce's members): a shard whose rows changed is redone
+                atomic_write_json(mpath, self.manifest)
         else:
             atomic_write_json(mpath, self.manifest)
 
     # ---- writing
     def missing(self) -> list[int]:
-        """Indices of shards that are not complete yet."""
+        """Indices of shards that are not complete yet (in a growable store, also those written for other rows:
+        the last, partial shard of a smaller n)."""
         if self.path is None:
             return [i for i in range(self.num_shards) if i not in self._memory]
-        return [i for i in range(self.num_shards) if not os.path.exists(self._meta_file(i))]
+        return [i for i in range(self.num_shards) if not self._done(i)]
+
+    def _done(self, index: int) -> bool:
+        if not os.path.exists(self._meta_file(index)):
+            return False
+        if not self.growable:
+            return True
+        try:
+            with open(self._meta_file(index)) as f:
+                return json.load(f).get("rows") == list(self.rows(index))
+        except (OSError, ValueError):
+            return False
 
     @property
     def complete(self) -> bool:

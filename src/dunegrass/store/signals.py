@@ -133,7 +133,10 @@ class SignalStore:
         self.num_models, self.group_size, self.n_train = int(num_models), int(group_size), int(n_train)
         if self.path is not None:
             _refuse_old_layout(self.path)
-        self.train = FeatureStore(self._sub("train"), self.config, num_models, {"signal": n_train}, group_size, F64)
+        # member k is the same for any K, so the store grows (or shrinks) with K
+        self.train = FeatureStore(
+            self._sub("train"), self.config, num_models, {"signal": n_train}, group_size, F64, growable=True
+        )
         self._queries: dict[str, FeatureStore] = {}
         self.weights = TensorFiles(self._sub("weights"))
         self._handles: dict[int, str] = {}
@@ -161,7 +164,13 @@ class SignalStore:
         if key not in self._queries:
             cfg = {"store": self.hash, "queries": fingerprint}
             self._queries[key] = FeatureStore(
-                self._sub(f"queries-{key}"), cfg, self.num_models, {"signal": n_query}, self.group_size, F64
+                self._sub(f"queries-{key}"),
+                cfg,
+                self.num_models,
+                {"signal": n_query},
+                self.group_size,
+                F64,
+                growable=True,
             )
         return self._queries[key]
 

@@ -13,9 +13,11 @@ from tqdm.auto import tqdm
 from ...data import as_data
 from ...errors import DunegrassError
 from ...fingerprint import data_fingerprint
+from ...options import DaunceOptions
 from ...scores import Scores, TopScores, make_sink
 from ...store.signals import SignalStore
-from ..daunce_objectives import chunk_columns, covariance_into, draw_members
+from ..base import Attributor
+from ..daunce_objectives import chunk_columns, covariance_into, draw_members, variance_with_stderr
 from .base import BlackBoxBackend
 from .openai_api import PromptCompletions
 
@@ -30,8 +32,9 @@ def _dataset(data: Any) -> Any:
 PENDING = "pending-job:"  # prefix of a stored handle that is a started job's id, not yet a model
 
 
-class BlackBoxDaunce:
-    """Daunce's ``blackbox`` variant with any BlackBoxBackend (algorithms.md §3).
+class BlackBoxDaunce(Attributor):
+    """Daunce's ``blackbox`` variant with any BlackBoxBackend (algorithms.md §3): an Attributor like the
+    others, whose model lives behind the back end.
 
     Member k is a fine-tune of the service's base model on D_k (ratio ``subsample_ratio``, drawn as
     by ``dg.Daunce`` with the same seed); its signals are the service's per-example losses. Scores
@@ -45,23 +48,19 @@ class BlackBoxDaunce:
     def __init__(
         self,
         backend: BlackBoxBackend,
+        *,
         num_models: int = 32,
         subsample_ratio: float = 0.3,
         seed: int = 0,
-        progress: bool = False,
+        progress: bool | None = None,
     ):
         if not isinstance(backend, BlackBoxBackend):
             raise DunegrassError(f"backend must be a BlackBoxBackend, got {type(backend).__name__}")
-        if not isinstance(num_models, int) or num_models < 2:
-            raise DunegrassError(
-                f"num_models must be an integer K ≥ 2 (a covariance needs two models), got {num_models}"
-            )
-        if not 0 < subsample_ratio <= 1:
-            raise DunegrassError(f"subsample_ratio must be in (0, 1], got {subsample_ratio}")
+        super().__init__(progress=progress)
+        # the same checks as dg.Daunce's (the members are drawn the same way)
+        DaunceOptions(num_models=num_models, subsample_ratio=subsample_ratio, seed=seed)
         self.backend, self.num_models, self.ratio, self.seed = backend, num_models, float(subsample_ratio), seed
-        self.progress = progress
         self.store: SignalStore | None = None
-        self.n_train: int | None = None
 
     def describe(self) -> dict:
         return {
@@ -72,11 +71,14 @@ class BlackBoxDaunce:
             "backend": self.backend.config(),
         }
 
-    def fit(self, train: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> BlackBoxDaunce:
+    def fit(
+        self, train: Any, *args: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None
+    ) -> BlackBoxDaunce:
         """Fine-tune the K members (or resume); ``train``: tensors, a Dataset, or prompt/completion dicts."""
+        queries, cache_dir = self._fit_args(args, queries, cache_dir, ("queries", "cache_dir"))
         data = _dataset(train)
         config = {**self.describe(), "data": data_fingerprint(data)}
-        path = None if cache_dir is None else os.fspath(cache_dir)
+        path = self._cache_dir(cache_dir)
         self.store = store = SignalStore(path, config, self.num_models, len(data), 1)
         self.train_data, self.n_train = data, len(data)
         members = draw_members(len(data), self.num_models, self.ratio, self.seed)
@@ -114,8 +116,7 @@ class BlackBoxDaunce:
         return row
 
     def _require_complete(self) -> None:
-        if self.store is None:
-            raise DunegrassError("BlackBoxDaunce: call fit(train) before score()/self_scores()")
+        self._require_fit()
         if not self.store.complete:
             raise DunegrassError("the ensemble is incomplete; run fit(train, cache_dir=...) again to finish it")
 
@@ -142,8 +143,8 @@ class BlackBoxDaunce:
         covariance_into(sink, self.store.train_chunks(chunk_columns(self.num_models, B.shape[1])), B)
         return sink.result(self.method_name, self.describe())
 
-    def self_scores(self) -> Tensor:
-        """``[n_train]``: the variance of each training loss across members."""
+    def self_scores(self) -> Scores:
+        """``Scores [1, n_train]``: the variance of each training loss across members, with its standard error."""
         self._require_complete()
-        chunks = self.store.train_chunks(chunk_columns(self.num_models, 0))
-        return torch.cat([a.var(0).to(torch.float32) for _, a in chunks])
+        pairs = [variance_with_stderr(a) for _, a in self.store.train_chunks(chunk_columns(self.num_models, 0))]
+        return self._self_scores(torch.cat([v for v, _ in pairs]), torch.cat([e for _, e in pairs]))

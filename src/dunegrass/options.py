@@ -1,0 +1,216 @@
+"""Typed options of the attributors, with named presets.
+
+Every attributor takes its options as one dataclass (``options=``) or field by field as keywords, which
+override the dataclass (or the default preset): ``dg.Daunce(model, task, num_models=64)`` and
+``dg.Daunce(model, task, options=dg.DaunceOptions.preset("llm"), num_models=64)`` both work. Each field
+is checked once, here, with an error that names it. The command line reads the same dataclasses.
+
+- ``InfluenceOptions``: the gradient engine (GradientInfluence, GraSS, FactGraSS, LoGra, TRAK, TracIn,
+  ExactInfluence). Presets: ``default``, ``low_memory`` (small batches, float16 features), ``fast``
+  (large batches, for a GPU or a machine with memory to spare).
+- ``DaunceOptions``: Daunce. Presets: ``default`` (small models: vmapped members), ``llm`` (the authors'
+  LLM recipe: LoRA adapters on the MLP projections, AdamW, one epoch), ``low_memory`` (fewer members
+  vmapped at once, smaller evaluation batches).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import DunegrassError
+from .train.config import TrainConfig
+from .train.lora import LoraConfig
+
+T = TypeVar("T")
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as a positive int, or a DunegrassError (a float, a bool or a string is a mistake, not a size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DunegrassError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def choice(value: Any, allowed: tuple, name: str) -> Any:
+    if value not in allowed:
+        raise DunegrassError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+@dataclass
+class InfluenceOptions:
+    """Settings of the gradient engine.
+
+    damping: relative damping of the block Fisher (λ = damping · tr(F)/k); None for plain dot products.
+    train_signal / query_signal: what is differentiated on each side: ``"loss"`` (the training loss) or
+        ``"measurement"`` (the task's measurement in loss-like form).
+    batch_size: examples per featurisation pass; chunk_size: per-example gradients materialised at once
+        by the materialised methods (memory: chunk_size × number of parameters).
+    shard_size: training examples per stored shard (at most; a shard is also capped at 256 MiB).
+    store_dtype: the stored features' dtype (``"float32"``, ``"float16"``).
+    fisher_dtype: ``"float32"`` or ``"float64"`` for the Fisher's accumulation and solves (each block is
+        factorised in float64 either way).
+    seed: seeds every projection (checkpoint m and block i get seeds derived from it).
+    """
+
+    damping: float | None = 0.1
+    train_signal: str = "loss"
+    query_signal: str = "measurement"
+    batch_size: int = 64
+    chunk_size: int = 32
+    shard_size: int = 1024
+    store_dtype: str = "float32"
+    fisher_dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.damping is not None and (isinstance(self.damping, bool) or not self.damping > 0):
+            raise DunegrassError(f"damping must be positive, or None for dot products; got {self.damping!r}")
+        for name in ("train_signal", "query_signal"):
+            choice(getattr(self, name), ("loss", "measurement"), name)
+        for name in ("batch_size", "chunk_size", "shard_size"):
+            positive_int(getattr(self, name), name)
+        for name in ("store_dtype", "fisher_dtype"):  # a torch dtype is accepted too, and kept as its name
+            value = getattr(self, name)
+            if isinstance(value, torch.dtype):
+                setattr(self, name, str(value).removeprefix("torch."))
+        choice(self.store_dtype, ("float32", "float16", "float64"), "store_dtype")
+        choice(self.fisher_dtype, ("float32", "float64"), "fisher_dtype")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise DunegrassError(f"seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def preset(cls, name: str = "default") -> InfluenceOptions:
+        presets = {
+            "default": cls(),
+            "low_memory": cls(batch_size=8, chunk_size=4, shard_size=256, store_dtype="float16"),
+            "fast": cls(batch_size=256, chunk_size=128),
+        }
+        return presets[choice(name, tuple(presets), "preset")]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DaunceOptions:
+    """Settings of Daunce (algorithms.md §3).
+
+    num_models: K ≥ 2 members; the Monte-Carlo noise of every score shrinks as 1/√K.
+    variant: ``"if"`` (default), ``"efim"`` or ``"blackbox"`` (plain fine-tuning on D_k).
+    subsample_ratio: r in (0, 1], |D_k| = round(r · n).
+    rho, gamma: the perturbation scale ρ and loss weight γ of the objectives.
+    train_signal / query_signal: the per-example signal on each side, loss-like: ``"loss"``,
+        ``"measurement"`` (``task.query_loss``) or ``"margin"`` (classification: minus the margin).
+    train: the members' fine-tuning recipe (None: Adam lr 1e-3, 50 steps, batch 64, cosine decay; with
+        LoRA, AdamW lr 3e-4, one epoch, batch 16, cosine with 3 % warm-up).
+    trainer: ``"auto"`` (vmapped ensemble for in-memory data and small models, else member by member),
+        ``"ensemble"``, ``"finetune"`` or ``"newton"`` (exact minimisation; convex models, with ``l2``).
+    lora: adapters to train instead of the whole model (member by member), or None.
+    l2: the L2 coefficient for ``trainer="newton"``.
+    max_members: members trained together by the vmapped back ends (memory); part of the cache layout.
+    keep_members: write each member's trained tensors to disk to score new queries without retraining.
+    checkpoint_every: member by member with a ``cache_dir``, checkpoint a member every so many steps.
+    eval_batch_size: examples per forward pass when members are evaluated (None: 512 for the vmapped
+        back ends, the training batch size member by member).
+    seed: seeds the subsets, the perturbations and the batch orders (member k is the same for any K).
+    """
+
+    num_models: int = 32
+    variant: str = "if"
+    subsample_ratio: float = 0.3
+    rho: float = 1.0
+    gamma: float = 1.0
+    train_signal: str = "loss"
+    query_signal: str = "loss"
+    train: TrainConfig | None = None
+    trainer: str = "auto"
+    lora: LoraConfig | None = None
+    l2: float = 0.0
+    max_members: int = 128
+    keep_members: bool = True
+    checkpoint_every: int = 0
+    eval_batch_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.num_models, bool) or not isinstance(self.num_models, int) or self.num_models < 2:
+            raise DunegrassError(
+                f"num_models must be an integer K ≥ 2 (a covariance needs two models), got {self.num_models!r}"
+            )
+        choice(self.variant, ("if", "efim", "blackbox"), "variant")
+        if not 0 < self.subsample_ratio <= 1:
+            raise DunegrassError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
+        for name in ("train_signal", "query_signal"):
+            choice(getattr(self, name), ("loss", "measurement", "margin"), name)
+        choice(self.trainer, ("auto", "ensemble", "finetune", "newton"), "trainer")
+        if not (self.rho > 0 and self.gamma > 0) or self.l2 < 0:
+            raise DunegrassError("rho and gamma must be positive and l2 non-negative")
+        positive_int(self.max_members, "max_members")
+        if self.eval_batch_size is not None:
+            positive_int(self.eval_batch_size, "eval_batch_size")
+        if self.lora is True:
+            self.lora = LoraConfig()
+        elif self.lora is False:
+            self.lora = None
+        if self.lora is not None and self.trainer in ("ensemble", "newton"):
+            raise DunegrassError(f"LoRA trains member by member; use trainer='finetune' (not {self.trainer!r})")
+
+    @property
+    def recipe(self) -> TrainConfig:
+        """The members' fine-tuning recipe: ``train``, or the default for full or LoRA fine-tuning."""
+        if self.train is not None:
+            return self.train
+        return LORA_RECIPE if self.lora is not None else DEFAULT_RECIPE
+
+    @classmethod
+    def preset(cls, name: str = "default") -> DaunceOptions:
+        presets = {
+            "default": cls(),
+            "llm": cls(lora=LoraConfig(), trainer="finetune"),
+            "low_memory": cls(max_members=16, eval_batch_size=64),
+        }
+        return presets[choice(name, tuple(presets), "preset")]
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["train"] = self.recipe.to_dict()
+        out["lora"] = None if self.lora is None else self.lora.to_dict()
+        return out
+
+
+# Short Adam runs with cosine decay (algorithms.md §3); lr 1e-3 and 50 steps won the lr × steps sweep
+# on the digits MLP (benchmarks/daunce_lds.py): the estimator wants many cheap members.
+DEFAULT_RECIPE = TrainConfig(optimizer="adam", lr=1e-3, steps=50, epochs=None, batch_size=64, schedule="cosine")
+# The authors' LLM recipe: LoRA on the MLP projections, AdamW, cosine with 3 % warm-up, one epoch.
+LORA_RECIPE = TrainConfig(optimizer="adamw", lr=3e-4, epochs=1.0, batch_size=16, schedule="cosine", warmup=0.03)
+
+
+def deprecated(old: str, new: str, owner: str) -> None:
+    """Say once per call that an argument of an earlier release still works but will not for long."""
+    warnings.warn(
+        f"{owner}: {old} is deprecated and will be removed in the next release; use {new}", FutureWarning, stacklevel=4
+    )
+
+
+def build(cls: type[T], options: T | None, overrides: dict[str, Any], owner: str) -> T:
+    """``options`` (default: the default preset) with ``overrides`` applied field by field; an unknown
+    keyword is an error that lists the fields."""
+    if options is None:
+        options = cls()
+    elif not isinstance(options, cls):
+        raise DunegrassError(f"{owner}: options must be a {cls.__name__}, got {type(options).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise DunegrassError(
+            f"{owner} got unexpected keyword(s) {', '.join(unknown)}; its options are: {', '.join(sorted(names))}"
+        )
+    return replace(options, **overrides) if overrides else options
+
+
+__all__ = ["DaunceOptions", "InfluenceOptions", "build", "choice", "deprecated", "positive_int"]
