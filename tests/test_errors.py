@@ -82,3 +82,89 @@ def test_a_fisher_block_too_large_fails_when_the_method_is_built():
     with pytest.raises(dg.DunegrassError, match=r"32768 x 32768 \(8\.0 GiB in float64\).*smaller k"):
         dg.GraSS(wide, task, k=32768, mask_size=65536)
     dg.GraSS(wide, task, k=32768, mask_size=65536, damping=None)  # dot products need no Fisher
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (lambda y: y + 3, r"labels must lie in \[0, 3\) for a model with 3 outputs; got [345]\.\.[345]"),
+        (lambda y: torch.where(y == 0, -1, y), r"labels must lie in \[0, 3\).*-1\.\.2.*-100 to ignore"),
+        (lambda y: torch.nn.functional.one_hot(y, 3), r"class indices of shape \[B\].*one-hot.*argmax\(1\)"),
+    ],
+)
+def test_labels_that_do_not_fit_the_model(tiny_classification, labels, match):
+    """Cross-entropy raised a raw RuntimeError (on a GPU: a device-side assert that kills the process)."""
+    model, (x, y), (xq, yq) = tiny_classification
+    task = dg.ClassificationTask()
+    for attr in (dg.GradientInfluence(model, task), dg.LoGra(model, task), dg.Daunce(model, task, num_models=2)):
+        with pytest.raises(dg.DunegrassError, match=match):
+            attr.fit((x, labels(y)))
+    good = dg.GradientInfluence(model, task).fit((x, y))
+    with pytest.raises(dg.DunegrassError, match=match):  # queries too
+        good.score((xq, labels(yq)))
+
+
+@pytest.mark.parametrize("k", [1.5, True, "16", 0, -2])
+def test_sizes_that_are_not_positive_integers(tiny_classification, k):
+    """k = 1.5 and k = True silently became 1; k = "16" raised a TypeError."""
+    model, _, _ = tiny_classification
+    task = dg.ClassificationTask()
+    for build in (
+        lambda: dg.GraSS(model, task, k=k),
+        lambda: dg.TRAK(model, task, k=k),
+        lambda: dg.FactGraSS(model, task, k=k),
+        lambda: dg.LoGra(model, task, k_in=k),
+        lambda: dg.GradientInfluence(model, task, batch_size=k),
+    ):
+        with pytest.raises(dg.DunegrassError, match="must be a positive integer"):
+            build()
+    with pytest.raises(dg.DunegrassError, match="num_models must be an integer"):
+        dg.Daunce(model, task, num_models=True)
+
+
+def test_a_cache_dir_that_is_a_file(tiny_classification, tmp_path):
+    model, train, _ = tiny_classification
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    for attr in (dg.GradientInfluence(model, dg.ClassificationTask()), dg.Daunce(model, dg.ClassificationTask())):
+        with pytest.raises(dg.DunegrassError, match="is a file, not a directory"):
+            attr.fit(train, cache_dir=path)
+
+
+def test_scores_from_a_file_that_is_not_scores(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(dg.DunegrassError, match="not a scores file") as info:
+        dg.Scores.load(text)
+    assert "pickle" not in str(info.value)
+    with pytest.raises(dg.DunegrassError, match="no such file"):
+        dg.Scores.load(tmp_path / "missing.npz")
+
+
+def test_ranking_a_negative_number_of_examples():
+    s = dg.Scores(torch.randn(2, 5))
+    for bad in (-2, 0, 1.5):
+        with pytest.raises(dg.DunegrassError, match="positive integer"):
+            s.top(bad)
+        with pytest.raises(dg.DunegrassError, match="positive integer"):
+            s.bottom(bad)
+
+
+def test_inputs_without_labels_and_a_string_as_data(tiny_classification):
+    model, (x, y), _ = tiny_classification
+    attr = dg.GradientInfluence(model, dg.ClassificationTask()).fit((x, y))
+    with pytest.raises(dg.DunegrassError, match=r"got 1 tensor\(s\) \(inputs without labels\?\)"):
+        attr.score(x[:3])
+    with pytest.raises(dg.DunegrassError, match="not its name or path"):
+        attr.fit("train.jsonl")
+
+
+def test_files_written_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        dg.Scores(torch.randn(2, 3)).save(tmp_path / "s.npz")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "s.npz").st_mode & 0o777) == 0o644

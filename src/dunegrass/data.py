@@ -7,6 +7,7 @@ DataLoader with ``collate_fn``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,11 @@ def as_data(data: Any) -> TensorData | Dataset:
         out: Any = data
     elif isinstance(data, Tensor):
         out = TensorData((data,))
+    elif isinstance(data, (str, bytes, os.PathLike)):
+        raise DunegrassError(
+            f"got {type(data).__name__} {str(data)[:60]!r} as a dataset; pass the data itself (a tuple (X, y), a "
+            "dict of tensors or a torch Dataset), not its name or path"
+        )
     elif isinstance(data, (tuple, list, Mapping)):
         out = TensorData(data)
     elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,6 +33,12 @@ class Ranked(NamedTuple):
 
     indices: Tensor
     values: Tensor
+
+
+def _rank_count(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DunegrassError(f"the number of examples to rank must be a positive integer, got {k!r}")
+    return k
 
 
 def _host(t: Tensor | None) -> Tensor | None:
@@ -63,13 +70,13 @@ class Scores:
 
     def top(self, k: int = 10) -> Ranked:
         """Most helpful training examples per query, best first: ``Ranked(indices, values)``."""
-        k = min(k, self.values.shape[1])
+        k = min(_rank_count(k), self.values.shape[1])
         vals, idx = torch.topk(self.values, k, dim=1)
         return Ranked(idx, vals)
 
     def bottom(self, k: int = 10) -> Ranked:
         """Most harmful training examples (opponents) per query, most negative first."""
-        k = min(k, self.values.shape[1])
+        k = min(_rank_count(k), self.values.shape[1])
         vals, idx = torch.topk(self.values, k, dim=1, largest=False)
         return Ranked(idx, vals)
 
@@ -126,7 +133,7 @@ class TopScores:
         return Ranked(self.bottom_indices[:, :k], self.bottom_values[:, :k])
 
     def _check(self, k: int) -> int:
-        kept = self.top_values.shape[1]
+        k, kept = _rank_count(k), self.top_values.shape[1]
         if k > kept:
             raise DunegrassError(f"these scores kept the top {kept} per query; score again with top_k >= {k}")
         return k
@@ -220,6 +227,10 @@ def _save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict
 
 
 def _load_npz(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    if not os.path.isfile(path):
+        raise DunegrassError(f"cannot read scores from {path}: no such file")
+    if not zipfile.is_zipfile(path):  # np.load would say it "contains pickled data"
+        raise DunegrassError(f"{path} is not a scores file (an .npz written by Scores.save or TopScores.save)")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta_json"]).decode())

@@ -52,6 +52,12 @@ class Task(ABC):
         """Number of examples in a batch (the leading dimension of its first tensor)."""
         return int(first_tensor(batch).shape[0])
 
+    def check_batch(self, batch: Any, output_shape: torch.Size) -> None:
+        """Raise a DunegrassError if ``batch`` does not suit this task for a model whose outputs are
+        ``output_shape`` per example (labels out of range, say). Called on every batch, on real tensors
+        outside vmap, where data-dependent checks can run; nothing by default."""
+        return None
+
     def config(self) -> dict:
         """JSON-able description, part of every cache's config hash: the class name and every public
         attribute (a Task built with other settings must not share a cache). Override it when a setting
@@ -125,9 +131,10 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
             ) from e
     if isinstance(batch, Sequence) and not isinstance(batch, Tensor) and len(batch) == 2:
         return batch[0], batch[1]
+    what = f"{len(batch)} tensor(s)" if isinstance(batch, Sequence) else f"a {type(batch).__name__}"
     raise DunegrassError(
-        "ClassificationTask expects batches of (inputs, labels); "
-        f"got {type(batch).__name__}. Wrap your data as a tuple (X, y) or a dict with 'inputs'/'labels'."
+        f"ClassificationTask expects batches of (inputs, labels); got {what} (inputs without labels?). "
+        "Pass the data as a tuple (X, y) or a dict with 'inputs' and 'labels'."
     )
 
 
@@ -163,6 +170,21 @@ class ClassificationTask(Task):
                 f"got {tuple(logits.shape)}"
             )
         return logits
+
+    def check_batch(self, batch: Any, output_shape: torch.Size) -> None:
+        """Labels must be class indices ``[B]`` in ``[0, C)`` for a model with C outputs (cross-entropy would
+        otherwise fail with a raw RuntimeError, or a device-side assert on a GPU)."""
+        labels, classes = self._labels(None, batch), output_shape[0]
+        if labels.ndim != 1:
+            raise DunegrassError(
+                f"ClassificationTask expects class indices of shape [B], got labels of shape {tuple(labels.shape)} "
+                "(one-hot labels? convert them with labels.argmax(1))"
+            )
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise DunegrassError(
+                f"labels must lie in [0, {classes}) for a model with {classes} outputs; got "
+                f"{int(labels.min())}..{int(labels.max())} (-1 or -100 to ignore an example is not supported: drop it)"
+            )
 
     def _labels(self, outputs: Tensor, batch: Any) -> Tensor:
         labels = _unpack(batch)[1]

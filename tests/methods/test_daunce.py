@@ -246,3 +246,33 @@ def test_confident_examples_keep_their_signal(device):
     assert (A[:, confident].var(0) > 0).all()
     scores = daunce.score((x[unsure], y[unsure]))
     assert (scores.stderr[:, confident] > 0).all() and (scores.values[:, confident] != 0).all()
+
+
+def test_a_cache_made_with_fewer_members_grows(tiny_classification, tmp_path, monkeypatch):
+    """Member k does not depend on K: K = 64 grown to 128 trains only the 64 new members and equals K = 128."""
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    settings = {"steps": 4, "train_batch_size": 8, "max_members": 16}
+    Daunce(model, task, num_models=64, **settings).fit(train, cache_dir=tmp_path)
+    trained = []
+    original = daunce_backends.EnsembleBackend.train
+    monkeypatch.setattr(
+        daunce_backends.EnsembleBackend,
+        "train",
+        lambda self, data, members, eps: trained.extend(members) or original(self, data, members, eps),
+    )
+    grown = Daunce(model, task, num_models=128, **settings).fit(train, queries=test, cache_dir=tmp_path)
+    assert len(trained) == 64
+    fewer = Daunce(model, task, num_models=64, **settings).fit(train, cache_dir=tmp_path)  # a prefix: nothing trains
+    assert len(trained) == 64 and fewer.signals()[0].shape == (64, 40)
+    scratch = Daunce(model, task, num_models=128, **settings).fit(train)
+    torch.testing.assert_close(grown.score(test).values, scratch.score(test).values, rtol=1e-5, atol=1e-8)
+
+
+def test_a_query_with_nan_is_named_not_blamed_on_a_member(tiny_classification):
+    model, train, test = tiny_classification
+    daunce = Daunce(model, dg.ClassificationTask(), **SMALL).fit(train)
+    xq, yq = test[0].clone(), test[1]
+    xq[4, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"query signal at θ₀ is NaN or infinite for example\(s\) \[4\]"):
+        daunce.score((xq, yq))

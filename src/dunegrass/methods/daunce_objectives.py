@@ -85,7 +85,9 @@ def check_theta0(
     with torch.no_grad():
         for lo, batch in iterate_batches(data, batch_size):
             batch = to_device(batch, device)
-            values = fn(check_outputs(task, model, batch), batch)
+            outputs = check_outputs(task, model, batch)
+            task.check_batch(batch, outputs.shape[1:])
+            values = fn(outputs, batch)
             try:
                 check_finite(values, f"{what} signal at θ₀" if fn is not task.loss else "training loss at θ₀", lo)
             except NonFiniteError as e:

@@ -258,6 +258,7 @@ class FactGraSS(_FactorizedInfluence):
         parts: list[list[Tensor]] = [[] for _ in self.layers]
         with eval_mode(self.model), load_weights(self.model, state):
             for _, batch in iterate_batches(chosen, self.options.batch_size):
+                self.task.check_batch(batch, self._output_shape)
                 grads = layer_gradients(self.model, self.layers, objective, to_device(batch, self._device()))
                 for i, g in enumerate(grads):
                     parts[i].append(g.cpu())

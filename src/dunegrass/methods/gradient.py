@@ -174,7 +174,10 @@ class GradientInfluence(Attributor):
         _, batch = next(iterate_batches(data, 2))
         batch = to_device(batch, self._device())
         with torch.no_grad():
-            values = self.task.loss(self.task.outputs(self.model, batch), batch)
+            outputs = self.task.outputs(self.model, batch)
+            self._output_shape = outputs.shape[1:]
+            self.task.check_batch(batch, self._output_shape)
+            values = self.task.loss(outputs, batch)
         check_finite(values, "training loss")
 
     def _weights_fingerprint(self, state: Mapping[str, Tensor]) -> str:
@@ -215,6 +218,7 @@ class GradientInfluence(Attributor):
         distributed.barrier()  # every rank reads all shards next
 
     def _arrays(self, m: int, state, batch, signal: str, extras: bool) -> dict[str, Tensor]:
+        self.task.check_batch(batch, self._output_shape)  # every batch, here where data can be inspected
         batch = to_device(batch, self._device())
         out = {"features": self.featurizers[m](self.model, state, batch, self._objective(signal))}
         if extras:

@@ -171,6 +171,7 @@ class GraSS(GradientInfluence):
         parts = []
         with eval_mode(self.model), load_weights(self.model, state):
             for _, batch in iterate_batches(chosen, self.options.batch_size):
+                self.task.check_batch(batch, self._output_shape)
                 batch = to_device(batch, self._device())
                 grads = per_sample_gradients(self.model, objective, batch, featurizer.params, featurizer.chunk_size)
                 parts.append(grads)
