@@ -14,19 +14,17 @@ from .store.atomic import atomic_write_bytes
 
 
 def _png(images: Sequence[np.ndarray], titles: Sequence[str]) -> str:
-    import matplotlib
+    # A bare Figure renders with Agg without pyplot, so the user's matplotlib backend is left alone.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(images), figsize=(1.3 * len(images), 1.6))
+    fig = Figure(figsize=(1.3 * len(images), 1.6))
+    axes = fig.subplots(1, len(images))
     for ax, img, title in zip(np.atleast_1d(axes), images, titles):
         ax.imshow(img, cmap="gray_r", interpolation="nearest")
         ax.set_title(title, fontsize=7)
         ax.axis("off")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 

@@ -95,7 +95,7 @@ def test_frozen_parameters_are_left_out_unless_named(digits, name, device):
     attr = PRESETS[name](model, task)
     featurizer = attr.featurizers[0]
     assert [(la.name, la.has_bias) for la in featurizer.layers] == [("3", False), ("7", False)]
-    assert [(c.in_dim, c.out_dim, c.bias) for c in featurizer.compressors] == [(72, 16, False), (256, 10, False)]
+    assert [(c.layer_in, c.layer_out, c.bias) for c in featurizer.compressors] == [(72, 16, False), (256, 10, False)]
     assert len(featurizer.blocks) == 2
     named = PRESETS[name](model, task, modules=["0", "7"]).featurizers[0]  # chosen layers are taken whole
     assert [(la.name, la.has_bias, la.in_dim) for la in named.layers] == [("0", False, 9), ("7", True, 257)]

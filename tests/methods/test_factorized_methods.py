@@ -7,7 +7,7 @@ import torch
 
 import dunegrass as dg
 from dunegrass.compress import SelectiveMask
-from dunegrass.compress.factorized import FactorMaskConfig, fit_factor_masks
+from dunegrass.compress.factor_masks import FactorMaskConfig, fit_factor_masks
 from dunegrass.errors import ConfigMismatchError, DunegrassError
 from dunegrass.gradients.factorized import factor_layers, layer_gradients
 from dunegrass.methods import mask_cache

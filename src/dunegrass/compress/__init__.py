@@ -3,7 +3,8 @@
 from .base import REGISTRY, Compressor, Identity
 from .chain import Chain, compressor, describe, parse_spec
 from .dense import DenseJL, Gaussian, Rademacher
-from .factorized import FactGraSSCompressor, FactorizedCompressor, FactorMaskConfig, LoGraCompressor, fit_factor_masks
+from .factor_masks import FactorMaskConfig, fit_factor_masks
+from .factorized import FactGraSSCompressor, FactorizedCompressor, LoGraCompressor
 from .mask import Mask, RandomMask, random_subset
 from .selective import SelectiveMask, SelectiveMaskConfig, mask_rank_agreement
 from .sjlt import SparseJL

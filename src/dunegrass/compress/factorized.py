@@ -2,8 +2,8 @@
 
 Both map a linear layer's factors — inputs x ``[B, T, d_in]`` and output gradients δ ``[B, T, d_out]``,
 e.g. a Conv2d's unfolded patches and its output gradients per position (``gradients.factorized``) —
-to features ``[B, k]`` equal to a fixed linear map of vec(G), G = Σ_t δ_t x̃_tᵀ ``[d_out, in_dim]``
-(row-major vec, d_out outer), where x̃ = [x; 1] when the layer has a bias (``in_dim = d_in + 1``),
+to features ``[B, k]`` equal to a fixed linear map of vec(G), G = Σ_t δ_t x̃_tᵀ ``[layer_out, layer_in]``
+(row-major vec, layer_out outer), where x̃ = [x; 1] when the layer has a bias (``layer_in = d_in + 1``),
 without building G:
 
 - LoGra: φ = vec(Σ_t (P_out δ_t)(P_in x̃_t)ᵀ) = (P_out ⊗ P_in) vec(G), Gaussian P (entries N(0, 1/k)).
@@ -13,42 +13,43 @@ without building G:
 The constant 1 of x̃ is never materialised (it would copy every layer input): LoGra adds P_in's bias
 column, FactGraSS appends ones only to the k′ gathered columns. Sizes are capped at the layer's
 dimensions so one setting fits every layer of a model. ``map_gradient`` applies the same map to an
-explicitly materialised G (the reference the tests compare against).
+explicitly materialised G (the reference the tests compare against). Learned factor masks:
+``factor_masks.fit_factor_masks``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import DunegrassError, NonFiniteError
+from ..options import deprecated
 from ..seeding import derive_seed
 from .base import canonical_device
 from .dense import Gaussian
 from .mask import Mask, RandomMask
-from .selective import SelectiveMask
 from .sjlt import SparseJL
 
 
 class FactorizedCompressor(ABC):
-    """``(inputs [B, T, d_in], grads [B, T, out_dim]) -> [B, k]`` fp32, linear in G = Σ_t δ_t x̃_tᵀ.
+    """``(inputs [B, T, d_in], grads [B, T, layer_out]) -> [B, k]`` fp32, linear in G = Σ_t δ_t x̃_tᵀ.
 
-    ``in_dim`` is G's width: d_in, plus 1 when ``bias``.
+    G is ``layer_out × layer_in``: ``layer_in`` is d_in, plus 1 when ``bias``; ``k`` is the output size,
+    as for every compressor.
     """
 
     name = ""
 
-    def __init__(self, in_dim: int, out_dim: int, seed: int = 0, bias: bool = False):
-        if in_dim - int(bias) < 1 or out_dim < 1:
+    def __init__(self, layer_in: int, layer_out: int, seed: int = 0, bias: bool = False):
+        if layer_in - int(bias) < 1 or layer_out < 1:
             raise DunegrassError(
-                f"a linear layer needs positive dimensions, got in={in_dim} (bias={bias}), out={out_dim}"
+                f"a linear layer needs positive dimensions, got in={layer_in} (bias={bias}), out={layer_out}"
             )
-        self.in_dim, self.out_dim, self.seed, self.bias = int(in_dim), int(out_dim), int(seed), bool(bias)
-        self.in_features = self.in_dim - int(self.bias)
+        self.layer_in, self.layer_out, self.seed, self.bias = int(layer_in), int(layer_out), int(seed), bool(bias)
+        self.in_features = self.layer_in - int(self.bias)
 
     @property
     @abstractmethod
@@ -63,10 +64,10 @@ class FactorizedCompressor(ABC):
             or grads.ndim != 3
             or inputs.shape[:2] != grads.shape[:2]
             or inputs.shape[2] != self.in_features
-            or grads.shape[2] != self.out_dim
+            or grads.shape[2] != self.layer_out
         ):
             raise DunegrassError(
-                f"{type(self).__name__} expects inputs [B, T, {self.in_features}] and grads [B, T, {self.out_dim}], "
+                f"{type(self).__name__} expects inputs [B, T, {self.in_features}] and grads [B, T, {self.layer_out}], "
                 f"got {tuple(inputs.shape)} and {tuple(grads.shape)}"
             )
         phi = self._compress(inputs, grads)
@@ -80,13 +81,29 @@ class FactorizedCompressor(ABC):
 
     @abstractmethod
     def map_gradient(self, grad: Tensor) -> Tensor:
-        """The same map on materialised gradients ``[B, out_dim, in_dim] -> [B, k]``."""
+        """The same map on materialised gradients ``[B, layer_out, layer_in] -> [B, k]``."""
 
     @abstractmethod
     def config(self) -> dict: ...
 
     def _base_config(self) -> dict:
-        return {"name": self.name, "in_dim": self.in_dim, "out_dim": self.out_dim, "bias": self.bias, "seed": self.seed}
+        return {
+            "name": self.name,
+            "layer_in": self.layer_in,
+            "layer_out": self.layer_out,
+            "bias": self.bias,
+            "seed": self.seed,
+        }
+
+    @property
+    def in_dim(self) -> int:  # the name of the last release, where out_dim was the layer's width, not k
+        deprecated("FactorizedCompressor.in_dim", ".layer_in", "dunegrass")
+        return self.layer_in
+
+    @property
+    def out_dim(self) -> int:
+        deprecated("FactorizedCompressor.out_dim", ".layer_out (the output size is .k)", "dunegrass")
+        return self.layer_out
 
 
 def _gather_columns(x: Tensor, cols: Tensor) -> Tensor:
@@ -120,16 +137,18 @@ def _outer_sum(a: Tensor, b: Tensor) -> Tensor:
 
 
 class LoGraCompressor(FactorizedCompressor):
-    """LoGra: Gaussian factor projections P_out (k_out × d_out), P_in (k_in × in_dim); k = k_out · k_in."""
+    """LoGra: Gaussian factor projections P_out (k_out × layer_out), P_in (k_in × layer_in); k = k_out · k_in."""
 
     name = "logra"
 
-    def __init__(self, in_dim: int, out_dim: int, k_in: int = 64, k_out: int = 64, seed: int = 0, bias: bool = False):
-        super().__init__(in_dim, out_dim, seed, bias)
+    def __init__(
+        self, layer_in: int, layer_out: int, k_in: int = 64, k_out: int = 64, seed: int = 0, bias: bool = False
+    ):
+        super().__init__(layer_in, layer_out, seed, bias)
         if k_in < 1 or k_out < 1:
             raise DunegrassError(f"LoGra factor sizes must be positive, got k_in={k_in}, k_out={k_out}")
-        self.proj_out = Gaussian(out_dim, min(k_out, out_dim), seed=derive_seed(seed, 0))
-        self.proj_in = Gaussian(in_dim, min(k_in, in_dim), seed=derive_seed(seed, 1))
+        self.proj_out = Gaussian(layer_out, min(k_out, layer_out), seed=derive_seed(seed, 0))
+        self.proj_in = Gaussian(layer_in, min(k_in, layer_in), seed=derive_seed(seed, 1))
         self._matrices: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -137,7 +156,7 @@ class LoGraCompressor(FactorizedCompressor):
         return self.proj_out.out_dim * self.proj_in.out_dim
 
     def matrices(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """P_outᵀ ``[d_out, k_out]`` and P_inᵀ ``[in_dim, k_in]`` (fp32, kept: they are small)."""
+        """P_outᵀ ``[layer_out, k_out]`` and P_inᵀ ``[layer_in, k_in]`` (fp32, kept: they are small)."""
         device = canonical_device(device)
         if self._matrices is None or self._matrices[0].device != device:
             self._matrices = (self.proj_out.matrix().to(device), self.proj_in.matrix().to(device))
@@ -163,15 +182,15 @@ class FactGraSSCompressor(FactorizedCompressor):
     """FactGraSS: masks on both factors (k′_out × k′_in entries of G), then SparseJL to ``k``.
 
     ``mask_out``/``mask_in`` are sizes (seeded RandomMasks) or fitted Masks, e.g. the SelectiveMasks
-    of ``fit_factor_masks``; ``mask_in`` selects from the in_dim columns of G (the bias column too).
+    of ``fit_factor_masks``; ``mask_in`` selects from the layer_in columns of G (the bias column too).
     """
 
     name = "factgrass"
 
     def __init__(
         self,
-        in_dim: int,
-        out_dim: int,
+        layer_in: int,
+        layer_out: int,
         k: int = 4096,
         mask_in: int | Mask = 128,
         mask_out: int | Mask = 128,
@@ -179,9 +198,9 @@ class FactGraSSCompressor(FactorizedCompressor):
         c: int = 1,
         bias: bool = False,
     ):
-        super().__init__(in_dim, out_dim, seed, bias)
-        self.mask_out = self._mask(mask_out, out_dim, derive_seed(seed, 0), "mask_out")
-        self.mask_in = self._mask(mask_in, in_dim, derive_seed(seed, 1), "mask_in")
+        super().__init__(layer_in, layer_out, seed, bias)
+        self.mask_out = self._mask(mask_out, layer_out, derive_seed(seed, 0), "mask_out")
+        self.mask_in = self._mask(mask_in, layer_in, derive_seed(seed, 1), "mask_in")
         inner = self.mask_out.out_dim * self.mask_in.out_dim
         if k < 1:
             raise DunegrassError(f"FactGraSS needs k >= 1, got {k}")
@@ -240,123 +259,3 @@ def _mask_config(mask: Mask) -> dict:
     """A mask's config plus a digest of its indices (learned masks differ by data, not just by seed)."""
     digest = hashlib.sha256(mask.indices.numpy().tobytes()).hexdigest()[:16]
     return {**mask.config(), "indices_sha256": digest}
-
-
-@dataclass
-class FactorMaskConfig:
-    """Search budget of ``fit_factor_masks``: alternating passes over the two factors, and swaps in all."""
-
-    max_rounds: int = 8
-    max_swaps: int = 2000
-    holdout_fraction: float = 0.2
-
-
-def _mean_corr(target: Tensor, masked: Tensor) -> Tensor:
-    """mean_t Pearson_i(target[t], masked[..., t, :]) for ``masked [..., n_t, n_i]``: shape ``[...]``."""
-    a = target - target.mean(-1, keepdim=True)
-    b = masked - masked.mean(-1, keepdim=True)
-    corr = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
-    return corr.mean(-1)
-
-
-def _rank_agreement(full: Tensor, approx: Tensor) -> float:
-    """Mean Spearman correlation between the rows of two ``[m, n]`` inner-product matrices."""
-    ranks = lambda x: x.argsort(dim=1).argsort(dim=1).to(torch.float32)  # noqa: E731
-    return float(_mean_corr(ranks(full), ranks(approx)))
-
-
-def _entries(g: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """The kept entries G[rows][:, cols] of each gradient ``[n, d_out, d_in]``, flattened ``[n, |rows|·|cols|]``."""
-    return g.index_select(1, rows).index_select(2, cols).reshape(g.shape[0], -1)
-
-
-def _swap_pass(target: Tensor, contrib: Tensor, chosen: Tensor, budget: int) -> int:
-    """Best-improvement swaps of one factor's selection (``chosen`` [d] bool, updated in place).
-
-    ``contrib[j]`` ``[n_t, n_i]`` is coordinate j's exact share of the masked inner products given the
-    other factor's selection, so a swap's effect is exact. Returns the number of swaps made.
-    """
-    masked = contrib[chosen].sum(0)
-    current = _mean_corr(target, masked)
-    swaps = 0
-    while swaps < budget and bool(chosen.any()) and bool((~chosen).any()):
-        inside, outside = chosen.nonzero()[:, 0], (~chosen).nonzero()[:, 0]
-        drop = inside[_mean_corr(target, masked - contrib[inside]).argmax()]  # removal that hurts least
-        add = outside[_mean_corr(target, masked + contrib[outside]).argmax()]  # addition that helps most
-        trial = masked - contrib[drop] + contrib[add]
-        score = _mean_corr(target, trial)
-        if not score > current + 1e-7:
-            break
-        chosen[drop], chosen[add] = False, True
-        masked, current, swaps = trial, score, swaps + 1
-    return swaps
-
-
-def fit_factor_masks(
-    grads: Tensor,
-    k_out: int,
-    k_in: int,
-    seed: int = 0,
-    config: FactorMaskConfig | None = None,
-) -> tuple[SelectiveMask, SelectiveMask]:
-    """Learn FactGraSS's two masks from per-example layer gradients ``grads [n, d_out, d_in]``.
-
-    Objective: the selective-mask criterion of algorithms.md §2 for the product masks FactGraSS applies
-    to the factors — maximise mean_t corr_i(⟨G_i, G_t⟩, ⟨M_out G_i M_inᵀ, M_out G_t M_inᵀ⟩) over pairs of
-    per-example gradients (the first 1 − ``holdout_fraction`` of the rows, split in halves i and t).
-
-    Method (a documented departure from §2's soft mask σ(S) + sparsity penalty + Adam): that soft
-    correlation is invariant to scaling the mask, so for a product mask its optimum is the uniform
-    mask and the top-k′ of the logits carries no information (tested: it picks noise coordinates
-    where the gradient lives on a planted block). Instead: start from the k′ rows/columns of largest
-    energy Σ_i ‖G_i[o, :]‖² (resp. columns), then alternate between the two factors making exact
-    best-improvement swaps (remove the coordinate whose loss hurts least, add the one that helps most,
-    keep the swap only if the criterion rises). Each round is scored by the rank agreement (mean
-    Spearman) on the held-out rows; the best round is kept. Deterministic (``seed`` only names the masks).
-    Returns fitted ``(mask_out, mask_in)``; their ``history`` lists the rounds.
-    """
-    cfg = config or FactorMaskConfig()
-    if grads.ndim != 3 or grads.shape[0] < 10:
-        raise DunegrassError(
-            f"fit_factor_masks needs at least 10 per-example layer gradients [n, d_out, d_in], got {tuple(grads.shape)}"
-        )
-    n, d_out, d_in = grads.shape
-    k_out, k_in = min(k_out, d_out), min(k_in, d_in)
-    g = grads.to(torch.float32)
-    cut = max(2, min(n - 1, round(n * (1 - cfg.holdout_fraction))))
-    fit, hold = g[:cut], g[cut:]
-    half = cut // 2
-    g_i, g_t = fit[:half], fit[half:]
-    target = g_t.reshape(g_t.shape[0], -1) @ g_i.reshape(half, -1).T
-    hold_full = hold.reshape(hold.shape[0], -1) @ fit.reshape(cut, -1).T
-
-    energy = fit.square().sum(0)  # [d_out, d_in]
-    rows = torch.zeros(d_out, dtype=torch.bool)
-    cols = torch.zeros(d_in, dtype=torch.bool)
-    rows[torch.topk(energy.sum(1), k_out).indices] = True
-    cols[torch.topk(energy.sum(0), k_in).indices] = True
-
-    def agreement() -> float:
-        r, c = rows.nonzero()[:, 0], cols.nonzero()[:, 0]
-        return _rank_agreement(hold_full, _entries(hold, r, c) @ _entries(fit, r, c).T)
-
-    history = [{"round": 0, "swaps": 0, "holdout_agreement": agreement()}]
-    best = (history[0]["holdout_agreement"], rows.clone(), cols.clone())
-    budget = cfg.max_swaps
-    for rnd in range(1, cfg.max_rounds + 1):
-        c = cols.nonzero()[:, 0]
-        swaps = _swap_pass(target, torch.einsum("toc,ioc->oti", g_t[:, :, c], g_i[:, :, c]), rows, budget)
-        r = rows.nonzero()[:, 0]
-        swaps += _swap_pass(target, torch.einsum("trj,irj->jti", g_t[:, r], g_i[:, r]), cols, budget - swaps)
-        budget -= swaps
-        history.append({"round": rnd, "swaps": swaps, "holdout_agreement": agreement()})
-        if history[-1]["holdout_agreement"] > best[0]:
-            best = (history[-1]["holdout_agreement"], rows.clone(), cols.clone())
-        if swaps == 0 or budget <= 0:
-            break
-    masks = []
-    for dim, k, chosen, r in ((d_out, k_out, best[1], 0), (d_in, k_in, best[2], 1)):
-        mask = SelectiveMask(dim, k, seed=derive_seed(seed, r), indices=chosen.nonzero()[:, 0])
-        mask.fit_config, mask.history = {"method": "energy-init exact swaps", **asdict(cfg)}, history
-        masks.append(mask)
-    return masks[0], masks[1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,11 +56,13 @@ class FunctionalModel:
         return getattr(self._model, name)
 
 
-def _constants(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
-    chosen = set(names)
-    consts = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
-    consts.update(dict(model.named_buffers()))
-    return consts
+def frozen_tensors(model: nn.Module, exclude: Collection[str]) -> dict[str, Tensor]:
+    """Every parameter (detached) and buffer of ``model`` whose name is not in ``exclude``: what a functional
+    call holds fixed while the excluded tensors are supplied (differentiated, stacked per member, ...)."""
+    skip = set(exclude)
+    out = {n: p.detach() for n, p in model.named_parameters() if n not in skip}
+    out.update({n: b for n, b in model.named_buffers() if n not in skip})
+    return out
 
 
 def iter_per_sample_gradients(
@@ -81,7 +83,7 @@ def iter_per_sample_gradients(
         raise DunegrassError(f"chunk_size must be at least 1, got {chunk_size}")
     named = dict(model.named_parameters())
     theta = {n: named[n].detach() for n in params}
-    consts = _constants(model, params)
+    consts = frozen_tensors(model, params)
 
     def single(theta_: dict[str, Tensor], example: Any) -> Tensor:
         one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)

@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev, vmap
+from torch.func import hessian, jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from ..data import iterate_batches, to_device
 from ..errors import DunegrassError
 from ..gradients.attention import vmap_safe_attention
+from ..gradients.per_sample import FunctionalModel, frozen_tensors
 from ..task import Task
 
 MAX_PARAMS = 20_000  # a p × p float64 matrix of 3.2 GB; beyond that use a compressed method
@@ -32,22 +33,10 @@ def flat_parameters(model: nn.Module, names: Sequence[str]) -> tuple[Tensor, Cal
 
 
 def _closure(model: nn.Module, names: Sequence[str]):
-    chosen = set(names)
-    consts = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
-    consts.update(dict(model.named_buffers()))
+    """θ flat, and ``proxy(v)``: the model with the selected parameters taken from the flat vector ``v``."""
+    consts = frozen_tensors(model, names)
     flat, unflatten = flat_parameters(model, names)
-
-    class _Proxy:
-        def __init__(self, v):
-            self.v = v
-
-        def __call__(self, *args, **kwargs):
-            return functional_call(model, {**consts, **unflatten(self.v)}, args, kwargs)
-
-        def __getattr__(self, name):
-            return getattr(model, name)
-
-    return flat, _Proxy
+    return flat, lambda v: FunctionalModel(model, {**consts, **unflatten(v)})
 
 
 def damped_hessian(

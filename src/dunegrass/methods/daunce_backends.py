@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..data import TensorData, as_data, iterate_batches, to_device
 from ..errors import DunegrassError
-from ..gradients.per_sample import FunctionalModel
+from ..gradients.per_sample import FunctionalModel, frozen_tensors
 from ..influence.exact import flat_parameters
 from ..task import Task
 from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, member_state, stack_states
@@ -52,7 +52,7 @@ class EnsembleBackend:
         objective = None
         if terms is not None:
             # θ₀'s tensors run through the same module functionally; members start from copies of them.
-            theta0 = {**{n: p.detach() for n, p in model.named_parameters()}, **dict(model.named_buffers())}
+            theta0 = frozen_tensors(model, ())
             outputs0 = (lambda batch: task.outputs(FunctionalModel(model, theta0), batch)) if anchored else None
             objective = anchored_objective(task, terms, outputs0)
         self.trainer = EnsembleTrainer(model, task, config, objective=objective, progress=progress)

@@ -20,13 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..compress import SelectiveMask
-from ..compress.factorized import (
-    FactGraSSCompressor,
-    FactorizedCompressor,
-    FactorMaskConfig,
-    LoGraCompressor,
-    fit_factor_masks,
-)
+from ..compress.factor_masks import FactorMaskConfig, fit_factor_masks
+from ..compress.factorized import FactGraSSCompressor, FactorizedCompressor, LoGraCompressor
 from ..data import iterate_batches, subset, to_device
 from ..errors import DunegrassError, NonFiniteError
 from ..gradients.factorized import FactorLayer, ModuleSelection, capture_factors, factor_layers, layer_gradients
@@ -46,9 +41,9 @@ class FactorizedFeaturizer(Featurizer):
         if len(layers) != len(compressors) or not layers:
             raise DunegrassError("FactorizedFeaturizer needs one compressor per selected layer, and at least one")
         for layer, comp in zip(layers, compressors):
-            if (comp.in_dim, comp.out_dim, comp.bias) != (layer.in_dim, layer.out_dim, layer.has_bias):
+            if (comp.layer_in, comp.layer_out, comp.bias) != (layer.in_dim, layer.out_dim, layer.has_bias):
                 raise DunegrassError(
-                    f"the compressor for {layer.name!r} takes {comp.in_dim} -> {comp.out_dim} (bias={comp.bias}), "
+                    f"the compressor for {layer.name!r} takes {comp.layer_in} -> {comp.layer_out} (bias={comp.bias}), "
                     f"the layer is {layer.in_dim} -> {layer.out_dim} (bias={layer.has_bias}; in_dim counts it)"
                 )
         self.model, self.layers, self.compressors = model, list(layers), list(compressors)
@@ -239,7 +234,14 @@ class FactGraSS(_FactorizedInfluence):
         masks = learned_masks(path, key, [name for pair in names for name in pair], learn)
         featurizer.compressors = [
             FactGraSSCompressor(
-                c.in_dim, c.out_dim, self.sizes["k"], masks[i_], masks[o_], seed=c.seed, c=self.sizes["c"], bias=c.bias
+                c.layer_in,
+                c.layer_out,
+                self.sizes["k"],
+                masks[i_],
+                masks[o_],
+                seed=c.seed,
+                c=self.sizes["c"],
+                bias=c.bias,
             )
             for c, (o_, i_) in zip(featurizer.compressors, names)
         ]

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..data import TensorData, as_data, to_device
 from ..errors import DunegrassError
 from ..gradients.attention import vmap_safe_attention
-from ..gradients.per_sample import FunctionalModel, check_finite
+from ..gradients.per_sample import FunctionalModel, check_finite, frozen_tensors
 from ..modes import module_mode, running_stat_names
 from ..seeding import derive_seed
 from ..task import Task
@@ -123,8 +123,7 @@ class EnsembleTrainer:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.names = names
         self.stats = running_stat_names(model)  # per-member state beside the parameters
-        self.consts = {n: p.detach() for n, p in model.named_parameters() if n not in set(names)}
-        self.consts.update({n: b for n, b in model.named_buffers() if n not in set(self.stats)})
+        self.consts = frozen_tensors(model, [*names, *self.stats])
 
     def _member_loss(
         self, params: dict[str, Tensor], stats: dict[str, Tensor], batch: Any, aux: dict[str, Tensor]
@@ -243,8 +242,7 @@ def ensemble_outputs(
     data = as_data(data)
     if not isinstance(data, TensorData):
         raise DunegrassError("ensemble evaluation needs in-memory tensors: pass the data as a tuple (X, y)")
-    consts = {n: p.detach() for n, p in model.named_parameters() if n not in stacked}
-    consts.update(dict(model.named_buffers()))
+    consts = frozen_tensors(model, stacked)
 
     def one(params, batch):
         out = task.outputs(FunctionalModel(model, {**consts, **params}), batch)
