@@ -1,33 +1,51 @@
+"""`dunegrass demo` as a user runs it: every method beats random scores against the same ground truth."""
+
 import json
 
 import pytest
 
+from dunegrass import demo
 from dunegrass.cli import main
-from dunegrass.demo import DemoSettings, run_demo
+
+TEST_SIZE = demo.DemoSettings(
+    n_train=150,
+    n_queries=24,
+    hidden=16,
+    epochs=10,
+    num_subsets=40,
+    num_seeds=1,
+    trak_checkpoints=2,
+    k=64,
+    daunce_models=64,
+)
 
 
-def test_demo_writes_results_and_report(tmp_path, capsys):
-    tiny = DemoSettings(
-        n_train=120, n_queries=12, hidden=16, epochs=5, num_subsets=8, num_seeds=1, trak_checkpoints=2, k=64
-    )
-    results = run_demo(out=str(tmp_path), settings=tiny, progress=False)
+def test_the_demo_command_writes_results_and_every_method_beats_random_scores(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "QUICK", TEST_SIZE)  # the quick preset at test size: the command path is the user's
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["methods"].keys() == results["methods"].keys()
-    for name, row in on_disk["methods"].items():
-        assert name in printed
-        assert -1 <= row["lds"] <= 1 and row["lds_ci"][0] <= row["lds"] <= row["lds_ci"][1] and row["seconds"] > 0
-    assert {"TRAK", "TracIn", "GradientInfluence", "ExactInfluence", "Daunce"} <= set(on_disk["methods"])
-    assert on_disk["ground_truth"]["num_subsets"] == 8 and "train_config" in on_disk["ground_truth"]
+    methods = on_disk["methods"]
+    assert {"TRAK", "TracIn", "GradientInfluence", "GraSS", "ExactInfluence", "Daunce"} == set(methods)
+    noise = on_disk["baseline"]["random scores"]["lds"]
+    assert abs(noise) < 0.1 and "random scores" in printed
+    for name, row in methods.items():
+        assert name in printed and row["seconds"] > 0
+        assert row["lds_ci"][0] <= row["lds"] <= row["lds_ci"][1]
+        assert row["lds"] > noise + 0.08, f"{name}: LDS {row['lds']:.3f} against random scores' {noise:.3f}"
+    assert on_disk["ground_truth"]["num_subsets"] == 40 and "train_config" in on_disk["ground_truth"]
     html = (tmp_path / "report.html").read_text()
-    best = max(on_disk["methods"], key=lambda k: on_disk["methods"][k]["lds"])
+    best = max(methods, key=lambda k: methods[k]["lds"])
     # three queries for the best method, and three more for Daunce (the one with standard errors)
     assert html.count("data:image/png;base64,") == (3 if best == "Daunce" else 6) and "<table>" in html
     assert "significantly positive" in html
 
 
-def test_cli_parses_demo_and_bench(capsys):
+def test_the_cli_says_what_it_does(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     assert "demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--unknown-flag"])
+    assert e.value.code == 2

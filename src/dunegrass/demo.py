@@ -136,6 +136,12 @@ def run_demo(
         best_scores[name] = scores
         say(f"  {name:<20} {str(res):>16} {seconds:>9.1f}")
 
+    # The noise floor: scores that carry no information, scored against the same ground truth.
+    noise = torch.randn(len(queries[1]), s.n_train, generator=torch.Generator().manual_seed(seed))
+    res = lds(noise, gt)
+    results["baseline"] = {"random scores": {"lds": res.mean, "lds_ci": [res.low, res.high]}}
+    say(f"  {'random scores':<20} {str(res):>16} {'':>9}  (the noise floor)")
+
     os.makedirs(out, exist_ok=True)
     results.update(
         {

@@ -50,8 +50,18 @@ def test_members_move_away_from_theta0_and_scores_are_covariances(tiny_classific
     assert moved > 1e-3
     A, B = daunce.signals(test)
     assert A.shape == (6, 40) and B.shape == (6, 7)
+    # The stored signals are each member's own losses: evaluate every kept member in a copy of the model
+    # by hand, and take the covariance of those.
+    copy_ = copy.deepcopy(model).cpu()
+    mine = []
+    for k in range(6):
+        copy_.load_state_dict({n: v.cpu() for n, v in daunce.store.load_weights(k).items()}, strict=False)
+        with torch.no_grad():
+            mine.append(torch.cat([task.loss(copy_(x), (x, y)) for x, y in (test, train)]).double())
+    by_hand = torch.stack(mine).numpy()
+    np.testing.assert_allclose(by_hand[:, 7:], A.numpy(), rtol=1e-5, atol=1e-7)
     scores = daunce.score(test)
-    want = np.cov(np.concatenate([B.numpy(), A.numpy()], axis=1), rowvar=False)[:7, 7:]
+    want = np.cov(by_hand, rowvar=False)[:7, 7:]
     np.testing.assert_allclose(scores.values.numpy(), want, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(daunce.self_scores().values[0].numpy(), A.numpy().var(0, ddof=1), rtol=1e-4, atol=1e-12)
     assert scores.stderr is not None and (scores.stderr > 0).all()

@@ -86,13 +86,29 @@ def test_one_block_per_layer_and_config(model):
     assert (defaults.proj_in.out_dim, defaults.proj_out.out_dim) == (17, 64)
 
 
-def test_each_checkpoint_gets_its_own_seed(model, padded_batch):
+@pytest.mark.parametrize("name", ["logra", "factgrass"])
+def test_two_checkpoints_average_their_block_influence(model, name, padded_batch):
+    """Σ_m w_m Σ_l φ_{z,m,l}ᵀ (F_{m,l} + λ_{m,l} I)⁻¹ φ_{i,m,l} by hand, each checkpoint with its own weights and
+    projection seed."""
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
-    attr = LoGra(model, TASK, k_in=4, k_out=4, checkpoints=[state, state])
-    a, b = (f.compressors[0].proj_in.seed for f in attr.featurizers)
-    assert len(attr.featurizers) == 2 and a != b
-    scores = attr.fit(padded_batch(n=12, seed=0, side="right")).score(padded_batch(n=3, seed=1, side="right"))
-    assert scores.shape == (3, 12)
+    other = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in state.items()}
+    attr = PRESETS[name](model, checkpoints=[state, other], checkpoint_weights=[0.3, 0.7])
+    seeds = [f.compressors[0].seed for f in attr.featurizers]
+    assert len(attr.featurizers) == 2 and seeds[0] != seeds[1]
+    train, queries = padded_batch(n=12, seed=0, side="right"), padded_batch(n=3, seed=1, side="right")
+    got = attr.fit(train).score(queries).values.double()
+    want = torch.zeros_like(got)
+    for m, weight in enumerate((0.3, 0.7)):
+        phi = torch.from_numpy(attr.stores[m].load()).double()
+        q = attr.query_features(queries, m).cpu().double()
+        for a, b in attr.featurizers[m].blocks:
+            fisher = phi[:, a:b].T @ phi[:, a:b] / 12
+            lam = 0.1 * torch.trace(fisher) / (b - a)
+            solved = torch.linalg.solve(fisher + lam * torch.eye(b - a, dtype=torch.float64), phi[:, a:b].T)
+            want += weight * q[:, a:b] @ solved
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+    for p, v in zip(model.parameters(), state.values()):  # the checkpoints never leak into the model
+        assert torch.equal(p.detach(), v)
 
 
 def test_materialised_options_are_rejected(model):

@@ -7,7 +7,7 @@ import dunegrass as dg
 from dunegrass.methods.daunce import Daunce
 from dunegrass.train import EnsembleTrainer, Member, TrainConfig
 from dunegrass.train.finetune import finetune
-from dunegrass.train.lora import LoraConfig, add_lora, lora_names, remove_lora, reset_lora
+from dunegrass.train.lora import LoraConfig, add_lora, load_state, lora_names, remove_lora, reset_lora
 
 
 class _Killed(Exception):
@@ -136,6 +136,18 @@ def test_daunce_with_lora_on_a_causal_lm_leaves_the_model_unchanged(tmp_path):
         assert torch.equal(p.detach(), base[n])
     kept = daunce.store.load_weights(0)
     assert kept and all("lora_" in n for n in kept)
+    # The scores are the covariance of each kept member's own losses, evaluated here through peft by hand.
+    peft = add_lora(model, LoraConfig(rank=4)).eval()
+    rows = []
+    for k in range(3):
+        load_state(peft, daunce.store.load_weights(k))
+        with torch.no_grad():
+            rows.append([task.loss(task.outputs(peft, b), b) for b in (data, queries)])
+    remove_lora(peft, {n: True for n, _ in model.named_parameters()})
+    A = torch.stack([r[0] for r in rows]).double()
+    B = torch.stack([r[1] for r in rows]).double()
+    want = (B - B.mean(0)).T @ (A - A.mean(0)) / 2
+    torch.testing.assert_close(scores.values.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 def test_lora_dropout_is_off_so_members_are_reproducible():
