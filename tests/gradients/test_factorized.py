@@ -173,9 +173,9 @@ def test_non_finite_factors_are_caught_or_left_to_the_caller(make):
 
 
 def test_sizes_are_capped_at_the_layer_dims():
-    comp = FactGraSSCompressor(in_dim=5, out_dim=3, k=4096)
+    comp = FactGraSSCompressor(layer_in=5, layer_out=3, k=4096)
     assert (comp.mask_out.out_dim, comp.mask_in.out_dim, comp.k) == (3, 5, 15)
-    assert LoGraCompressor(in_dim=5, out_dim=3).k == 15
+    assert LoGraCompressor(layer_in=5, layer_out=3).k == 15
 
 
 def to_linear(model: nn.Module) -> nn.Module:
@@ -323,3 +323,11 @@ def test_an_input_modified_in_place_after_the_layer_ran_is_an_error():
     model = InPlaceAfter()
     with pytest.raises(DunegrassError, match="modified in place"):
         capture_factors(model, factor_layers(model), _mse, (torch.randn(3, 4), torch.randn(3, 2)), lambda *a: None)
+
+
+def test_the_layer_sizes_of_the_last_release_still_read_with_a_warning():
+    comp = LoGraCompressor(5, 3)
+    with pytest.warns(FutureWarning, match="layer_out"):
+        assert comp.out_dim == 3  # the layer's width, not k: hence the new name
+    with pytest.warns(FutureWarning, match="layer_in"):
+        assert comp.in_dim == 5
