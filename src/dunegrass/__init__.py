@@ -24,9 +24,10 @@ from .methods import (
     TracIn,
 )
 from .notices import DunegrassWarning
+from .options import DaunceOptions, InfluenceOptions
 from .scores import Ranked, Scores, TopScores
 from .task import CausalLMTask, ClassificationTask, Task
-from .train import EnsembleTrainer, Member, TrainConfig
+from .train import EnsembleTrainer, LoraConfig, Member, TrainConfig
 
 __version__ = "0.1.0"
 
@@ -40,18 +41,21 @@ __all__ = [
     "ConfigMismatchError",
     "CorruptCacheError",
     "Daunce",
+    "DaunceOptions",
     "DunegrassError",
     "DunegrassWarning",
     "EnsembleTrainer",
     "ExactInfluence",
     "FactGraSS",
     "LoGra",
+    "LoraConfig",
     "LocalBackend",
     "OpenAICompatibleBackend",
     "Gaussian",
     "GradientInfluence",
     "GraSS",
     "GroundTruth",
+    "InfluenceOptions",
     "Member",
     "NonFiniteError",
     "Rademacher",
