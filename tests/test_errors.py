@@ -168,3 +168,21 @@ def test_files_written_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "s.npz").st_mode & 0o777) == 0o644
+
+
+def test_messages_that_name_a_fix_that_works(tiny_classification, tmp_path):
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    top = dg.GradientInfluence(model, task).fit(train).score(test, top_k=100)  # all 40 kept
+    assert top.top(60).indices.shape == (7, 40)  # nothing more to ask for: no "score again" advice
+    top.save(tmp_path / "top.npz")
+    with pytest.raises(dg.DunegrassError, match="not dense ones; use TopScores.load"):
+        dg.Scores.load(tmp_path / "top.npz")
+    for build, match in (
+        (lambda: dg.GradientInfluence(model, task, damping="auto"), "damping must be positive"),
+        (lambda: dg.Daunce(model, task, subsample_ratio="0.3"), "subsample_ratio must be a number"),
+        (lambda: dg.ExactInfluence(model, task, damping=None), "non-negative numbers"),
+        (lambda: dg.GraSS(torch.nn.Linear(256, 256), task, k=32768, mask_size=65536), r"k=4096"),
+    ):
+        with pytest.raises(dg.DunegrassError, match=match):
+            build()

@@ -98,3 +98,55 @@ def test_a_tasks_settings_are_part_of_its_config(tmp_path):
     dg.GradientInfluence(model, _ScaledLoss(1.0)).fit((x, y), cache_dir=tmp_path)
     with pytest.raises(dg.ConfigMismatchError, match="scale"):
         dg.GradientInfluence(model, _ScaledLoss(2.0)).fit((x, y), cache_dir=tmp_path)
+
+
+def test_after_deleting_the_stale_features_the_fisher_is_recomputed_too(tmp_path):
+    """The error says to delete the cache; deleting only its features must not leave a stale Fisher in use."""
+    import shutil
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(100, 6, generator=gen), torch.randint(0, 3, (100,), generator=gen)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    task = dg.ClassificationTask()
+    build = lambda: dg.GradientInfluence(model, task, compressor="gaussian:16", shard_size=50)  # noqa: E731
+    build().fit(_Table(x, y), cache_dir=tmp_path)
+    changed = x * 2
+    with pytest.raises(dg.ConfigMismatchError, match="differ"):
+        build().fit(_Table(changed, y), cache_dir=tmp_path)
+    shutil.rmtree(tmp_path / "ckpt-0" / "train")
+    cached = build().fit(_Table(changed, y), cache_dir=tmp_path).score((x[:3], y[:3])).values
+    fresh = build().fit(_Table(changed, y)).score((x[:3], y[:3])).values
+    torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-6 * fresh.abs().max().item())
+
+
+def test_selective_masks_are_relearned_when_a_lazy_dataset_changes(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(60, 6, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    grass = dg.GraSS(model, dg.ClassificationTask(), k=4, mask="selective", mask_size=12, mask_examples=30)
+    learned = []
+    original = grass._mask_gradients
+    monkeypatch.setattr(grass, "_mask_gradients", lambda *a: learned.append(1) or original(*a))
+    grass.fit(_Table(x, y))
+    grass.fit(_Table(x.clone(), y))  # the same examples: the masks learned in memory are kept
+    assert len(learned) == 1
+    grass.fit(_Table(x * 3, y))  # same length and type, other examples
+    assert len(learned) == 2
+
+
+def test_text_columns_and_the_hashers_independence_from_batching():
+    rows = RowHasher().update({"text": ["a", "b", "c"], "ids": torch.arange(3)}).hexdigest()
+    split = RowHasher().update({"text": ["a"], "ids": torch.arange(1)})
+    assert rows == split.update({"text": ["b", "c"], "ids": torch.arange(1, 3)}).hexdigest()
+    assert rows != RowHasher().update({"text": ["a", "B", "c"], "ids": torch.arange(3)}).hexdigest()
+
+
+def test_task_settings_that_are_functions_or_objects_key_a_cache_the_same_in_every_process():
+    class WithFunction(dg.ClassificationTask):
+        def __init__(self):
+            super().__init__()
+            self.criterion = torch.nn.functional.cross_entropy
+            self.helper = object()
+
+    config = WithFunction().config()
+    assert config["criterion"] == "torch.nn.functional.cross_entropy" and "0x" not in str(config)

@@ -6,7 +6,7 @@ scores = attr.score(queries)        # [n_query, n_train], positive = proponent
 """
 
 from .compress import Compressor, Gaussian, Rademacher, RandomMask, SelectiveMask, SparseJL, compressor
-from .data import TensorData
+from .data import Padded, TensorData
 from .errors import ConfigMismatchError, CorruptCacheError, DunegrassError, NonFiniteError
 from .eval import GroundTruth, lds, leave_one_out, loo_correlation, mislabel_auc, subset_retraining
 from .methods import (
@@ -51,6 +51,7 @@ __all__ = [
     "LoraConfig",
     "LocalBackend",
     "OpenAICompatibleBackend",
+    "Padded",
     "Gaussian",
     "GradientInfluence",
     "GraSS",

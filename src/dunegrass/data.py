@@ -85,18 +85,57 @@ def iterate_batches(
         for lo in range(start, stop, batch_size):
             yield lo, data.slice(slice(lo, min(lo + batch_size, stop)))
         return
+    collate_fn = collate_fn or getattr(data, "collate_fn", None)  # a dataset may say how to batch itself
     loader = DataLoader(Subset(data, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     for i, batch in enumerate(loader):
         yield start + i * batch_size, batch
 
 
 def subset(data: Any, indices: Sequence[int] | Tensor) -> TensorData | Dataset:
-    """The examples at ``indices`` (in that order)."""
+    """The examples at ``indices`` (in that order); a dataset's ``collate_fn`` comes along."""
     data = as_data(data)
     idx = torch.as_tensor(indices, dtype=torch.long)
     if isinstance(data, TensorData):
         return TensorData(data.slice(idx))
-    return Subset(data, idx.tolist())
+    out = Subset(data, idx.tolist())
+    if getattr(data, "collate_fn", None) is not None:
+        out.collate_fn = data.collate_fn
+    return out
+
+
+class Padded(Dataset):
+    """A dataset of token sequences of different lengths, batched by padding each batch to its longest.
+
+    Each example is a dict with ``"input_ids"`` (1-D) and optionally ``"labels"`` (the same length, -100 for
+    tokens without a loss); a batch gets ``attention_mask`` (1 on real tokens) and ``pad_id``/-100 in the
+    padding, on the ``side`` given. Per-example results do not depend on the padding (CausalLMTask masks
+    it). ``dg.data.Padded(my_dataset)`` wraps any such dataset, a Hugging Face one included.
+    """
+
+    def __init__(self, data: Any, pad_id: int = 0, side: str = "right"):
+        if side not in ("left", "right"):
+            raise DunegrassError(f"side must be 'left' or 'right', got {side!r}")
+        self.data, self.pad_id, self.side = data, int(pad_id), side
+        self._fingerprint = getattr(data, "_fingerprint", None)  # a Hugging Face dataset's stays its own
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.data[i]
+
+    def collate_fn(self, examples: list[Mapping]) -> dict[str, Tensor]:
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        out: dict[str, list[Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for ex in examples:
+            ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+            labels = torch.as_tensor(ex["labels"], dtype=torch.long) if "labels" in ex else ids
+            gap = longest - len(ids)
+            fill = (gap, 0) if self.side == "left" else (0, gap)
+            out["input_ids"].append(torch.nn.functional.pad(ids, fill, value=self.pad_id))
+            out["attention_mask"].append(torch.nn.functional.pad(torch.ones_like(ids), fill, value=0))
+            out["labels"].append(torch.nn.functional.pad(labels, fill, value=-100))
+        return {k: torch.stack(v) for k, v in out.items()}
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -44,13 +44,6 @@ def require_shared_cache(cache_dir) -> None:
         )
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over ranks (in place, returned for convenience)."""
-    if active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def my_rows(n: int) -> tuple[int, int]:
     """This rank's contiguous part ``[lo, hi)`` of ``n`` rows (sizes differ by at most one)."""
     world, r = world_size(), rank()

@@ -57,30 +57,37 @@ def model_fingerprint(model: nn.Module, state: Mapping[str, Tensor] | None = Non
 
 class RowHasher:
     """sha256 of examples fed batch by batch, one example at a time: the digest does not depend on how the
-    examples were batched."""
+    examples were batched. Tensors are hashed by their bytes, other per-example values (a list of strings
+    that a collate made of a text field) by their repr."""
 
     def __init__(self):
         self.h = hashlib.sha256()
 
     def update(self, batch: Any) -> RowHasher:
-        leaves = [t for t in _leaves(batch) if isinstance(t, Tensor)]
-        rows = leaves[0].shape[0] if leaves else 0
-        flat = [t.detach().cpu().reshape(rows, -1).contiguous() for t in leaves]
+        columns = _columns(batch)
+        rows = next((len(c) for c in columns if isinstance(c, (Tensor, list, tuple))), 1)
+        flat = [c.detach().cpu().reshape(rows, -1).contiguous() if isinstance(c, Tensor) else c for c in columns]
         for i in range(rows):
-            for t in flat:
-                self.h.update(str(t.dtype).encode())
-                self.h.update(t[i].view(torch.uint8).numpy().tobytes())
+            for c in flat:
+                if isinstance(c, Tensor):
+                    self.h.update(str(c.dtype).encode())
+                    self.h.update(c[i].view(torch.uint8).numpy().tobytes())
+                else:
+                    self.h.update(repr(c[i] if isinstance(c, (list, tuple)) else c).encode())
         return self
 
     def hexdigest(self) -> str:
         return self.h.hexdigest()
 
 
-def _leaves(obj: Any) -> list:
+def _columns(obj: Any) -> list:
+    """A batch's per-example columns: its tensors, and lists of plain values (one per example)."""
+    if isinstance(obj, Tensor):
+        return [obj]
     if isinstance(obj, Mapping):
-        return [leaf for k in sorted(obj) for leaf in _leaves(obj[k])]
-    if isinstance(obj, (tuple, list)):
-        return [leaf for v in obj for leaf in _leaves(v)]
+        return [c for k in sorted(obj) for c in _columns(obj[k])]
+    if isinstance(obj, (tuple, list)) and obj and all(isinstance(v, (Tensor, Mapping, tuple, list)) for v in obj):
+        return [c for v in obj for c in _columns(v)]
     return [obj]
 
 

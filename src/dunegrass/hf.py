@@ -4,9 +4,9 @@ Nothing here reaches a hub: models come from a config (random weights) or from
 ``from_pretrained(local_dir, local_files_only=True)``. transformers is imported only when these
 functions run, so dunegrass itself does not need it.
 
-Attention: ``attn_implementation="eager"`` is the default because per-example gradients through
-torch.func's vmap have no CPU batching rule for the SDPA kernel; factorised capture (LoGra, FactGraSS)
-works with any implementation.
+Attention: these builders default to ``attn_implementation="eager"``, which every path runs as it is. A
+model with SDPA attention (as ``from_pretrained`` gives it) works too: the vmapped paths (per-example
+gradients, vmapped Daunce members) switch it to eager for the call and back (``gradients.attention``).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 
@@ -13,8 +15,17 @@ _said: set[str] = set()
 
 
 def notice_once(key: str, message: str) -> None:
-    """Warn with ``message`` the first time ``key`` is seen in this process."""
+    """Warn with ``message`` the first time ``key`` is seen in this process, pointing at the caller's line."""
     if key in _said:
         return
     _said.add(key)
-    warnings.warn(message, DunegrassWarning, stacklevel=3)
+    warnings.warn(message, DunegrassWarning, stacklevel=_outside_dunegrass())
+
+
+def _outside_dunegrass() -> int:
+    """The stacklevel of the first frame outside this package (the user's line)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -35,6 +35,10 @@ def positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def choice(value: Any, allowed: tuple, name: str) -> Any:
     if value not in allowed:
         raise DunegrassError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
@@ -68,7 +72,7 @@ class InfluenceOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.damping is not None and (isinstance(self.damping, bool) or not self.damping > 0):
+        if self.damping is not None and (not _real(self.damping) or not self.damping > 0):
             raise DunegrassError(f"damping must be positive, or None for dot products; got {self.damping!r}")
         for name in ("train_signal", "query_signal"):
             choice(getattr(self, name), ("loss", "measurement"), name)
@@ -143,12 +147,12 @@ class DaunceOptions:
                 f"num_models must be an integer K ≥ 2 (a covariance needs two models), got {self.num_models!r}"
             )
         choice(self.variant, ("if", "efim", "blackbox"), "variant")
-        if not 0 < self.subsample_ratio <= 1:
-            raise DunegrassError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
+        if not _real(self.subsample_ratio) or not 0 < self.subsample_ratio <= 1:
+            raise DunegrassError(f"subsample_ratio must be a number in (0, 1], got {self.subsample_ratio!r}")
         for name in ("train_signal", "query_signal"):
             choice(getattr(self, name), ("loss", "measurement", "margin"), name)
         choice(self.trainer, ("auto", "ensemble", "finetune", "newton"), "trainer")
-        if not (self.rho > 0 and self.gamma > 0) or self.l2 < 0:
+        if not all(map(_real, (self.rho, self.gamma, self.l2))) or not (self.rho > 0 and self.gamma > 0) or self.l2 < 0:
             raise DunegrassError("rho and gamma must be positive and l2 non-negative")
         positive_int(self.max_members, "max_members")
         if self.eval_batch_size is not None:

@@ -6,7 +6,8 @@ pickle: the arrays plus the metadata as JSON text.
 
 Methods compute scores chunk by chunk of training examples and hand each chunk to a sink:
 ``DenseSink`` fills the whole matrix (``n_query × n_train`` float32 on the host), ``TopKSink`` keeps
-only each query's K largest and K smallest scores (``n_query × 4K`` numbers whatever ``n_train`` is),
+only each query's K largest and K smallest scores (``n_query × 4K`` numbers, 6K with standard errors,
+whatever ``n_train`` is),
 so a million training examples can be searched without the dense matrix.
 """
 
@@ -96,6 +97,10 @@ class Scores:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scores:
         arrays, meta = _load_npz(path)
+        if "values" not in arrays:
+            raise DunegrassError(
+                f"{path} holds {meta.get('format', 'other')} scores, not dense ones; use TopScores.load"
+            )
         return cls(arrays["values"], arrays.get("stderr"), meta.get("method", ""), meta.get("meta", {}))
 
 
@@ -134,6 +139,8 @@ class TopScores:
 
     def _check(self, k: int) -> int:
         k, kept = _rank_count(k), self.top_values.shape[1]
+        if kept == self.n_train:  # every training example was kept: nothing more to ask for
+            return min(k, kept)
         if k > kept:
             raise DunegrassError(f"these scores kept the top {kept} per query; score again with top_k >= {k}")
         return k

@@ -11,6 +11,7 @@ Sign convention: on the query side dunegrass always differentiates a *loss-like*
 from __future__ import annotations
 
 import inspect
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -67,7 +68,8 @@ class Task(ABC):
 
 
 def _plain(value: Any) -> Any:
-    """``value`` if JSON can hold it; a tensor's digest; else its repr (a function becomes text, still hashed)."""
+    """``value`` if JSON can hold it; a tensor's digest; a function's qualified name; else its repr without
+    memory addresses (stable from one run to the next)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
@@ -78,7 +80,10 @@ def _plain(value: Any) -> Any:
         from .fingerprint import state_fingerprint
 
         return {"tensor_sha256": state_fingerprint({"t": value})}
-    return repr(value)
+    if callable(value) and hasattr(value, "__qualname__"):  # a function or class: by name, not address
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    # a default repr holds a memory address, which differs between runs: it would never match a cache
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def model_logits(out: Any, model: nn.Module) -> Tensor:

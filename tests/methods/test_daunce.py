@@ -286,3 +286,18 @@ def test_a_query_with_nan_is_named_not_blamed_on_a_member(tiny_classification):
     xq[4, 2] = float("nan")
     with pytest.raises(NonFiniteError, match=r"query signal at θ₀ is NaN or infinite for example\(s\) \[4\]"):
         daunce.score((xq, yq))
+
+
+def test_k_grows_with_the_default_group_size_and_result_neutral_settings_reuse_the_cache(tiny_classification, tmp_path):
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    Daunce(model, task, num_models=4, steps=3, train_batch_size=8).fit(train, cache_dir=tmp_path)
+    grown = Daunce(model, task, num_models=8, steps=3, train_batch_size=8).fit(train, cache_dir=tmp_path)
+    scratch = Daunce(model, task, num_models=8, steps=3, train_batch_size=8).fit(train)
+    torch.testing.assert_close(grown.score(test).values, scratch.score(test).values, rtol=1e-4, atol=1e-7)
+    # settings that change no member's signals do not make another cache
+    again = Daunce(model, task, num_models=8, steps=3, train_batch_size=8, eval_batch_size=5, keep_members=False)
+    torch.testing.assert_close(again.fit(train, cache_dir=tmp_path).score(test).values, grown.score(test).values)
+    model[0].requires_grad_(False)  # other trainable parameters: other members
+    with pytest.raises(ConfigMismatchError, match="trainable"):
+        Daunce(model, task, num_models=8, steps=3, train_batch_size=8).fit(train, cache_dir=tmp_path)

@@ -92,3 +92,15 @@ def test_bad_backend_output_is_refused(tiny_classification):
         BlackBoxDaunce(Broken(), num_models=2).fit(train)
     with pytest.raises(dg.DunegrassError, match="num_models"):
         BlackBoxDaunce(Broken(), num_models=1)
+
+
+def test_a_service_cache_grows_with_k(tiny_classification, tmp_path):
+    """Each member is a paid job: K = 2 grown to 3 fine-tunes one more, and keeps the first two."""
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    backend = _Counting(model, task, CONFIG)
+    BlackBoxDaunce(backend, num_models=2).fit(train, cache_dir=tmp_path)
+    grown = BlackBoxDaunce(backend, num_models=3).fit(train, cache_dir=tmp_path)
+    assert backend.tunes == 3
+    fresh = BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=3).fit(train)
+    torch.testing.assert_close(grown.score(test).values, fresh.score(test).values, rtol=1e-5, atol=1e-8)

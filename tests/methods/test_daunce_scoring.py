@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dunegrass as dg
-from dunegrass.methods import daunce as daunce_module
+from dunegrass.methods import covariance_scoring
 from dunegrass.methods.blackbox import BlackBoxDaunce, LocalBackend
 from dunegrass.methods.daunce import Daunce
 from dunegrass.methods.daunce_objectives import CHUNK_BYTES, chunk_columns, covariance_into, covariance_scores
@@ -72,7 +72,7 @@ def test_chunking_does_not_change_daunce_scores(tiny_classification, monkeypatch
         reads.append(m)
         return original(m)
 
-    monkeypatch.setattr(daunce_module, "chunk_columns", lambda K, nq: 7)
+    monkeypatch.setattr(covariance_scoring, "chunk_columns", lambda K, nq: 7)
     monkeypatch.setattr(daunce.store, "train_chunks", spy)
     chunked = daunce.score(test)
     assert reads == [7]  # 40 training examples in 6 chunks
@@ -98,7 +98,7 @@ def test_top_k_equals_the_dense_matrix(tiny_classification, monkeypatch):
     daunce = Daunce(model, dg.ClassificationTask(), **SMALL).fit(train)
     dense = daunce.score(test)
     _check_top_equals_dense(dense, daunce.score(test, top_k=5), 5)
-    monkeypatch.setattr(daunce_module, "chunk_columns", lambda K, nq: 3)  # top-k merged across chunks
+    monkeypatch.setattr(covariance_scoring, "chunk_columns", lambda K, nq: 3)  # top-k merged across chunks
     _check_top_equals_dense(daunce.score(test), daunce.score(test, top_k=5), 5)
     with pytest.raises(dg.DunegrassError, match="top_k"):
         daunce.score(test, top_k=0)

@@ -55,7 +55,7 @@ def test_a_flipped_byte_in_the_tensor_data_is_caught(tmp_path):
     fname.write_bytes(bytes(data))
     with pytest.raises(CorruptCacheError, match=r"member-00001\.safetensors is corrupt.*checksum") as err:
         store.load_weights(1)
-    assert "shard-00000.json" in str(err.value) and "retrain" in str(err.value)  # the file and the fix
+    assert "shard-00001.json" in str(err.value) and "retrain member 1" in str(err.value)  # the file and the fix
 
 
 def test_without_a_path_weights_live_in_a_private_directory_removed_with_the_store():
@@ -93,8 +93,10 @@ def test_a_cache_with_the_old_pt_layout_gets_a_clear_error(tmp_path):
 def test_training_signals_read_in_column_chunks(tmp_path, on_disk):
     store = _store(tmp_path if on_disk else None, K=5, n=11, group=2)
     A = torch.randn(5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for lo, hi in store.groups():
+    assert store.missing_groups() == [(0, 2), (2, 4), (4, 5)]  # aligned groups of 2
+    for lo, hi in store.missing_groups():
         store.write_group(lo, A[lo:hi])
+    assert store.missing_groups() == []
     for m in (1, 4, 11, 50):
         chunks = list(store.train_chunks(m))
         assert [s for s, _ in chunks] == list(range(0, 11, m))
@@ -105,7 +107,7 @@ def test_training_signals_read_in_column_chunks(tmp_path, on_disk):
 
 def test_a_corrupt_signal_shard_is_caught_when_chunks_are_read(tmp_path):
     store = _store(tmp_path, K=4, n=6, group=2)
-    for lo, hi in store.groups():
+    for lo, hi in store.missing_groups():
         store.write_group(lo, np.ones((hi - lo, 6)))
     shard = tmp_path / "train" / "signal-00001.npy"
     data = bytearray(shard.read_bytes())

@@ -96,8 +96,8 @@ def fit_factor_masks(
     hold_full = hold.reshape(hold.shape[0], -1) @ fit.reshape(cut, -1).T
 
     energy = fit.square().sum(0)  # [d_out, d_in]
-    rows = torch.zeros(d_out, dtype=torch.bool)
-    cols = torch.zeros(d_in, dtype=torch.bool)
+    rows = torch.zeros(d_out, dtype=torch.bool, device=g.device)  # the search runs where the gradients are
+    cols = torch.zeros(d_in, dtype=torch.bool, device=g.device)
     rows[torch.topk(energy.sum(1), k_out).indices] = True
     cols[torch.topk(energy.sum(0), k_in).indices] = True
 
@@ -121,7 +121,7 @@ def fit_factor_masks(
             break
     masks = []
     for dim, k, chosen, r in ((d_out, k_out, best[1], 0), (d_in, k_in, best[2], 1)):
-        mask = SelectiveMask(dim, k, seed=derive_seed(seed, r), indices=chosen.nonzero()[:, 0])
+        mask = SelectiveMask(dim, k, seed=derive_seed(seed, r), indices=chosen.nonzero()[:, 0].cpu())
         mask.fit_config, mask.history = {"method": "energy-init exact swaps", **asdict(cfg)}, history
         masks.append(mask)
     return masks[0], masks[1]

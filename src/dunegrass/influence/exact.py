@@ -100,9 +100,9 @@ def _gauss_newton(task: Task, proxy, flat: Tensor, batch: Any) -> Tensor:
     return (j.reshape(-1, j.shape[-1]).T @ hj.reshape(-1, j.shape[-1])).to(torch.float64)
 
 
-def solve_damped(h: Tensor, rhs: Tensor, damping: float = 0.0) -> Tensor:
-    """(H + damping · tr(H)/p · I)⁻¹ rhs by Cholesky. A damped matrix that is not positive definite (the exact
-    Hessian of a non-convex model) has no meaningful inverse here: that is an error naming the fixes."""
+def damped_cholesky(h: Tensor, damping: float = 0.0) -> Tensor:
+    """The lower Cholesky factor of H + damping · tr(H)/p · I. A damped matrix that is not positive definite (the
+    exact Hessian of a non-convex model) has no meaningful inverse here: that is an error naming the fixes."""
     p = h.shape[0]
     mat = h + damping * torch.trace(h) / p * torch.eye(p, dtype=h.dtype, device=h.device)
     chol, info = torch.linalg.cholesky_ex(mat)
@@ -113,4 +113,4 @@ def solve_damped(h: Tensor, rhs: Tensor, damping: float = 0.0) -> Tensor:
             "around θ₀. Use hessian='gauss_newton' (positive semi-definite), more damping (e.g. damping=0.1), or "
             "the L2 coefficient the model was trained with (l2=...)"
         )
-    return torch.cholesky_solve(rhs.to(h.dtype), chol)
+    return chol

@@ -40,8 +40,8 @@ def check_fisher_memory(blocks: Sequence[tuple[int, int]], damping: float | None
     if damping is not None and widest * widest * 8 > MAX_BLOCK_BYTES:
         raise DunegrassError(
             f"one block of the Fisher is {widest} x {widest} ({widest**2 * 8 / 2**30:.1f} GiB in float64); "
-            "compress to a smaller k per block (compressor='sjlt:4096'; for LoGra / FactGraSS a smaller k, or "
-            "k_in / k_out), split the gradient into blocks (per_parameter=True), or damping=None for dot products"
+            "use a smaller k per block (GraSS, TRAK, FactGraSS: k=4096; LoGra: k_in/k_out; GradientInfluence: a "
+            "smaller compressor size, or per_parameter=True for one block per tensor), or damping=None for dot products"
         )
 
 

@@ -38,33 +38,34 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..data import as_data
+from ..data import as_data, iterate_batches, to_device
 from ..errors import DunegrassError, NonFiniteError
 from ..fingerprint import data_fingerprint, model_fingerprint
 from ..options import DaunceOptions, build, deprecated
-from ..scores import Scores, TopScores, make_sink
 from ..store.signals import SignalStore
 from ..task import Task
 from .base import Attributor, eval_mode
+from .covariance_scoring import CovarianceScoring
 from .daunce_backends import EnsembleBackend, FinetuneBackend, NewtonBackend
 from .daunce_objectives import (
+    check_outputs,
     check_theta0,
-    chunk_columns,
-    covariance_into,
     draw_eps,
     draw_members,
     objective_terms,
     signal_fn,
-    variance_with_stderr,
 )
 
 AUTO_ENSEMBLE_MAX_PARAMS = 2_000_000  # above this, vmapping many copies costs too much memory
+# Settings that do not change any member's signals: left out of the cache's key.
+RESULT_NEUTRAL = ("num_models", "max_members", "keep_members", "checkpoint_every", "eval_batch_size")
+EVAL_BYTES = 512 << 20  # outputs of one evaluation pass (all vmapped members), when eval_batch_size is not set
 # Shortcuts for single fields of the members' recipe (DaunceOptions.train), and names of earlier releases.
 RECIPE_SHORTCUTS = ("optimizer", "lr", "steps", "train_batch_size")
 LEGACY = {"signal": "train_signal= and query_signal=", "batch_size": "train_batch_size=", "config": "train="}
 
 
-class Daunce(Attributor):
+class Daunce(CovarianceScoring, Attributor):
     """Daunce with K perturbed members; settings in ``DaunceOptions`` (``options=``, or any of its fields
     as a keyword: ``num_models``, ``variant``, ``subsample_ratio``, ``rho``, ``gamma``, ``train_signal``,
     ``query_signal``, ``train``, ``trainer``, ``lora`` (a LoraConfig or True), ``l2``, ``max_members``,
@@ -127,9 +128,21 @@ class Daunce(Attributor):
         return {"method": self.method_name, **self.options.to_dict()}
 
     def _eval_batch(self) -> int:
+        """Examples per evaluation pass: ``eval_batch_size``, else 512 for the vmapped back ends and the training
+        batch size member by member, capped so that one pass's outputs (for a language model batch × tokens
+        × vocabulary, for every vmapped member) stay within EVAL_BYTES."""
         if self.options.eval_batch_size is not None:
             return self.options.eval_batch_size
-        return self.options.recipe.batch_size if self.trainer_used == "finetune" else 512
+        vmapped = self.trainer_used != "finetune"
+        base = 512 if vmapped else self.options.recipe.batch_size
+        members = min(self.options.max_members, self.num_models) if vmapped else 1
+        return max(1, min(base, EVAL_BYTES // (4 * self._output_size * members)))
+
+    def _measure_outputs(self, data: Any) -> None:
+        """The model's outputs per example (numbers), from one example: what an evaluation batch costs."""
+        _, one = next(iterate_batches(data, 1))
+        with torch.no_grad(), eval_mode(self.model):
+            self._output_size = max(1, check_outputs(self.task, self.model, to_device(one, self._device))[0].numel())
 
     @property
     def _device(self) -> torch.device:
@@ -172,22 +185,25 @@ class Daunce(Attributor):
         cache = self._cache_dir(cache_dir)
         distributed.require_shared_cache(cache)
         trainer = self._resolve_trainer(data)
-        group = 1 if trainer == "finetune" else min(self.options.max_members, self.num_models)
+        # groups aligned to max_members whatever K is, so that K can grow
+        group = 1 if trainer == "finetune" else self.options.max_members
         config = {
-            **{k: v for k, v in self.describe().items() if k != "num_models"},  # K may grow
+            **{k: v for k, v in self.describe().items() if k not in RESULT_NEUTRAL},
             "trainer": trainer,
             "task": self.task.config(),
             "data": data_fingerprint(data),
             "weights": model_fingerprint(self.model),
+            "trainable": sorted(n for n, p in self.model.named_parameters() if p.requires_grad),
         }
         store = SignalStore(cache, config, self.num_models, len(data), group)
         self.train_data, self.n_train, self.store, self.trainer_used = data, len(data), store, trainer
+        self._measure_outputs(data)
         query_store = None if queries is None else self._query_store(queries)
-        mine = [(lo, hi) for lo, hi in store.missing_groups() if distributed.my_shards([lo // group])]
+        mine = self._mine(store.missing_groups())
         if mine and self.options.variant != "blackbox":
             with eval_mode(self.model):
                 check_theta0(self.model, self.task, data, self._eval_batch(), self._device)
-        if mine or (query_store is not None and distributed.my_shards(query_store.missing())):
+        if mine or (query_store is not None and self._mine(store.runs(query_store.missing()))):
             with self._session(trainer, cache) as backend:
                 backend.check_data(data)
                 if mine:
@@ -197,6 +213,10 @@ class Daunce(Attributor):
         distributed.barrier()  # every rank's members are stored before any rank reads them
         return self
 
+    def _mine(self, groups: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """This rank's share of member ranges: aligned group g goes to rank g % world_size."""
+        return [(lo, hi) for lo, hi in groups if distributed.my_shards([lo // self.store.group_size])]
+
     def _train_groups(self, backend, data: Any, groups: list[tuple[int, int]], queries: Any, query_store) -> None:
         o = self.options
         members = draw_members(len(data), self.num_models, o.subsample_ratio, o.seed)
@@ -205,7 +225,7 @@ class Daunce(Attributor):
             states = backend.train(data, members[lo:hi], eps)
             rows = self._evaluate(backend, states, data, lo, "train")
             qrows = {}
-            if query_store is not None and (lo // self.store.group_size) in query_store.missing():
+            if query_store is not None:  # (a member whose query row exists is rewritten with the same values)
                 qrows["q"] = (query_store, self._evaluate(backend, states, queries, lo, "query"))
             self.store.write_group(lo, rows, qrows, states if o.keep_members else None)
             del states  # one group's members at a time
@@ -234,59 +254,31 @@ class Daunce(Attributor):
 
     def _fill_queries(self, backend, query_store, queries: Any) -> None:
         """Signals of already trained members on ``queries``, from their kept weights (this rank's groups)."""
-        for index in distributed.my_shards(query_store.missing()):
-            lo, hi = query_store.rows(index)
+        for lo, hi in self._mine(self.store.runs(query_store.missing())):
             if not all(self.store.has_weights(k) for k in range(lo, hi)):
                 raise DunegrassError(
-                    "these queries were not passed to fit and the members' weights were not kept; "
-                    "pass the queries to fit(train, queries=...) or use keep_members=True"
+                    "these queries were not passed to fit and the members' weights were not kept "
+                    "(keep_members=False); score the queries given to fit, or fit again into a new cache_dir "
+                    "with fit(train, queries=...)"
                 )
             states = [self.store.load_weights(k, self._device) for k in range(lo, hi)]
-            query_store.write(index, {"signal": self._evaluate(backend, states, queries, lo, "query").numpy()})
+            rows = self._evaluate(backend, states, queries, lo, "query").numpy()
+            for j, k in enumerate(range(lo, hi)):
+                query_store.write(k, {"signal": rows[j : j + 1]})
 
-    # ---- score
-    def _require_complete(self) -> None:
-        self._require_fit()
-        if not self.store.complete:
-            raise DunegrassError("the ensemble is incomplete; run fit(train, cache_dir=...) again to finish it")
-
+    # ---- score (score, self_scores, signals: CovarianceScoring)
     def _query_signals(self, queries: Any) -> Tensor:
         """``B [K, n_query]`` float64, from the store or from the kept members (then stored)."""
         query_store = self._query_store(queries)
-        if distributed.my_shards(query_store.missing()):
+        if self._mine(self.store.runs(query_store.missing())):
             with self._session(self.trainer_used, None) as backend:
                 self._fill_queries(backend, query_store, queries)
         distributed.barrier()  # the other ranks' groups
         return torch.from_numpy(query_store.load("signal"))
 
-    def signals(self, queries: Any = None) -> tuple[Tensor, Tensor | None]:
-        """``(A [K, n_train], B [K, n_query] or None)``: the members' signals (float64, on the host)."""
-        self._require_complete()
-        A = self.store.train_signals()
-        return A, None if queries is None else self._query_signals(queries)
+    @property
+    def _score_device(self) -> torch.device:
+        return self._device if self._device.type != "mps" else torch.device("cpu")  # MPS has no float64
 
-    def score(self, queries: Any, top_k: int | None = None) -> Scores | TopScores:
-        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with their standard errors.
-
-        ``top_k``: only each query's ``top_k`` largest and smallest scores (TopScores), without the
-        dense matrix. Scored on the model's device chunk by chunk of training examples; memory per
-        chunk is bounded (``daunce_objectives.chunk_columns``), whatever n_train is.
-        """
-        self._require_complete()
-        B = self._query_signals(queries)
-        sink = make_sink(B.shape[1], self.n_train, top_k, with_stderr=True)
-        chunks = self.store.train_chunks(chunk_columns(self.num_models, B.shape[1]))
-        device = self._device if self._device.type != "mps" else "cpu"  # MPS has no float64
-        covariance_into(sink, chunks, B, device)
-        return sink.result(self.method_name, {**self.describe(), "trainer": self.trainer_used})
-
-    def self_scores(self) -> Scores:
-        """``Scores [1, n_train]``: Cov(s_i, s_i), the variance of each training example's signal across the
-        members, with its standard error (the covariance's, with both sides the same signal)."""
-        self._require_complete()
-        values, errors = [], []
-        for _, a in self.store.train_chunks(chunk_columns(self.num_models, 0)):
-            v, e = variance_with_stderr(a)
-            values.append(v)
-            errors.append(e)
-        return self._self_scores(torch.cat(values), torch.cat(errors))
+    def _meta(self) -> dict:
+        return {**self.describe(), "trainer": self.trainer_used}

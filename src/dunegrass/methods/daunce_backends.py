@@ -158,19 +158,27 @@ class FinetuneBackend:
         self.task, self.config, self.lora = task, config, lora
         self.checkpoint_dir, self.checkpoint_every, self.progress = checkpoint_dir, checkpoint_every, progress
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._theta0: dict[str, Tensor] | None = None
         if lora is not None:
             # peft's new dropout modules start in training mode: eval keeps members deterministic, as the
             # model itself is (a member's perturbation and batch order are its only randomness).
             self.net = add_lora(model, lora).eval()
-            self.theta0 = None
         else:
             self.net = model
-            self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            if not self.theta0:
+            self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+            if not self.names:
                 raise DunegrassError("the model has no trainable parameters (requires_grad) to fine-tune")
         self.objective = None
         if terms is not None:
             self.objective = anchored_objective(task, terms, self._theta0_outputs if anchored else None)
+
+    @property
+    def theta0(self) -> dict[str, Tensor]:
+        """θ₀'s trainable tensors, copied the first time a member trains (scoring alone needs no copy)."""
+        if self._theta0 is None:
+            named = dict(self.net.named_parameters())
+            self._theta0 = {n: named[n].detach().clone() for n in self.names}
+        return self._theta0
 
     def _theta0_outputs(self, batch: Any) -> Tensor:
         if self.lora is not None:
@@ -191,7 +199,7 @@ class FinetuneBackend:
         if self.lora is not None:
             return lora_state(self.net)
         named = dict(self.net.named_parameters())
-        return {n: named[n].detach().clone() for n in self.theta0}
+        return {n: named[n].detach().clone() for n in self.names}
 
     def train(self, data, members: Sequence[Member], eps: Tensor | None) -> list[dict]:
         states = []
@@ -222,9 +230,13 @@ class FinetuneBackend:
         device = next(self.net.parameters()).device
         rows = []
         for state in states:
-            load_state(self.net, state)
+            if self.lora is not None:
+                load_state(self.net, state)  # the adapters, removed at close
+                net = self.net
+            else:  # a functional call: the model itself never holds a member's weights here
+                net = FunctionalModel(self.net, dict(state))
             parts = [
-                fn(self.task.outputs(self.net, b), b).detach().to(torch.float64)
+                fn(self.task.outputs(net, b), b).detach().to(torch.float64)
                 for b in (to_device(batch, device) for _, batch in iterate_batches(data, batch_size))
             ]
             rows.append(torch.cat(parts).cpu())  # one transfer per member
@@ -234,5 +246,6 @@ class FinetuneBackend:
         """Leave the model as it was (θ₀, no adapters); returns it."""
         if self.lora is not None:
             return remove_lora(self.net, self.requires_grad)
-        load_state(self.net, self.theta0)
+        if self._theta0 is not None:  # members were trained in place
+            load_state(self.net, self._theta0)
         return self.net

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..compress import SelectiveMask
 from ..compress.factor_masks import FactorMaskConfig, fit_factor_masks
 from ..compress.factorized import FactGraSSCompressor, FactorizedCompressor, LoGraCompressor
-from ..data import iterate_batches, subset, to_device
+from ..data import iterate_batches, to_device
 from ..errors import DunegrassError, NonFiniteError
 from ..gradients.factorized import FactorLayer, ModuleSelection, capture_factors, factor_layers, layer_gradients
 from ..options import choice, deprecated, positive_int
@@ -31,7 +31,7 @@ from ..task import Task
 from .base import eval_mode
 from .featurize import Featurizer, ObjectiveFn, load_weights
 from .gradient import GradientInfluence
-from .mask_cache import check_fit_bytes, learned_masks
+from .mask_cache import check_fit_bytes, learned_masks, mask_examples
 
 
 class FactorizedFeaturizer(Featurizer):
@@ -209,9 +209,13 @@ class FactGraSS(_FactorizedInfluence):
         self, m: int, state: Mapping[str, Tensor], data: Any, fingerprints: dict[str, str], path: str | None
     ) -> None:
         featurizer = self.featurizers[m]
+        n_fit = min(self.mask_examples, len(data))
+        seed = derive_seed(self.options.seed, 0x66697473)
+        chosen, digest = mask_examples(data, n_fit, seed, self.options.batch_size, sort=True)
         key = {
             "masks": "selective-factor-v1",
             **fingerprints,
+            "examples_sha256": digest,
             "examples": self.mask_examples,
             "config": asdict(self.mask_config or FactorMaskConfig()),
             "sizes": self.sizes,
@@ -223,7 +227,7 @@ class FactGraSS(_FactorizedInfluence):
         names = [(f"{i}-out", f"{i}-in") for i in range(len(self.layers))]
 
         def learn() -> dict[str, SelectiveMask]:
-            grads = self._fit_gradients(state, data)
+            grads = self._fit_gradients(state, chosen)
             z = self.sizes
             fitted = [
                 fit_factor_masks(g, z["mask_out"], z["mask_in"], comp.seed, self.mask_config)
@@ -246,16 +250,14 @@ class FactGraSS(_FactorizedInfluence):
             for c, (o_, i_) in zip(featurizer.compressors, names)
         ]
 
-    def _fit_gradients(self, state: Mapping[str, Tensor], data: Any) -> list[Tensor]:
-        """``[n_fit, d_out, in_dim]`` per layer: training-loss gradients of a seeded random subset."""
-        n_fit = min(self.mask_examples, len(data))
+    def _fit_gradients(self, state: Mapping[str, Tensor], chosen: Any) -> list[Tensor]:
+        """``[n_fit, d_out, in_dim]`` per layer: training-loss gradients of the ``chosen`` examples, on the
+        model's device."""
         check_fit_bytes(
-            4 * n_fit * sum(layer.out_dim * layer.in_dim for layer in self.layers),
-            f"{n_fit} per-example gradients of the selected layers",
+            4 * len(chosen) * sum(layer.out_dim * layer.in_dim for layer in self.layers),
+            f"{len(chosen)} per-example gradients of the selected layers",
             "lower mask_examples, select fewer modules, or use mask='random'",
         )
-        gen = torch.Generator().manual_seed(derive_seed(self.options.seed, 0x66697473))
-        chosen = subset(data, torch.randperm(len(data), generator=gen)[:n_fit].sort().values)
         objective = self._objective(self.options.train_signal)
         parts: list[list[Tensor]] = [[] for _ in self.layers]
         with eval_mode(self.model), load_weights(self.model, state):
@@ -263,5 +265,5 @@ class FactGraSS(_FactorizedInfluence):
                 self.task.check_batch(batch, self._output_shape)
                 grads = layer_gradients(self.model, self.layers, objective, to_device(batch, self._device()))
                 for i, g in enumerate(grads):
-                    parts[i].append(g.cpu())
+                    parts[i].append(g)
         return [torch.cat(p) for p in parts]

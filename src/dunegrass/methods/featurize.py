@@ -98,13 +98,6 @@ class MaterializedFeaturizer(Featurizer):
         return describe(self.compressors[0])
 
 
-def check_k(k: object, name: str = "k") -> int:
-    """``k`` as a positive int, or a DunegrassError (a float, a bool or a string is a mistake, not a size)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise DunegrassError(f"{name} must be a positive integer (a number of features), got {k!r}")
-    return k
-
-
 def default_k(model: nn.Module, params: Sequence[str] | None, default: int, method: str) -> int:
     """``default``, or the number of selected parameters d when that is smaller (said once): a default
     must fit the model it is given."""

@@ -39,7 +39,7 @@ from ..seeding import derive_seed
 from ..store import BlockStore, FeatureStore, config_hash, shard_rows
 from ..task import Task
 from .base import Attributor, eval_mode
-from .featurize import CompressorSpec, Featurizer, MaterializedFeaturizer
+from .featurize import CompressorSpec, Featurizer, MaterializedFeaturizer, load_weights
 
 QUERY_BYTES = 1 << 30  # query features held at once, per checkpoint: queries are scored in chunks of this
 
@@ -112,8 +112,9 @@ class GradientInfluence(Attributor):
         """Per-example arrays stored beside the features (TRAK stores its Q weights)."""
         return {}
 
-    def _extra_arrays(self, state: Mapping[str, Tensor], batch: Any) -> dict[str, Tensor]:
-        """``{name: [B, width]}`` on the model's device, for the arrays of ``_extra_widths``."""
+    def _extra_arrays(self, batch: Any) -> dict[str, Tensor]:
+        """``{name: [B, width]}`` on the model's device, for the arrays of ``_extra_widths`` (the checkpoint's
+        weights are loaded)."""
         return {}
 
     def _device(self) -> torch.device:
@@ -197,39 +198,44 @@ class GradientInfluence(Attributor):
             unit="shard",
             leave=False,
         )
-        for index in todo:
-            lo, hi = store.rows(index)
-            rows = RowHasher() if per_shard else None
-            parts: dict[str, list[Tensor]] = {}
-            for _, batch in iterate_batches(data, self.options.batch_size, lo, hi):
-                if rows is not None:
-                    rows.update(batch)
-                if index not in missing:
-                    continue
-                for name, arr in self._arrays(m, state, batch, self.options.train_signal, extras=True).items():
-                    parts.setdefault(name, []).append(arr.detach())
-            digest = None if rows is None else rows.hexdigest()
-            if index in missing:  # one host transfer per shard (not per batch), in the store's dtype
-                store.write(index, {k: _to_host(torch.cat(v), store.dtype(k)) for k, v in parts.items()}, digest)
-            else:
-                store.check_data(index, digest)
-            bar.update(1)
+        with load_weights(self.model, state):  # the checkpoint, loaded once for all its batches
+            for index in todo:
+                lo, hi = store.rows(index)
+                rows = RowHasher() if per_shard else None
+                parts: dict[str, list[Tensor]] = {}
+                for _, batch in iterate_batches(data, self.options.batch_size, lo, hi):
+                    if rows is not None:
+                        rows.update(batch)
+                    if index not in missing:
+                        continue
+                    for name, arr in self._arrays(m, batch, self.options.train_signal, extras=True).items():
+                        parts.setdefault(name, []).append(arr.detach())
+                digest = None if rows is None else rows.hexdigest()
+                if index in missing:  # one host transfer per shard (not per batch), in the store's dtype
+                    arrays = {k: _to_host(torch.cat(v), store.dtype(k)) for k, v in parts.items()}
+                    store.write(index, arrays, digest)
+                else:
+                    store.check_data(index, digest)
+                bar.update(1)
         bar.close()
         distributed.barrier()  # every rank reads all shards next
 
-    def _arrays(self, m: int, state, batch, signal: str, extras: bool) -> dict[str, Tensor]:
+    def _arrays(self, m: int, batch, signal: str, extras: bool) -> dict[str, Tensor]:
+        """Features (and extras) of one batch under checkpoint ``m``, whose weights the caller has loaded."""
         self.task.check_batch(batch, self._output_shape)  # every batch, here where data can be inspected
         batch = to_device(batch, self._device())
-        out = {"features": self.featurizers[m](self.model, state, batch, self._objective(signal))}
+        out = {"features": self.featurizers[m](self.model, {}, batch, self._objective(signal))}
         if extras:
-            out.update(self._extra_arrays(state, batch))
+            out.update(self._extra_arrays(batch))
         return out
 
     def _fisher_path(self, store: FeatureStore, root: str | None) -> str | None:
         if root is None:
             return None
         o = self.options
-        key = {"store": store.manifest["config_hash"], "damping": o.damping, "dtype": o.fisher_dtype}
+        # the data digest too: a store recomputed from changed lazy data has the same config hash
+        key = {"store": store.manifest["config_hash"], "data": store.data_digest(), "damping": o.damping}
+        key["dtype"] = o.fisher_dtype
         return os.path.join(root, f"fisher-{config_hash(key)[:16]}")
 
     def _fit_preconditioner(self, m: int, store: FeatureStore, root: str | None):
@@ -242,10 +248,9 @@ class GradientInfluence(Attributor):
     def query_features(self, queries: Any, m: int = 0, start: int = 0, stop: int | None = None) -> Tensor:
         """``[n_query, k]`` features of queries ``[start, stop)`` under checkpoint ``m``, on the model's device."""
         self._require_fit()
-        state = self.checkpoints[m]
-        with eval_mode(self.model):
+        with eval_mode(self.model), load_weights(self.model, self.checkpoints[m]):
             rows = [
-                self._arrays(m, state, batch, self.options.query_signal, extras=False)["features"].detach()
+                self._arrays(m, batch, self.options.query_signal, extras=False)["features"].detach()
                 for _, batch in iterate_batches(queries, self.options.batch_size, start, stop)
             ]
         return torch.cat(rows)

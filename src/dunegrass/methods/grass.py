@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compress import Chain, Compressor, SelectiveMask, SelectiveMaskConfig, compressor
-from ..data import iterate_batches, subset, to_device
+from ..data import iterate_batches, to_device
 from ..errors import DunegrassError
 from ..gradients import per_sample_gradients
 from ..options import choice, deprecated, positive_int
@@ -26,7 +26,7 @@ from ..task import Task
 from .base import eval_mode
 from .featurize import default_k, load_weights
 from .gradient import GradientInfluence
-from .mask_cache import check_fit_bytes, learned_masks
+from .mask_cache import check_fit_bytes, learned_masks, mask_examples
 from .presets import TRAK
 
 BACKENDS = ("influence", "trak")
@@ -127,9 +127,15 @@ class GraSS(GradientInfluence):
         chains = {i: comp for i, comp in enumerate(featurizer.compressors) if _selective(comp)}
         if not chains:
             return
+        n_fit = min(self.mask_examples, len(data))
+        if n_fit < 10:
+            raise DunegrassError(f"a selective mask is learned from at least 10 training examples; there are {n_fit}")
+        seed = derive_seed(self.options.seed, m, 0x6D61736B)
+        chosen, digest = mask_examples(data, n_fit, seed, self.options.batch_size, sort=False)
         key = {
             "masks": "selective-v1",
             **fingerprints,
+            "examples_sha256": digest,
             "examples": self.mask_examples,
             "config": asdict(self.mask_config),
             "masks_shape": [{k: c.head.config()[k] for k in SHAPE} for c in chains.values()],
@@ -143,7 +149,7 @@ class GraSS(GradientInfluence):
         def learn() -> dict[str, SelectiveMask]:
             if self._mask_keys.get(m) == key:  # learned in memory before: cache it in this new cache_dir
                 return {str(i): c.head for i, c in chains.items()}
-            grads = self._mask_gradients(m, state, data)
+            grads = self._mask_gradients(m, state, chosen)
             return {
                 str(i): c.head.fit(grads[:, slice(*featurizer.in_blocks[i])], config=self.mask_config)
                 for i, c in chains.items()
@@ -154,19 +160,15 @@ class GraSS(GradientInfluence):
             featurizer.compressors[i] = chain.with_head(masks[str(i)])
         self._mask_keys[m] = key
 
-    def _mask_gradients(self, m: int, state: Mapping[str, Tensor], data: Any) -> Tensor:
-        """``[n_fit, d]``: per-example gradients of the training signal on a seeded random subset."""
+    def _mask_gradients(self, m: int, state: Mapping[str, Tensor], chosen: Any) -> Tensor:
+        """``[n_fit, d]``: per-example gradients of the training signal on the ``chosen`` examples."""
         featurizer = self.featurizers[m]
-        n_fit = min(self.mask_examples, len(data))
-        if n_fit < 10:
-            raise DunegrassError(f"a selective mask is learned from at least 10 training examples; there are {n_fit}")
+        n_fit = len(chosen)
         check_fit_bytes(
             4 * n_fit * featurizer.in_dim,
             f"{n_fit} per-example gradients of {featurizer.in_dim} parameters",
             "lower mask_examples, select fewer params, or use mask='random'",
         )
-        gen = torch.Generator().manual_seed(derive_seed(self.options.seed, m, 0x6D61736B))
-        chosen = subset(data, torch.randperm(len(data), generator=gen)[:n_fit])
         objective = self._objective(self.options.train_signal)
         parts = []
         with eval_mode(self.model), load_weights(self.model, state):

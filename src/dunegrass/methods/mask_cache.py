@@ -9,12 +9,31 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+import torch
+
+from .. import distributed
 from ..compress import SelectiveMask
+from ..data import iterate_batches, subset
 from ..errors import ConfigMismatchError, DunegrassError
+from ..fingerprint import RowHasher, hashed_per_shard
 from ..store import atomic_write_json, config_hash
 
 MASK_FIT_BYTES = 2 << 30  # bound on the per-example gradients materialised to learn selective masks
+
+
+def mask_examples(data: Any, n: int, seed: int, batch_size: int, sort: bool) -> tuple[Any, str | None]:
+    """The ``n`` seeded random training examples masks are learned from, and their digest when the data's own
+    fingerprint does not cover them (a dataset read lazily): the masks' key must change when they do."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    chosen = subset(data, order.sort().values if sort else order)
+    if not hashed_per_shard(data):
+        return chosen, None
+    rows = RowHasher()
+    for _, batch in iterate_batches(chosen, batch_size):
+        rows.update(batch)
+    return chosen, rows.hexdigest()
 
 
 def check_fit_bytes(need: int, what: str, fixes: str) -> None:
@@ -28,6 +47,10 @@ def learned_masks(
 ) -> dict[str, SelectiveMask]:
     """The masks ``names`` cached at ``path`` for ``key``, or ``learn()`` them and cache them there."""
     names = list(names)
+    if distributed.active() and path is not None:  # rank 0 learns them, the others wait and read its files
+        if distributed.rank() == 0 and load_masks(path, key, names) is None:
+            save_masks(path, key, learn())
+        distributed.barrier()
     masks = load_masks(path, key, names)
     if masks is None:
         masks = learn()

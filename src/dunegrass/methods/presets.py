@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DunegrassError
-from ..influence.exact import damped_hessian, solve_damped
+from ..influence.exact import damped_cholesky, damped_hessian
 from ..options import choice, deprecated, positive_int
 from ..task import ClassificationTask, Task
 from .featurize import CompressorSpec, default_k, load_weights
@@ -57,17 +57,19 @@ class TRAK(GradientInfluence):
     def _extra_widths(self) -> dict[str, int]:
         return {"q": 1}
 
-    def _extra_arrays(self, state, batch) -> dict[str, Tensor]:
-        with torch.no_grad(), load_weights(self.model, state):
+    def _extra_arrays(self, batch) -> dict[str, Tensor]:
+        with torch.no_grad():
             out = self.task.outputs(self.model, batch)
             q = 1.0 - self.task.probability_correct(out, batch)
         return {"q": q.to(torch.float32)[:, None]}
 
     def q_weights(self) -> Tensor:
-        """``[n_train]`` (host): 1 − p(correct) averaged over checkpoints."""
+        """``[n_train]`` (host): 1 − p(correct) averaged over checkpoints (read once, only that column)."""
         self._require_fit()
-        qs = [torch.from_numpy(store.load("q")[:, 0]) for store in self.stores]
-        return torch.stack(qs).mean(0)
+        if getattr(self, "_q", None) is None or self._q[0] is not self.stores:
+            qs = [torch.cat([torch.from_numpy(a[:, 0]) for _, a in store.columns(0, 1, "q")]) for store in self.stores]
+            self._q = (self.stores, torch.stack(qs).mean(0))
+        return self._q[1]
 
     def _column_scale(self) -> Tensor:
         return self.q_weights()
@@ -92,19 +94,19 @@ class TracIn(GradientInfluence):
 
 
 class _HessianSolver:
-    """Preconditioner interface over a full damped Hessian (exact influence), on the Hessian's device."""
+    """Preconditioner interface over a full damped Hessian (exact influence), factorised once, on its device."""
 
     def __init__(self, hessian: Tensor, damping: float):
-        self.hessian, self.damping = hessian, damping
+        self.chol = damped_cholesky(hessian, damping)
 
     def solve(self, features: Tensor) -> Tensor:
-        rhs = features.to(self.hessian.device, torch.float64).T
-        return solve_damped(self.hessian, rhs, self.damping).T.to(features.device, torch.float32)
+        rhs = features.to(self.chol.device, torch.float64).T
+        return torch.cholesky_solve(rhs, self.chol).T.to(features.device, torch.float32)
 
     def self_influence(self, store) -> Tensor:
-        out = torch.empty(store.n, dtype=torch.float32, device=self.hessian.device)
+        out = torch.empty(store.n, dtype=torch.float32, device=self.chol.device)
         for start, chunk in store.iter_shards():
-            f = torch.from_numpy(chunk).to(self.hessian.device, torch.float32)
+            f = torch.from_numpy(chunk).to(self.chol.device, torch.float32)
             out[start : start + f.shape[0]] = (self.solve(f) * f).sum(1)
         return out
 
@@ -133,8 +135,15 @@ class ExactInfluence(GradientInfluence):
         hessian: str = "gauss_newton",
         **kwargs: Any,
     ):
-        if damping < 0 or l2 < 0:
-            raise DunegrassError("l2 and damping must be non-negative")
+        if (
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (damping, l2))
+            or damping < 0
+            or l2 < 0
+        ):
+            raise DunegrassError(
+                f"ExactInfluence needs l2 and damping as non-negative numbers (damping is the Hessian's), got "
+                f"l2={l2!r}, damping={damping!r}"
+            )
         choice(hessian, ("exact", "gauss_newton"), "hessian")
         # the engine's block Fisher is not used: the Hessian solver replaces it (damping is the Hessian's)
         super().__init__(model, task, compressor="identity", damping=None, **kwargs)

@@ -22,7 +22,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -81,7 +81,7 @@ class FeatureStore:
         }
         self.growable = growable
         self._memory: dict[int, dict[str, np.ndarray]] = {}
-        self._verified: set[int] = set()  # shards whose checksums this object has checked
+        self._verified: set[tuple[int, str]] = set()  # (shard, array) files this object has checked
         if self.path is not None:
             self._open_dir()
 
@@ -189,7 +189,18 @@ class FeatureStore:
             sums[name] = hashlib.sha256(atomic_save_npy(self._file(name, index), a)).hexdigest()
         meta = {"index": index, "rows": [lo, hi], "sha256": sums, "data_sha256": data_digest}
         atomic_write_json(self._meta_file(index), meta)
-        self._verified.add(index)
+        self._verified.update((index, name) for name in out)
+
+    def data_digest(self) -> str | None:
+        """One digest of the examples every shard was computed from (None when no shard recorded one, as for
+        data hashed whole in the config): what the Fisher's factors and other derived files are keyed by."""
+        if self.path is None:
+            return None
+        digests = []
+        for i in range(self.num_shards):
+            with open(self._meta_file(i)) as f:
+                digests.append(json.load(f).get("data_sha256"))
+        return None if all(d is None for d in digests) else hashlib.sha256(json.dumps(digests).encode()).hexdigest()
 
     def check_data(self, index: int, data_digest: str) -> None:
         """Raise ConfigMismatchError if shard ``index`` was computed from other examples than those hashing to
@@ -209,12 +220,13 @@ class FeatureStore:
             )
 
     # ---- reading
-    def read(self, index: int) -> dict[str, np.ndarray]:
-        """Shard ``index`` as arrays, checked against its recorded checksums."""
+    def read(self, index: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Shard ``index``'s arrays (all, or ``names``), checked against their recorded checksums."""
+        names = list(self.manifest["arrays"]) if names is None else list(names)
         if self.path is None:
             if index not in self._memory:
                 raise DunegrassError(f"shard {index} has not been computed yet")
-            return self._memory[index]
+            return {name: self._memory[index][name] for name in names}
         meta_file = self._meta_file(index)
         if not os.path.exists(meta_file):
             raise DunegrassError(f"shard {index} of {self.path} has not been computed yet; run fit first")
@@ -224,7 +236,7 @@ class FeatureStore:
         except (OSError, ValueError) as e:
             raise CorruptCacheError(f"{meta_file} is unreadable ({e}); delete it to recompute the shard") from e
         out = {}
-        for name in self.manifest["arrays"]:
+        for name in names:
             fname = self._file(name, index)
             try:
                 with open(fname, "rb") as f:
@@ -243,7 +255,7 @@ class FeatureStore:
         for name, a in out.items():
             if a.shape != (hi - lo, self.manifest["arrays"][name]["width"]):
                 raise CorruptCacheError(f"{self._file(name, index)} has the wrong shape {a.shape}")
-        self._verified.add(index)
+        self._verified.update((index, name) for name in out)
         return out
 
     def columns(self, start: int, stop: int, name: str = "features") -> Iterator[tuple[int, np.ndarray]]:
@@ -251,8 +263,8 @@ class FeatureStore:
         shard. On disk each shard is checked against its checksums once per store object, then read
         through a memory map, so only the pages of those columns are touched."""
         for i in range(self.num_shards):
-            if self.path is None or i not in self._verified:
-                yield self.rows(i)[0], np.ascontiguousarray(self.read(i)[name][:, start:stop])
+            if self.path is None or (i, name) not in self._verified:
+                yield self.rows(i)[0], np.ascontiguousarray(self.read(i, [name])[name][:, start:stop])
                 continue
             try:
                 mapped = np.load(self._file(name, i), mmap_mode="r", allow_pickle=False)
@@ -264,7 +276,7 @@ class FeatureStore:
     def iter_shards(self, name: str = "features") -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, array)`` shard by shard, so memory stays flat as n grows."""
         for i in range(self.num_shards):
-            yield self.rows(i)[0], self.read(i)[name]
+            yield self.rows(i)[0], self.read(i, [name])[name]
 
     def load(self, name: str = "features") -> np.ndarray:
         """The whole ``[n, width]`` array (for small stores)."""

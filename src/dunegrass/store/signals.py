@@ -113,8 +113,10 @@ class TensorFiles:
 class SignalStore:
     """Signal rows ``[K, n_train]`` (and ``[K, n_query]`` per query set) plus optional member weights.
 
-    ``group_size`` is how many members are written together (one vmapped group, or 1 for
-    member-by-member training); it is part of the layout.
+    One shard per member, so the layout does not depend on K (a cache grows or shrinks with it: member k
+    is the same for any K) nor on how members are grouped for training; ``group_size`` only says how
+    missing members are grouped (aligned groups ``[g·G, (g+1)·G)``, one vmapped group, or 1 member by
+    member).
     """
 
     def __init__(
@@ -133,9 +135,8 @@ class SignalStore:
         self.num_models, self.group_size, self.n_train = int(num_models), int(group_size), int(n_train)
         if self.path is not None:
             _refuse_old_layout(self.path)
-        # member k is the same for any K, so the store grows (or shrinks) with K
         self.train = FeatureStore(
-            self._sub("train"), self.config, num_models, {"signal": n_train}, group_size, F64, growable=True
+            self._sub("train"), self.config, num_models, {"signal": n_train}, 1, F64, growable=True
         )
         self._queries: dict[str, FeatureStore] = {}
         self.weights = TensorFiles(self._sub("weights"))
@@ -145,13 +146,19 @@ class SignalStore:
         return None if self.path is None else os.path.join(self.path, name)
 
     # ---- groups of members
-    def groups(self) -> list[tuple[int, int]]:
-        """``[(lo, hi)]`` member ranges that share one shard, in order."""
-        return [self.train.rows(i) for i in range(self.train.num_shards)]
+    def runs(self, members: list[int]) -> list[tuple[int, int]]:
+        """``members`` as contiguous ranges ``[(lo, hi)]``, each inside one aligned group of ``group_size``."""
+        out: list[tuple[int, int]] = []
+        for k in sorted(members):
+            if out and out[-1][1] == k and k % self.group_size:
+                out[-1] = (out[-1][0], k + 1)
+            else:
+                out.append((k, k + 1))
+        return out
 
     def missing_groups(self) -> list[tuple[int, int]]:
         """Member ranges whose training-set signals are not stored yet."""
-        return [self.train.rows(i) for i in self.train.missing()]
+        return self.runs(self.train.missing())
 
     @property
     def complete(self) -> bool:
@@ -159,18 +166,12 @@ class SignalStore:
 
     # ---- query sets
     def query_store(self, fingerprint: str, n_query: int) -> FeatureStore:
-        """The store of one query set's signals (created empty on first use)."""
+        """The store of one query set's signals, one shard per member (created empty on first use)."""
         key = config_hash({"store": self.hash, "queries": fingerprint})[:16]
         if key not in self._queries:
             cfg = {"store": self.hash, "queries": fingerprint}
             self._queries[key] = FeatureStore(
-                self._sub(f"queries-{key}"),
-                cfg,
-                self.num_models,
-                {"signal": n_query},
-                self.group_size,
-                F64,
-                growable=True,
+                self._sub(f"queries-{key}"), cfg, self.num_models, {"signal": n_query}, 1, F64, growable=True
             )
         return self._queries[key]
 
@@ -182,17 +183,17 @@ class SignalStore:
         query_rows: Mapping[str, tuple[FeatureStore, np.ndarray | Tensor]] | None = None,
         weights: list[Mapping[str, Tensor]] | None = None,
     ) -> None:
-        """Store members ``[lo, lo + len(train_rows))``: weights first, then query rows, then the
-        training rows, whose shard marks the group as done (so a crash never leaves a done group
-        without its weights or queries)."""
-        index = lo // self.group_size
-        if lo % self.group_size:
-            raise DunegrassError(f"member {lo} does not start a group of {self.group_size}")
-        for j, state in enumerate(weights or []):
-            self.save_weights(lo + j, state)
-        for store, rows in (query_rows or {}).values():
-            store.write(index, {"signal": _numpy(rows)})
-        self.train.write(index, {"signal": _numpy(train_rows)})
+        """Store members ``[lo, lo + len(train_rows))``, member by member: its weights, then its query rows,
+        then its training row, which marks it done (so a crash never leaves a done member without its
+        weights or queries)."""
+        train_rows = _numpy(train_rows)
+        queries = [(store, _numpy(rows)) for store, rows in (query_rows or {}).values()]
+        for j in range(len(train_rows)):
+            if weights:
+                self.save_weights(lo + j, weights[j])
+            for store, rows in queries:
+                store.write(lo + j, {"signal": rows[j : j + 1]})
+            self.train.write(lo + j, {"signal": train_rows[j : j + 1]})
 
     def save_weights(self, member: int, state: Mapping[str, Tensor]) -> None:
         """Write member ``member``'s tensors (from any device) to disk with their checksum."""
@@ -207,13 +208,11 @@ class SignalStore:
         if not self.has_weights(member):
             where = "" if self.path is None else f" ({self.weights.file(_member(member))} is missing)"
             raise DunegrassError(f"the weights of member {member} were not kept{where}")
-        group = self.train.rows(member // self.group_size)
         if self.path is None:
             fix = "fit again to retrain the members"
         else:
-            shard = self.train._meta_file(member // self.group_size)
             fix = (
-                f"delete it and {shard} to retrain members {group[0]}-{group[1] - 1} at the next fit "
+                f"delete it and {self.train._meta_file(member)} to retrain member {member} at the next fit "
                 f"(or delete the cache directory {self.path} to start over)"
             )
         return self.weights.load(_member(member), device, fix)

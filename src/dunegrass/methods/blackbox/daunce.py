@@ -14,10 +14,10 @@ from ...data import as_data
 from ...errors import DunegrassError
 from ...fingerprint import data_fingerprint
 from ...options import DaunceOptions
-from ...scores import Scores, TopScores, make_sink
 from ...store.signals import SignalStore
 from ..base import Attributor
-from ..daunce_objectives import chunk_columns, covariance_into, draw_members, variance_with_stderr
+from ..covariance_scoring import CovarianceScoring
+from ..daunce_objectives import draw_members
 from .base import BlackBoxBackend
 from .openai_api import PromptCompletions
 
@@ -32,7 +32,7 @@ def _dataset(data: Any) -> Any:
 PENDING = "pending-job:"  # prefix of a stored handle that is a started job's id, not yet a model
 
 
-class BlackBoxDaunce(Attributor):
+class BlackBoxDaunce(CovarianceScoring, Attributor):
     """Daunce's ``blackbox`` variant with any BlackBoxBackend (algorithms.md §3): an Attributor like the
     others, whose model lives behind the back end.
 
@@ -77,7 +77,8 @@ class BlackBoxDaunce(Attributor):
         """Fine-tune the K members (or resume); ``train``: tensors, a Dataset, or prompt/completion dicts."""
         queries, cache_dir = self._fit_args(args, queries, cache_dir, ("queries", "cache_dir"))
         data = _dataset(train)
-        config = {**self.describe(), "data": data_fingerprint(data)}
+        # K is not part of the key: member k is the same for any K, so a cache grows (each member is a paid job)
+        config = {**{k: v for k, v in self.describe().items() if k != "num_models"}, "data": data_fingerprint(data)}
         path = self._cache_dir(cache_dir)
         self.store = store = SignalStore(path, config, self.num_models, len(data), 1)
         self.train_data, self.n_train = data, len(data)
@@ -115,36 +116,9 @@ class BlackBoxDaunce(Attributor):
             )
         return row
 
-    def _require_complete(self) -> None:
-        self._require_fit()
-        if not self.store.complete:
-            raise DunegrassError("the ensemble is incomplete; run fit(train, cache_dir=...) again to finish it")
-
     def _query_signals(self, queries: Any) -> Tensor:
         q = _dataset(queries)
         qstore = self.store.query_store(data_fingerprint(q), len(q))
         for index in qstore.missing():
             qstore.write(index, {"signal": self._losses(self.store.load_handle(index), q, index)[None].numpy()})
         return torch.from_numpy(qstore.load("signal"))
-
-    def signals(self, queries: Any = None) -> tuple[Tensor, Tensor | None]:
-        """``(A [K, n_train], B [K, n_query] or None)``: the members' losses."""
-        self._require_complete()
-        A = self.store.train_signals()
-        return A, None if queries is None else self._query_signals(queries)
-
-    def score(self, queries: Any, top_k: int | None = None) -> Scores | TopScores:
-        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with standard errors; with
-        ``top_k``, only each query's ``top_k`` largest and smallest (TopScores). Streamed chunk by chunk
-        of training examples (``daunce_objectives.chunk_columns``), so memory is bounded by the result."""
-        self._require_complete()
-        B = self._query_signals(queries)
-        sink = make_sink(B.shape[1], self.n_train, top_k, with_stderr=True)
-        covariance_into(sink, self.store.train_chunks(chunk_columns(self.num_models, B.shape[1])), B)
-        return sink.result(self.method_name, self.describe())
-
-    def self_scores(self) -> Scores:
-        """``Scores [1, n_train]``: the variance of each training loss across members, with its standard error."""
-        self._require_complete()
-        pairs = [variance_with_stderr(a) for _, a in self.store.train_chunks(chunk_columns(self.num_models, 0))]
-        return self._self_scores(torch.cat([v for v, _ in pairs]), torch.cat([e for _, e in pairs]))

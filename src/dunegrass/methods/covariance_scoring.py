@@ -1,0 +1,59 @@
+"""Scoring from stored signals, shared by Daunce and BlackBoxDaunce: covariance across the members.
+
+Needs ``store`` (a SignalStore), ``n_train``, ``num_models``, ``_query_signals(queries) -> [K, n_query]``
+and ``_score_device``. Scores stream chunk by chunk of training examples into a dense or top-k sink;
+under torch.distributed each rank scores its contiguous share of the queries and every rank returns
+them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..errors import DunegrassError
+from ..scores import Scores, TopScores, concat_scores, make_sink
+from .daunce_objectives import chunk_columns, covariance_into, variance_with_stderr
+
+
+class CovarianceScoring:
+    def _require_complete(self) -> None:
+        self._require_fit()
+        if not self.store.complete:
+            raise DunegrassError("the ensemble is incomplete; run fit(train, cache_dir=...) again to finish it")
+
+    @property
+    def _score_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _meta(self) -> dict:
+        return self.describe()
+
+    def signals(self, queries: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(A [K, n_train], B [K, n_query] or None)``: the members' signals (float64, on the host)."""
+        self._require_complete()
+        A = self.store.train_signals()
+        return A, None if queries is None else self._query_signals(queries)
+
+    def score(self, queries: Any, top_k: int | None = None) -> Scores | TopScores:
+        """Covariance scores ``[n_query, n_train]`` (positive = proponent) with their standard errors; with
+        ``top_k``, only each query's ``top_k`` largest and smallest (TopScores), without the dense matrix.
+        Streamed chunk by chunk of training examples (memory per chunk: ``daunce_objectives.chunk_columns``)."""
+        self._require_complete()
+        B = self._query_signals(queries)
+        lo, hi = distributed.my_rows(B.shape[1])
+        mine = B[:, lo:hi]
+        sink = make_sink(mine.shape[1], self.n_train, top_k, with_stderr=True)
+        chunks = self.store.train_chunks(chunk_columns(self.num_models, mine.shape[1]))
+        covariance_into(sink, chunks, mine, self._score_device)
+        result = sink.result(self.method_name, self._meta())
+        return concat_scores([result], gather=distributed.active(), device=self._score_device)
+
+    def self_scores(self) -> Scores:
+        """``Scores [1, n_train]``: Cov(s_i, s_i), the variance of each training example's signal across the
+        members, with its standard error (the covariance's, with both sides the same signal)."""
+        self._require_complete()
+        pairs = [variance_with_stderr(a) for _, a in self.store.train_chunks(chunk_columns(self.num_models, 0))]
+        return self._self_scores(torch.cat([v for v, _ in pairs]), torch.cat([e for _, e in pairs]))

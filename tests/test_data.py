@@ -1,0 +1,49 @@
+"""Data as users hold them: tensors, dict batches, and datasets of token sequences of different lengths."""
+
+import pytest
+import torch
+
+import dunegrass as dg
+from dunegrass.data import Padded, iterate_batches
+from dunegrass.hf import tiny_gpt2
+
+
+class _Sequences(torch.utils.data.Dataset):
+    """Token sequences of 4 to 11 tokens, as a tokenised text dataset holds them."""
+
+    def __init__(self, n: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(4, 12, (n,), generator=gen)
+        self.rows = [torch.randint(1, 90, (int(t),), generator=gen) for t in lengths]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i]}
+
+
+def test_padded_sequences_are_batched_with_their_attention_mask():
+    data = Padded(_Sequences(5, 0), pad_id=0, side="left")
+    _, batch = next(iterate_batches(data, 5))
+    lengths = [len(data[i]["input_ids"]) for i in range(5)]
+    assert batch["input_ids"].shape == (5, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    with pytest.raises(dg.DunegrassError, match="side must be"):
+        Padded(_Sequences(2, 0), side="middle")
+
+
+@pytest.mark.parametrize("name", ["logra", "gradient"])
+def test_scores_of_padded_sequences_do_not_depend_on_the_batch_size(device, name):
+    """Without a collate that pads, such a dataset failed with a raw 'stack expects each tensor to be equal size'."""
+    model = tiny_gpt2().to(device)
+    task = dg.CausalLMTask()
+    build = {
+        "logra": lambda b: dg.LoGra(model, task, k_in=4, k_out=4, batch_size=b),
+        "gradient": lambda b: dg.GradientInfluence(model, task, compressor="sjlt:32", batch_size=b),
+    }[name]
+    train, queries = Padded(_Sequences(20, 0)), Padded(_Sequences(3, 1))
+    a = build(7).fit(train).score(queries).values
+    b = build(3).fit(train).score(queries).values
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
