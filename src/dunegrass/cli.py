@@ -1,4 +1,5 @@
-"""The ``dunegrass`` command: ``dunegrass demo`` and ``dunegrass bench <name>``."""
+"""The ``dunegrass`` command: ``fit``, ``score`` and ``inspect`` for your own model and data, ``demo`` and
+``bench <name>``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ BENCHES = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dunegrass", description="Training data attribution.")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("fit", help="featurise your training set / train Daunce's members: dunegrass fit CONFIG (--help)")
+    sub.add_parser("score", help="score queries against a fitted run: dunegrass score CONFIG --queries PATH (--help)")
+    inspect = sub.add_parser(
+        "inspect", help="what a cache directory holds, its config, and whether every file checks out"
+    )
+    inspect.add_argument("cache_dir")
     demo = sub.add_parser("demo", help="attribute a digits MLP with every method and score them by LDS")
     demo.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
     demo.add_argument("--out", default="dunegrass-demo", help="directory for results.json and report.html")
@@ -34,13 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_COMMANDS = ("fit", "score")  # parsed from their config dataclasses (dunegrass.runs.config)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in RUN_COMMANDS:
+        from .runs.commands import main as run_main
+
+        return run_main(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(quick=args.quick, out=args.out, seed=args.seed)
         return 0
+    if args.command == "inspect":
+        from .runs.inspect import main as inspect_main
+
+        return inspect_main(args.cache_dir)
     return int(args._bench_main(args) or 0)
 
 

@@ -79,3 +79,42 @@ queries between the predicted and the actual effect of each subset, with a 95 % 
 {"".join(blocks)}
 </body></html>"""
     atomic_write_bytes(path, page.encode())
+
+
+SIGN_NOTE = (
+    "A positive score means training on that example helps the query (lowers its loss or raises its "
+    "measurement): a proponent; a negative one, an opponent. Scores of different methods are on different "
+    "scales (an inverse Fisher, a covariance across fine-tunes, a dot product of gradients): compare ranks "
+    "across methods, values within one."
+)
+
+
+def write_run_report(path: str | os.PathLike, config: dict, top, train_texts, query_texts) -> None:
+    """``report.html`` of ``dunegrass score``: the run's settings, then each query with its top proponents
+    and opponents (their texts, scores and, for Daunce, standard errors; significant ones marked)."""
+    blocks = []
+    for q in range(len(top)):
+        query = html.escape(query_texts[q]) if query_texts else f"query {q}"
+        tables = []
+        for kind, (idx, vals), errs in (
+            ("proponents", top.top(), top.top_stderr),
+            ("opponents", top.bottom(), top.bottom_stderr),
+        ):
+            rows = []
+            for r in range(idx.shape[1]):
+                i, v = int(idx[q, r]), float(vals[q, r])
+                text = html.escape(train_texts[i]) if train_texts else f"#{i}"
+                err = "" if errs is None else f" ± {float(errs[q, r]):.2g}"
+                mark = " ★" if errs is not None and abs(v) > 2 * float(errs[q, r]) else ""
+                rows.append(f"<tr><td>{r + 1}</td><td>#{i}</td><td class=t>{text}</td><td>{v:.4g}{err}{mark}</td></tr>")
+            tables.append(f"<h4>{kind}</h4><table>{''.join(rows)}</table>")
+        blocks.append(f"<h3>Query {q}</h3><p class=t>{query}</p>{''.join(tables)}")
+    star = "<p>★: more than two standard errors from zero.</p>" if top.top_stderr is not None else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dunegrass: {html.escape(config["name"])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}.t{{white-space:pre-wrap;font-family:monospace}}</style>
+</head><body><h1>dunegrass: {html.escape(config["method"])} on {html.escape(config["data"])}</h1>
+<p>Model {html.escape(config["model"])}; {len(top)} queries from {html.escape(config.get("queries", ""))}, each with
+its {top.top_values.shape[1]} top proponents and opponents among {top.n_train} training examples.</p>
+<p>{SIGN_NOTE}</p>{star}{"".join(blocks)}</body></html>"""
+    atomic_write_bytes(path, page.encode())
