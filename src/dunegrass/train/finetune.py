@@ -36,7 +36,8 @@ def gather(data: Any, idx: Tensor) -> Any:
     data = as_data(data)
     if isinstance(data, TensorData):
         return data.slice(idx)
-    return default_collate([data[int(i)] for i in idx])
+    collate = getattr(data, "collate_fn", None) or default_collate  # a dataset may say how to batch itself
+    return collate([data[int(i)] for i in idx])
 
 
 def finetune(
