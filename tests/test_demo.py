@@ -35,10 +35,9 @@ def test_the_demo_command_writes_results_and_every_method_beats_random_scores(tm
         assert row["lds"] > noise + 0.08, f"{name}: LDS {row['lds']:.3f} against random scores' {noise:.3f}"
     assert on_disk["ground_truth"]["num_subsets"] == 40 and "train_config" in on_disk["ground_truth"]
     html = (tmp_path / "report.html").read_text()
-    best = max(methods, key=lambda k: methods[k]["lds"])
-    # three queries for the best method, and three more for Daunce (the one with standard errors)
-    assert html.count("data:image/png;base64,") == (3 if best == "Daunce" else 6) and "<table>" in html
-    assert "significantly positive" in html
+    # two plots, then three test digits, each with every method's 5 proponents and 5 opponents
+    assert html.count('class="plot"') == 2 and html.count("data:image/png;base64,") == 2 + 3 * (1 + 6 * 10)
+    assert all(html.count(f"<th>{name}</th>") == 3 for name in methods) and "positive score means" in html
 
 
 def test_the_cli_says_what_it_does(capsys):

@@ -20,12 +20,13 @@ def test_the_report_keeps_the_users_matplotlib_backend():
     import matplotlib
     import numpy as np
 
-    from dunegrass.report import _png
+    from dunegrass.report.figures import image_png, lds_versus_seconds
 
     before = matplotlib.get_backend()
     matplotlib.use("pdf")
     try:
-        assert _png([np.zeros((8, 8))], ["x"])
+        assert image_png(np.zeros((8, 8)))
+        assert lds_versus_seconds({"A": {"lds": 0.3, "lds_ci": [0.2, 0.4], "seconds": 1.0}})
         assert matplotlib.get_backend() == "pdf"
     finally:
         matplotlib.use(before)

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", help="what a cache directory holds, its config, and whether every file checks out"
     )
     inspect.add_argument("cache_dir")
+    example = sub.add_parser("example", help="write a tiny runnable example (model, data, config) for fit and score")
+    example.add_argument("directory")
     demo = sub.add_parser("demo", help="attribute a digits MLP with every method and score them by LDS")
     demo.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
     demo.add_argument("--out", default="dunegrass-demo", help="directory for results.json and report.html")
@@ -68,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(quick=args.quick, out=args.out, seed=args.seed)
+        return 0
+    if args.command == "example":
+        from .runs.example import write_example
+
+        write_example(args.directory)
         return 0
     if args.command == "inspect":
         from .runs.inspect import main as inspect_main

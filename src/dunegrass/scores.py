@@ -129,6 +129,23 @@ class TopScores:
     def __len__(self) -> int:
         return self.top_values.shape[0]
 
+    @classmethod
+    def from_scores(cls, scores: Scores, k: int) -> TopScores:
+        """Each query's ``k`` largest and smallest of dense ``scores`` (with their standard errors)."""
+        best, worst = scores.top(k), scores.bottom(k)
+        err = (lambda idx: None) if scores.stderr is None else (lambda idx: scores.stderr.gather(1, idx))
+        return cls(
+            best.indices,
+            best.values,
+            worst.indices,
+            worst.values,
+            scores.shape[1],
+            err(best.indices),
+            err(worst.indices),
+            scores.method,
+            scores.meta,
+        )
+
     def top(self, k: int | None = None) -> Ranked:
         k = self.top_values.shape[1] if k is None else self._check(k)
         return Ranked(self.top_indices[:, :k], self.top_values[:, :k])

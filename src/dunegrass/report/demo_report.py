@@ -42,10 +42,11 @@ def write_report(
     if set(methods) != set(scores):
         raise DunegrassError(f"the results list methods {sorted(methods)} but scores were given for {sorted(scores)}")
     shown = range(min(queries_shown, len(query_labels)))
-    rankings = {name: _top(scores[name], k) for name in methods}
+    rankings = {name: TopScores.from_scores(scores[name], k) for name in methods}
 
     def query_view(q: int) -> str:
-        return f'<p>{img(image_png(query_images[q]), f"query {q}", "digit q")}label {int(query_labels[q])}</p>'
+        picture = img(image_png(query_images[q]), f"query {q}", "digit big")
+        return f"<div class='query'>{picture}label {int(query_labels[q])}</div>"
 
     def train_view(i: int) -> str:
         picture = img(image_png(train_images[i]), f"training example {i}", "digit")
@@ -66,21 +67,14 @@ def write_report(
     write_page(path, f"dunegrass demo: {results['task']}", body)
 
 
-def _top(scores: Scores, k: int) -> TopScores:
-    best, worst = scores.top(k), scores.bottom(k)
-    err = (lambda idx: None) if scores.stderr is None else (lambda idx: scores.stderr.gather(1, idx))
-    return TopScores(
-        best.indices, best.values, worst.indices, worst.values, scores.shape[1], err(best.indices), err(worst.indices)
-    )
-
-
 def _summary(results: dict) -> str:
     gt = results["ground_truth"]
+    start = "from scratch" if gt.get("from_scratch", True) else "from θ₀"
     return (
         f"<h1>dunegrass demo: {esc(results['task'])}</h1>"
         f"<p>Model accuracy on held-out digits: {results['accuracy']:.3f}. Ground truth: {gt['num_subsets']} random "
-        f"subsets of {gt['alpha']:.0%} of the {results['n_train']} training examples, each retrained from scratch "
-        f"with {gt['num_seeds']} seed(s) ({gt['seconds']:.1f} s); the measurement is the "
+        f"subsets of {gt['alpha']:.0%} of the {results['n_train']} training examples, each retrained {start} with "
+        f"{gt['num_seeds']} seed(s) ({gt['seconds']:.1f} s); the measurement is the "
         f"{esc(gt.get('measurement', 'query loss'))} of {results['n_queries']} held-out digits.</p>"
     )
 

@@ -14,23 +14,18 @@ from .page import esc, score_html
 View = Callable[[int], str]  # index → HTML of that example (an image, or escaped text)
 
 
-def _ranked(top: TopScores, q: int, k: int) -> list[tuple[str, list[tuple[int, float, float | None]]]]:
-    """[("proponents", [(train index, score, stderr or None), ...]), ("opponents", [...])] of query ``q``."""
+Ranked = list[tuple[int, float, float | None]]  # (train index, score, stderr or None), in rank order
+
+
+def _ranked(top: TopScores, q: int, k: int) -> list[tuple[str, Ranked]]:
+    """``[("proponents (+)", ranked), ("opponents (−)", ranked)]`` of query ``q``, at most ``k`` of each."""
     out = []
     for kind, (idx, vals), errs in (
-        ("proponents", top.top(), top.top_stderr),
-        ("opponents", top.bottom(), top.bottom_stderr),
+        ("proponents (+)", top.top(), top.top_stderr),
+        ("opponents (−)", top.bottom(), top.bottom_stderr),
     ):
-        shown = min(k, idx.shape[1])
-        out.append(
-            (
-                kind,
-                [
-                    (int(idx[q, r]), float(vals[q, r]), None if errs is None else float(errs[q, r]))
-                    for r in range(shown)
-                ],
-            )
-        )
+        err = (lambda r: None) if errs is None else (lambda r, errs=errs: float(errs[q, r]))
+        out.append((kind, [(int(idx[q, r]), float(vals[q, r]), err(r)) for r in range(min(k, idx.shape[1]))]))
     return out
 
 
@@ -43,12 +38,12 @@ def image_grid(
         rows = []
         for method, top in rankings.items():
             cells = [f"<th>{esc(method)}</th>"]
-            for kind, ranked in _ranked(top, q, k):
+            for _, ranked in _ranked(top, q, k):
                 cells += [f'<td class="cell">{train_view(i)}{score_html(v, e)}</td>' for i, v, e in ranked]
                 cells += ["<td></td>"] * (k - len(ranked))
             rows.append(f"<tr>{''.join(cells)}</tr>")
         head = f'<tr><th>method</th><th colspan="{k}">proponents (+)</th><th colspan="{k}">opponents (−)</th></tr>'
-        blocks.append(f"<h3>Query {q}</h3>{query_view(q)}<table>{head}{''.join(rows)}</table>")
+        blocks.append(f"<h3>Query {q}</h3>{query_view(q)}<table class='grid'>{head}{''.join(rows)}</table>")
     return "".join(blocks)
 
 
@@ -64,10 +59,10 @@ def text_lists(
             for kind, ranked in _ranked(top, q, k):
                 rows.append(f'<tr><th colspan="3">{kind}</th></tr>')
                 rows += [
-                    f'<tr><td class="num">{r + 1}</td><td>{train_view(i)}</td><td class="num">{score_html(v, e)}</td></tr>'
+                    f'<tr><td class="num">{r + 1}</td><td>{train_view(i)}</td>'
+                    f'<td class="num">{score_html(v, e)}</td></tr>'
                     for r, (i, v, e) in enumerate(ranked)
                 ]
             tables.append(f"<h4>{esc(method)}</h4><table>{''.join(rows)}</table>")
         blocks.append(f"<h3>Query {q}</h3>{query_view(q)}{''.join(tables)}")
     return "".join(blocks)
-

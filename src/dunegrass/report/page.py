@@ -17,9 +17,10 @@ th{background:#f5f5f5;text-align:left}.num{text-align:right;font-variant-numeric
 .note ul{margin:.3em 0;padding-left:1.2em}.muted{color:#666;font-size:.9em}
 .t{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em;max-width:720px}
 .digit{width:40px;height:40px;image-rendering:pixelated;border:1px solid #ccc;display:block;margin:auto}
-.digit.q{width:64px;height:64px}.cell{text-align:center;font-size:.75em;min-width:58px}
+.query{display:flex;align-items:center;gap:1em}.digit.big{width:64px;height:64px;margin:0}
+.grid .cell{width:72px;text-align:center;font-size:.75em}.cell .err{display:block}
 .pos{color:#17803d}.neg{color:#b42318}.sig{color:#b7791f;font-weight:bold}.err{color:#666}
-.plot{max-width:100%}
+.plot{max-width:100%}.qtext{background:#f4f4f4;padding:.4em .6em;border-radius:4px}
 """
 
 
@@ -40,10 +41,9 @@ def score_html(value: float, stderr: float | None = None) -> str:
     text = f'<span class="{"pos" if value >= 0 else "neg"}">{value:+.3g}</span>'
     if stderr is None:
         return text
-    text += f' <span class="err">± {stderr:.2g}</span>'
     if abs(value) > 2 * stderr:
         text += ' <span class="sig" title="more than two standard errors from zero">★</span>'
-    return text
+    return text + f' <span class="err">± {stderr:.2g}</span>'
 
 
 def write_page(path: str | os.PathLike, title: str, body: str) -> None:

@@ -37,13 +37,17 @@ def write_run_report(
     kept = top.top_values.shape[1]
 
     def query_view(q: int) -> str:
-        return f'<div class="t">{esc(_clip(query_texts[q]))}</div>' if query_texts else ""
+        return f'<div class="t qtext">{esc(_clip(query_texts[q]))}</div>' if query_texts else ""
 
     def train_view(i: int) -> str:
         label = f'<span class="muted">#{i}</span>'
         return f'{label}<div class="t">{esc(_clip(train_texts[i]))}</div>' if train_texts else label
 
-    more = f" (the first {len(shown)} of {len(top)}; all of them in top.csv and top.jsonl)" if len(shown) < len(top) else ""
+    more = (
+        f" (the first {len(shown)} of {len(top)}; all of them in top.csv and top.jsonl)"
+        if len(shown) < len(top)
+        else ""
+    )
     body = "".join(
         [
             f"<h1>dunegrass: {esc(method)} on {esc(config.get('data', ''))}</h1>",
