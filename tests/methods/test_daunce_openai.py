@@ -1,11 +1,13 @@
 """The OpenAI-compatible back end against a tiny fake server on 127.0.0.1 (never the network).
 
-The fake service "fine-tunes" a character unigram model on the uploaded completions (add-one
-smoothing) and returns echoed per-character log-probabilities, so the expected losses are known
-exactly and attribution has a right answer.
+The fake service "fine-tunes" a character unigram model on the uploaded answers (add-one smoothing;
+files in the prompt/completion or the chat format, bodies shaped as the API documents them) and
+returns echoed per-character log-probabilities (completions) or a greedy reply with ``top_logprobs``
+(chat completions), so the expected losses are known exactly and attribution has a right answer.
 """
 
 import json
+import logging
 import math
 import threading
 from collections import Counter
@@ -27,11 +29,22 @@ def _logprob(counts: Counter, ch: str) -> float:
     return math.log((counts[ch] + 1) / (sum(counts.values()) + len(ALPHABET)))
 
 
+def _answer(record: dict) -> str:
+    """The text a training line teaches, in either file format."""
+    if "messages" in record:
+        (assistant,) = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        return assistant
+    return record["completion"]
+
+
 class _Fake(BaseHTTPRequestHandler):
     files: dict = {}
     jobs: dict = {}
     models: dict = {"base": Counter()}
     seen_keys: set = set()
+    requests: list = []  # (path, body) of every POST
+    throttle = 0  # answer this many of the next requests with 429 (a rate limit)
+    fail_jobs = False  # jobs end as "failed" with an error message
 
     def log_message(self, *args):
         pass
@@ -47,10 +60,19 @@ class _Fake(BaseHTTPRequestHandler):
     def do_POST(self):
         self.seen_keys.add(self.headers.get("Authorization"))
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.requests.append((self.path, body))
+        if _Fake.throttle > 0:
+            _Fake.throttle -= 1
+            body = b'{"error": {"message": "Rate limit reached", "type": "requests"}}'
+            self.send_response(429)
+            self.send_header("Retry-After-Ms", "10")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return self.wfile.write(body)
         if self.path == "/v1/files":
             fid = f"file-{len(self.files)}"
-            lines = [line for line in body.decode(errors="ignore").splitlines() if line.startswith('{"prompt"')]
-            self.files[fid] = [json.loads(line) for line in lines]
+            lines = [line for line in body.decode(errors="ignore").splitlines() if line.startswith("{")]
+            self.files[fid] = [_answer(json.loads(line)) for line in lines]
             return self._reply(
                 {
                     "id": fid,
@@ -66,7 +88,7 @@ class _Fake(BaseHTTPRequestHandler):
         if self.path == "/v1/fine_tuning/jobs":
             jid = f"ftjob-{len(self.jobs)}"
             name = f"ft:base:{jid}"
-            self.models[name] = Counter("".join(ex["completion"] for ex in self.files[req["training_file"]]))
+            self.models[name] = Counter("".join(self.files[req["training_file"]]))
             self.jobs[jid] = {
                 "id": jid,
                 "object": "fine_tuning.job",
@@ -80,6 +102,7 @@ class _Fake(BaseHTTPRequestHandler):
                 "seed": req.get("seed", 0),
                 "hyperparameters": {"n_epochs": 1},
                 "_name": name,
+                "suffix": req.get("suffix"),
             }
             return self._reply({k: v for k, v in self.jobs[jid].items() if k != "_name"})
         if self.path == "/v1/completions":
@@ -88,6 +111,8 @@ class _Fake(BaseHTTPRequestHandler):
             for i, text in enumerate(req["prompt"]):
                 lps = [_logprob(counts, ch) for ch in text]
                 lps[0] = None  # as the API does: the first token has no log-probability
+                if req.get("max_tokens"):  # echo, then the generated tokens
+                    text, lps = text + "z" * req["max_tokens"], lps + [-0.1] * req["max_tokens"]
                 choices.append(
                     {
                         "index": i,
@@ -104,12 +129,31 @@ class _Fake(BaseHTTPRequestHandler):
             return self._reply(
                 {"id": "cmpl", "object": "text_completion", "created": 0, "model": req["model"], "choices": choices}
             )
+        if self.path == "/v1/chat/completions":
+            counts = self.models[req["model"]]
+            ranked = sorted(ALPHABET, key=lambda ch: (-_logprob(counts, ch), ch))
+            top = [{"token": ch, "bytes": list(ch.encode()), "logprob": _logprob(counts, ch)} for ch in ranked]
+            position = {**top[0], "top_logprobs": top[: req["top_logprobs"]]}  # greedy: the likeliest letter
+            message = {"role": "assistant", "content": ranked[0] * req["max_tokens"]}
+            choice = {
+                "index": 0,
+                "message": message,
+                "finish_reason": "length",
+                "logprobs": {"content": [position] * req["max_tokens"], "refusal": None},
+            }
+            return self._reply(
+                {"id": "chat", "object": "chat.completion", "created": 0, "model": req["model"], "choices": [choice]}
+            )
         self.send_error(404)
 
     def do_GET(self):
         jid = self.path.rsplit("/", 1)[1]
         job = self.jobs[jid]
-        job.update(status="succeeded", fine_tuned_model=job["_name"])
+        if _Fake.fail_jobs:
+            error = {"code": "invalid_training_file", "message": "Training file has too few examples", "param": None}
+            job.update(status="failed", error=error)
+        else:
+            job.update(status="succeeded", fine_tuned_model=job["_name"])
         return self._reply({k: v for k, v in job.items() if k != "_name"})
 
 
@@ -121,6 +165,19 @@ def server(monkeypatch):
     monkeypatch.setenv("DUNEGRASS_TEST_KEY", KEY)
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     httpd.shutdown()
+    _Fake.throttle, _Fake.fail_jobs = 0, False
+
+
+def _echo(url, **kwargs):
+    return OpenAICompatibleBackend(
+        "base", base_url=url, protocol="echo", api_key_env="DUNEGRASS_TEST_KEY", poll_seconds=0.01, **kwargs
+    )
+
+
+def _chat(url, **kwargs):
+    return OpenAICompatibleBackend(
+        "base", base_url=url, protocol="chat", api_key_env="DUNEGRASS_TEST_KEY", poll_seconds=0.01, **kwargs
+    )
 
 
 def _examples(n, seed):
@@ -137,7 +194,7 @@ def _examples(n, seed):
 
 
 def test_openai_backend_fine_tunes_and_reads_completion_logprobs(server, tmp_path):
-    backend = OpenAICompatibleBackend("base", base_url=server, api_key_env="DUNEGRASS_TEST_KEY", poll_seconds=0.01)
+    backend = _echo(server)
     train = _examples(30, 0)
     handle = backend.fine_tune(train, torch.tensor([0, 1, 2]), seed=5)
     counts = Counter("".join(train[i]["completion"] for i in range(3)))
@@ -157,7 +214,7 @@ def test_openai_backend_fine_tunes_and_reads_completion_logprobs(server, tmp_pat
 
 
 def test_a_run_killed_while_waiting_reattaches_to_its_job(server, tmp_path, monkeypatch):
-    backend = OpenAICompatibleBackend("base", base_url=server, api_key_env="DUNEGRASS_TEST_KEY", poll_seconds=0.01)
+    backend = _echo(server)
     train, started = _examples(12, 1), len(_Fake.jobs)
     wait = backend.wait_job
     monkeypatch.setattr(backend, "wait_job", lambda job: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
@@ -173,7 +230,9 @@ def test_a_run_killed_while_waiting_reattaches_to_its_job(server, tmp_path, monk
 
 def test_missing_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("DUNEGRASS_MISSING_KEY", raising=False)
-    backend = OpenAICompatibleBackend("base", base_url="http://127.0.0.1:9/v1", api_key_env="DUNEGRASS_MISSING_KEY")
+    backend = OpenAICompatibleBackend(
+        "base", base_url="http://127.0.0.1:9/v1", protocol="echo", api_key_env="DUNEGRASS_MISSING_KEY"
+    )
     with pytest.raises(DunegrassError, match="DUNEGRASS_MISSING_KEY"):
         backend.fine_tune([{"prompt": "a", "completion": "b"}], torch.tensor([0]), seed=0)
 
@@ -184,7 +243,107 @@ def test_a_token_straddling_the_prompt_boundary_counts_for_the_completion():
     # "Q: " + "yes": the service tokenises "Q:", " yes" — the second token starts inside the prompt.
     logprobs = NS(tokens=["Q:", " yes"], token_logprobs=[None, -0.7], text_offset=[0, 2])
     response = NS(choices=[NS(index=0, logprobs=logprobs)])
-    backend = OpenAICompatibleBackend("base-model")
+    backend = OpenAICompatibleBackend("base-model", protocol="echo")
     backend._client = NS(completions=NS(create=lambda **kwargs: response))
     loss = backend.losses("ft:model", [{"prompt": "Q: ", "completion": "yes"}])
     torch.testing.assert_close(loss, torch.tensor([0.7], dtype=torch.float64))
+
+
+def _letters(n, seed):
+    """One-letter answers: the chat protocol's case (a label, a choice)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {"system": "Answer with one letter.", "prompt": f"Q{i}?", "completion": ALPHABET[int(c)]}
+        for i, c in enumerate(torch.randint(0, len(ALPHABET), (n,), generator=gen))
+    ]
+
+
+def test_chat_protocol_uploads_chat_files_and_reads_answers_from_top_logprobs(server, caplog, capsys):
+    caplog.set_level(logging.DEBUG)  # nothing secret in any logger, even at DEBUG
+    backend = _chat(server, top_logprobs=3)
+    train = _letters(12, 0)
+    before = len(_Fake.requests)
+    handle = backend.fine_tune(train, torch.tensor([0, 1, 2, 3]), seed=5)
+    upload = [body for path, body in _Fake.requests[before:] if path == "/v1/files"][0].decode()
+    record = json.loads([line for line in upload.splitlines() if line.startswith("{")][0])
+    assert record == {
+        "messages": [
+            {"role": "system", "content": "Answer with one letter."},
+            {"role": "user", "content": "Q0?"},
+            {"role": "assistant", "content": train[0]["completion"]},
+        ]
+    }
+    counts = Counter(train[i]["completion"] for i in range(4))
+    ranked = sorted(ALPHABET, key=lambda ch: (-_logprob(counts, ch), ch))
+    greedy, second, outside = ranked[0], ranked[1], ranked[6]
+    top3 = [_logprob(counts, ch) for ch in ranked[:3]]
+    floor = min(min(top3), math.log(1 - sum(math.exp(v) for v in top3)))
+    answers = [greedy, second, outside, greedy * 3, greedy + second + "xy"]
+    got = backend.losses(handle, [{"prompt": "Q", "completion": a} for a in answers])
+    lp = {ch: _logprob(counts, ch) for ch in ALPHABET}
+    want = [-lp[greedy], -lp[second], -floor, -3 * lp[greedy], -lp[greedy] - lp[second]]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    # the third answer was below the returned alternatives; the last one's tail ("xy") went unscored
+    assert backend.stats == {"requests": 5, "answers": 5, "floored": 1, "tail_unscored": 1}
+    assert KEY not in caplog.text and KEY not in "".join(capsys.readouterr())
+
+
+def test_chat_protocol_refuses_long_answers_before_any_job(server, tmp_path):
+    backend = _chat(server)
+    train = _letters(6, 1) + [{"prompt": "Explain.", "completion": "a long answer of many words"}]
+    before = len(_Fake.requests)
+    with pytest.raises(DunegrassError, match="protocol='echo'"):
+        BlackBoxDaunce(backend, num_models=2).fit(train, cache_dir=tmp_path)
+    assert len(_Fake.requests) == before  # nothing uploaded, no job started
+    handle = backend.fine_tune(_letters(6, 1), torch.tensor([0, 1]), seed=0)
+    counts = Counter(ex["completion"] for ex in _letters(6, 1)[:2])
+    greedy = sorted(ALPHABET, key=lambda ch: (-_logprob(counts, ch), ch))[0]
+    with pytest.raises(DunegrassError, match="max_answer_tokens"):  # one word, but more tokens than allowed
+        backend.losses(handle, [{"prompt": "Q", "completion": greedy * 6}])
+
+
+def test_black_box_daunce_through_the_chat_protocol_finds_the_examples_with_the_querys_answer(server, tmp_path):
+    backend = _chat(server)
+    train, queries = _letters(30, 2), _letters(6, 3)
+    daunce = BlackBoxDaunce(backend, num_models=24, subsample_ratio=0.5, seed=1)
+    top = daunce.fit(train, cache_dir=tmp_path).score(queries).top(1)[0][:, 0]
+    assert [train[int(i)]["completion"] for i in top] == [q["completion"] for q in queries]
+    suffixes = {job["suffix"] for job in _Fake.jobs.values()}
+    run = daunce.store.hash[:8]
+    assert {f"dg-{run}-m{k}" for k in range(24)} <= suffixes  # every job names its run and member
+
+
+def test_a_paid_service_shows_the_plan_and_needs_confirm(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(OpenAICompatibleBackend, "paid", property(lambda self: True))
+    backend = _echo(server, hyperparameters={"n_epochs": 2})
+    train, jobs = _examples(40, 4), len(_Fake.jobs)
+    daunce = BlackBoxDaunce(backend, num_models=4, subsample_ratio=0.5)
+    plan = daunce.plan(train, queries=train[:5])
+    # 20 examples a member; echo: 16 texts a request (40 → 3 requests, 5 queries → 1) for each of 4 members
+    assert plan["jobs"] == 4 and plan["training_examples"] == 80 and plan["scoring_requests"] == 4 * 3 + 4 * 1
+    assert plan["training_tokens_approx"] == 2 * sum(math.ceil(27 / 4) for _ in range(80))  # 27 chars, 2 epochs
+    with pytest.raises(DunegrassError, match="confirm=True"):
+        daunce.fit(train, cache_dir=tmp_path)
+    assert len(_Fake.jobs) == jobs and "4 fine-tuning jobs" in capsys.readouterr().err
+    BlackBoxDaunce(backend, num_models=4, subsample_ratio=0.5, confirm=True).fit(train, cache_dir=tmp_path)
+    assert len(_Fake.jobs) == jobs + 4
+    BlackBoxDaunce(backend, num_models=4, subsample_ratio=0.5).fit(train, cache_dir=tmp_path)  # nothing to start
+
+
+def test_rate_limits_are_retried_and_a_failed_job_says_why(server):
+    backend = _echo(server)
+    before = len(_Fake.requests)
+    _Fake.throttle = 3
+    handle = backend.fine_tune(_examples(4, 5), torch.tensor([0, 1]), seed=0)
+    assert handle.startswith("ft:base:") and len(_Fake.requests) - before == 2 + 3  # file, job, 3 retried
+    _Fake.fail_jobs = True
+    with pytest.raises(DunegrassError, match="too few examples"):
+        backend.fine_tune(_examples(4, 5), torch.tensor([0, 1]), seed=0)
+
+
+def test_the_protocol_is_chosen_explicitly():
+    with pytest.raises(DunegrassError, match="'echo' or 'chat'"):
+        OpenAICompatibleBackend("gpt-4.1-mini-2025-04-14")
+    assert OpenAICompatibleBackend("davinci-002", protocol="echo").config()["protocol"] == "echo"
+    assert OpenAICompatibleBackend("gpt-4.1-mini-2025-04-14", protocol="chat").paid
+    assert not OpenAICompatibleBackend("m", base_url="http://127.0.0.1:8000/v1", protocol="echo").paid

@@ -18,6 +18,8 @@ from ...errors import DunegrassError
 class BlackBoxBackend(ABC):
     """A fine-tuning service. Models are named by string handles (the service's model ids)."""
 
+    paid = False  # a paid service: BlackBoxDaunce prints its plan and asks for confirm=True above a threshold
+
     @abstractmethod
     def fine_tune(self, train: Any, indices: Tensor, seed: int) -> str:
         """Fine-tune the base model on the examples ``train[indices]`` (order and batches from ``seed``);
@@ -27,10 +29,23 @@ class BlackBoxBackend(ABC):
     def losses(self, handle: str, data: Any) -> Tensor:
         """``[n]`` per-example losses −log p(target | prompt) of model ``handle`` on ``data`` (float64)."""
 
-    def start_job(self, train: Any, indices: Tensor, seed: int) -> str | None:
+    def start_job(self, train: Any, indices: Tensor, seed: int, name: str | None = None) -> str | None:
         """Start fine-tuning as ``fine_tune`` would and return the job's id, or None (the default) for a
         back end that fine-tunes synchronously. A started job is recorded before it is waited for, so a
-        run killed while waiting re-attaches to it instead of paying for a second job."""
+        run killed while waiting re-attaches to it instead of paying for a second job. ``name`` (run and
+        member) tags the job where the service allows it."""
+        return None
+
+    def check(self, data: Any) -> None:
+        """Raise a clear error for examples this back end cannot train on or score (before any job)."""
+        return None  # every example is accepted unless a subclass says otherwise
+
+    def requests(self, n: int) -> int:
+        """Scoring requests one member makes for ``n`` examples (0: not a service)."""
+        return 0
+
+    def approx_tokens(self, data: Any, indices: Tensor) -> int | None:
+        """Approximate training tokens of one job on ``data[indices]`` (None: not known)."""
         return None
 
     def wait_job(self, job: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..base import Attributor
 from ..covariance_scoring import CovarianceScoring
 from ..daunce_objectives import draw_members
 from .base import BlackBoxBackend
-from .openai_api import PromptCompletions
+from .examples import PromptCompletions
 
 
 def _dataset(data: Any) -> Any:
@@ -30,6 +31,8 @@ def _dataset(data: Any) -> Any:
 
 
 PENDING = "pending-job:"  # prefix of a stored handle that is a started job's id, not yet a model
+# On a paid service a fit that starts more jobs, or trains on more tokens, than this needs confirm=True.
+CONFIRM_JOBS, CONFIRM_TOKENS = 2, 100_000
 
 
 class BlackBoxDaunce(CovarianceScoring, Attributor):
@@ -41,6 +44,10 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
     ``[n_query, n_train]`` are the covariance across members, positive = proponent, with standard
     errors. Each member's handle and losses are stored as it finishes (``cache_dir``): a killed run
     resumes at the next member, and new queries are scored from the handles without fine-tuning.
+
+    On a paid back end ``fit`` prints what it will start (``plan``: jobs, approximate training tokens,
+    scoring requests) and refuses more than CONFIRM_JOBS jobs or CONFIRM_TOKENS tokens without
+    ``confirm=True``. Jobs carry the suffix ``dg-<run>-m<k>`` (the cache's config hash and the member).
     """
 
     method_name = "daunce-blackbox"
@@ -52,6 +59,7 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         num_models: int = 32,
         subsample_ratio: float = 0.3,
         seed: int = 0,
+        confirm: bool = False,
         progress: bool | None = None,
     ):
         if not isinstance(backend, BlackBoxBackend):
@@ -60,6 +68,7 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         # the same checks as dg.Daunce's (the members are drawn the same way)
         DaunceOptions(num_models=num_models, subsample_ratio=subsample_ratio, seed=seed)
         self.backend, self.num_models, self.ratio, self.seed = backend, num_models, float(subsample_ratio), seed
+        self.confirm = bool(confirm)
         self.store: SignalStore | None = None
 
     def describe(self) -> dict:
@@ -83,7 +92,9 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         self.store = store = SignalStore(path, config, self.num_models, len(data), 1)
         self.train_data, self.n_train = data, len(data)
         members = draw_members(len(data), self.num_models, self.ratio, self.seed)
-        for lo, _ in tqdm(store.missing_groups(), desc="daunce: fine-tunes", disable=not self.progress):
+        todo = [lo for lo, _ in store.missing_groups()]
+        self._approve(data, queries, members, todo, [lo for lo in todo if not store.has_handle(lo)])
+        for lo in tqdm(todo, desc="daunce: fine-tunes", disable=not self.progress):
             handle = store.load_handle(lo) if store.has_handle(lo) else None
             if handle is not None and handle.startswith(PENDING):  # a job started before a kill: wait for it
                 handle = self.backend.wait_job(handle[len(PENDING) :])
@@ -97,8 +108,50 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
             self.signals(queries)
         return self
 
+    def plan(self, train: Any, queries: Any = None) -> dict:
+        """What a fit from scratch costs: fine-tuning jobs, approximate training tokens, scoring requests."""
+        data = _dataset(train)
+        members = draw_members(len(data), self.num_models, self.ratio, self.seed)
+        everything = list(range(self.num_models))
+        return self._plan(data, None if queries is None else _dataset(queries), members, everything, everything)
+
+    def _plan(self, data: Any, queries: Any, members: list, scored: list[int], jobs: list[int]) -> dict:
+        tokens = [self.backend.approx_tokens(data, members[k].indices) for k in jobs]
+        requests = len(scored) * self.backend.requests(len(data))
+        if queries is not None:
+            requests += self.num_models * self.backend.requests(len(queries))
+        return {
+            "jobs": len(jobs),
+            "training_examples": sum(len(members[k].indices) for k in jobs),
+            "training_tokens_approx": None if None in tokens else sum(tokens),
+            "scoring_requests": requests,
+            "paid": self.backend.paid,
+        }
+
+    def _approve(self, data: Any, queries: Any, members: list, todo: list[int], jobs: list[int]) -> None:
+        """Check the examples, print the plan on a paid service, and stop above the threshold unless confirmed."""
+        self.backend.check(data)
+        if queries is not None:
+            queries = _dataset(queries)
+            self.backend.check(queries)
+        if not todo or not self.backend.paid:
+            return
+        plan = self._plan(data, queries, members, todo, jobs)
+        tokens = plan["training_tokens_approx"]
+        said = (
+            f"{plan['jobs']} fine-tuning jobs on {plan['training_examples']} examples"
+            + ("" if tokens is None else f" (about {tokens:,} training tokens)")
+            + f" and {plan['scoring_requests']:,} scoring requests"
+        )
+        print(f"dunegrass: this fit starts {said}", file=sys.stderr)
+        if not self.confirm and (plan["jobs"] > CONFIRM_JOBS or (tokens or 0) > CONFIRM_TOKENS):
+            raise DunegrassError(
+                f"this fit would start {said} on a paid service; check the cost, then pass confirm=True to "
+                "BlackBoxDaunce (its plan(train, queries) method returns these figures)"
+            )
+
     def _fine_tune(self, data: Any, member, lo: int) -> str:
-        job = self.backend.start_job(data, member.indices, member.seed)
+        job = self.backend.start_job(data, member.indices, member.seed, name=f"dg-{self.store.hash[:8]}-m{lo}")
         if job is None:
             handle = self.backend.fine_tune(data, member.indices, member.seed)
         else:

@@ -1,13 +1,15 @@
 """An OpenAI-compatible HTTP API as Daunce's fine-tuning service (the ``openai`` client: extra ``[api]``).
 
-Examples are ``{"prompt": str, "completion": str}``. A member is one fine-tuning job on its subset
-(uploaded as JSONL, started with the member's seed); its signal on an example is
-−log p(completion | prompt), summed over the completion's tokens, read from a completions call that
-echoes the prompt with log-probabilities (``echo=True, max_tokens=0, logprobs=0``): the tokens whose
-text offset is at or past the end of the prompt.
+Examples are ``{"prompt": str, "completion": str}`` (``"system"`` optional). A member is one fine-tuning
+job on its subset, uploaded as JSONL in the format of the scoring ``protocol`` (protocols.py: ``echo`` for
+completion models and servers that echo prompt log-probabilities, ``chat`` for chat models, short
+answers), started with the member's seed and a ``suffix`` naming the run and the member; its signal on an
+example is −log p(completion | prompt) read through that protocol.
 
-The API key is read from the environment (``api_key_env``) when the client is made; it is never
-stored, logged, or part of a cache's configuration.
+Rate limits (429), server errors and dropped connections are retried by the client with exponential
+back-off (``max_retries``); a failed job is reported with the service's own message. The API key is read
+from the environment (``api_key_env``) when the client is made; it is never stored, logged, or part of a
+cache's configuration.
 """
 
 from __future__ import annotations
@@ -18,61 +20,62 @@ import os
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlparse
 
-import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from ...errors import DunegrassError
 from .base import BlackBoxBackend
+from .examples import PromptCompletions, as_examples
+from .protocols import ScoringProtocol, make_protocol
 
-
-class PromptCompletions(Dataset):
-    """A list of ``{"prompt": str, "completion": str}`` examples as a map-style dataset."""
-
-    def __init__(self, examples: list[Mapping[str, str]]):
-        for i, ex in enumerate(examples):
-            if (
-                not isinstance(ex, Mapping)
-                or not isinstance(ex.get("prompt"), str)
-                or not isinstance(ex.get("completion"), str)
-            ):
-                raise DunegrassError(f"example {i} must be a dict with string 'prompt' and 'completion'")
-        self.examples = [{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in examples]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, str]:
-        return self.examples[i]
-
-
-def as_examples(data: Any) -> PromptCompletions:
-    return data if isinstance(data, PromptCompletions) else PromptCompletions(list(data))
+__all__ = ["OpenAICompatibleBackend", "PromptCompletions"]
 
 
 class OpenAICompatibleBackend(BlackBoxBackend):
-    """Fine-tune ``base_model`` at ``base_url`` (default: the client's) and score with its completions API.
+    """Fine-tune ``base_model`` at ``base_url`` (default: the client's, api.openai.com) and score it with
+    ``protocol`` — ``"echo"`` or ``"chat"``, chosen explicitly (protocols.py says which models take which).
 
-    ``hyperparameters`` go to the fine-tuning job as they are (e.g. ``{"n_epochs": 1}``); jobs are
-    polled every ``poll_seconds`` for at most ``timeout_seconds``. ``batch_size`` prompts go in one
-    completions request.
+    ``hyperparameters`` go to each job as they are (e.g. ``{"n_epochs": 1}``); jobs are polled every
+    ``poll_seconds`` for at most ``timeout_seconds``. ``batch_size`` texts go in one echo request;
+    ``max_answer_tokens`` and ``top_logprobs`` configure the chat protocol. ``max_retries`` bounds the
+    client's retries (exponential back-off) of rate limits and transient errors. A back end at a
+    loopback address (a local vLLM or llama.cpp server) is free; any other is paid, and BlackBoxDaunce
+    asks for ``confirm=True`` before it starts more than a few jobs there.
     """
 
     def __init__(
         self,
         base_model: str,
         base_url: str | None = None,
+        *,
+        protocol: str | ScoringProtocol | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         hyperparameters: Mapping[str, Any] | None = None,
         poll_seconds: float = 10.0,
         timeout_seconds: float = 24 * 3600.0,
         batch_size: int = 16,
+        max_answer_tokens: int = 4,
+        top_logprobs: int = 20,
+        max_retries: int = 8,
     ):
         self.base_model, self.base_url, self.api_key_env = base_model, base_url, api_key_env
+        self.protocol = make_protocol(
+            protocol, batch_size, max_answer_tokens=max_answer_tokens, top_logprobs=top_logprobs
+        )
         self.hyperparameters = dict(hyperparameters or {})
-        self.poll_seconds, self.timeout_seconds, self.batch_size = poll_seconds, timeout_seconds, batch_size
+        self.poll_seconds, self.timeout_seconds, self.max_retries = poll_seconds, timeout_seconds, int(max_retries)
         self._client = None
+
+    @property
+    def paid(self) -> bool:
+        host = urlparse(self.base_url).hostname if self.base_url else None
+        return host not in ("127.0.0.1", "localhost", "::1")
+
+    @property
+    def stats(self) -> dict:
+        """Scoring requests made and the protocol's caveats (chat: ``floored``, ``tail_unscored``)."""
+        return dict(self.protocol.stats)
 
     @property
     def client(self):
@@ -84,23 +87,31 @@ class OpenAICompatibleBackend(BlackBoxBackend):
             key = os.environ.get(self.api_key_env)
             if not key:
                 raise DunegrassError(f"set the API key in the environment variable {self.api_key_env}")
-            self._client = openai.OpenAI(api_key=key, base_url=self.base_url)
+            self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=self.max_retries)
         return self._client
+
+    def check(self, data: Any) -> None:
+        examples = as_examples(data)
+        self.protocol.check(examples)
+        for i in range(min(len(examples), 1)):
+            self.protocol.training_record(examples[i])  # a format error now, not after an upload
 
     def fine_tune(self, train: Any, indices: Tensor, seed: int) -> str:
         return self.wait_job(self.start_job(train, indices, seed))
 
-    def start_job(self, train: Any, indices: Tensor, seed: int) -> str:
+    def start_job(self, train: Any, indices: Tensor, seed: int, name: str | None = None) -> str:
         examples = as_examples(train)
-        lines = [json.dumps(examples[int(i)]) for i in indices]
+        lines = [json.dumps(self.protocol.training_record(examples[int(i)])) for i in indices]
         upload = self.client.files.create(
             file=("daunce-member.jsonl", io.BytesIO(("\n".join(lines) + "\n").encode())), purpose="fine-tune"
         )
+        extra = {"suffix": name} if name else {}
         job = self.client.fine_tuning.jobs.create(
             model=self.base_model,
             training_file=upload.id,
             seed=int(seed % 2**31),
             hyperparameters=self.hyperparameters or None,
+            **extra,
         )
         return job.id
 
@@ -113,35 +124,25 @@ class OpenAICompatibleBackend(BlackBoxBackend):
             time.sleep(self.poll_seconds)
             job = self.client.fine_tuning.jobs.retrieve(job.id)
         if job.status != "succeeded" or not job.fine_tuned_model:
-            raise DunegrassError(f"fine-tuning job {job.id} ended as {job.status!r}; rerun fit to retry this member")
+            error = getattr(job, "error", None)
+            said = f": the service says {error.message!r}" if error is not None and error.message else ""
+            raise DunegrassError(
+                f"fine-tuning job {job.id} ended as {job.status!r}{said}; fix the cause and rerun fit, which "
+                "starts this member again (finished members are kept)"
+            )
         return job.fine_tuned_model
 
     def losses(self, handle: str, data: Any) -> Tensor:
+        return self.protocol.losses(self.client, handle, as_examples(data))
+
+    def requests(self, n: int) -> int:
+        return self.protocol.requests(n)
+
+    def approx_tokens(self, data: Any, indices: Tensor) -> int:
         examples = as_examples(data)
-        out = []
-        for lo in range(0, len(examples), self.batch_size):
-            batch = [examples[i] for i in range(lo, min(lo + self.batch_size, len(examples)))]
-            resp = self.client.completions.create(
-                model=handle,
-                prompt=[ex["prompt"] + ex["completion"] for ex in batch],
-                echo=True,
-                max_tokens=0,
-                logprobs=0,
-            )
-            for choice in sorted(resp.choices, key=lambda c: c.index):
-                ex = batch[choice.index]
-                lp = choice.logprobs
-                # A token belongs to the completion when it ends after the prompt; one that straddles the
-                # boundary (a prompt ending in a space, the next word starting with it) counts too.
-                ends = list(lp.text_offset[1:]) + [len(ex["prompt"]) + len(ex["completion"])]
-                picked = [v for v, end in zip(lp.token_logprobs, ends) if end > len(ex["prompt"]) and v is not None]
-                if not picked and ex["completion"]:
-                    raise DunegrassError(
-                        f"the API returned no log-probabilities for the completion of example {lo + choice.index}; "
-                        "it must support echo=True with logprobs on the completions endpoint"
-                    )
-                out.append(-sum(picked))
-        return torch.tensor(out, dtype=torch.float64)
+        per_epoch = sum(self.protocol.approx_tokens(examples[int(i)]) for i in indices)
+        epochs = self.hyperparameters.get("n_epochs")
+        return per_epoch * (epochs if isinstance(epochs, int) else 1)
 
     def config(self) -> dict:
         return {
@@ -149,4 +150,5 @@ class OpenAICompatibleBackend(BlackBoxBackend):
             "base_model": self.base_model,
             "base_url": self.base_url,
             "hyperparameters": self.hyperparameters,
+            **self.protocol.config(),
         }
