@@ -12,6 +12,7 @@ import math
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ pytest.importorskip("openai")
 
 from dunegrass.errors import DunegrassError  # noqa: E402
 from dunegrass.methods.blackbox import BlackBoxDaunce, OpenAICompatibleBackend  # noqa: E402
+from dunegrass.notices import DunegrassWarning  # noqa: E402
 
 ALPHABET = "abcdefghij"
 KEY = "sk-test-not-a-real-key"
@@ -44,7 +46,8 @@ class _Fake(BaseHTTPRequestHandler):
     seen_keys: set = set()
     requests: list = []  # (path, body) of every POST
     throttle = 0  # answer this many of the next requests with 429 (a rate limit)
-    fail_jobs = False  # jobs end as "failed" with an error message
+    fail_jobs = False  # jobs end as "failed" with an error message (and stay failed)
+    drop_job_replies = 0  # create this many jobs but answer 500, as a request that timed out after the fact
 
     def log_message(self, *args):
         pass
@@ -101,10 +104,14 @@ class _Fake(BaseHTTPRequestHandler):
                 "result_files": [],
                 "seed": req.get("seed", 0),
                 "hyperparameters": {"n_epochs": 1},
+                "metadata": req.get("metadata"),
                 "_name": name,
-                "suffix": req.get("suffix"),
+                "_suffix": req.get("suffix"),
             }
-            return self._reply({k: v for k, v in self.jobs[jid].items() if k != "_name"})
+            if _Fake.drop_job_replies > 0:
+                _Fake.drop_job_replies -= 1
+                return self.send_error(500)
+            return self._reply(_public(self.jobs[jid]))
         if self.path == "/v1/completions":
             counts = self.models[req["model"]]
             choices = []
@@ -147,14 +154,22 @@ class _Fake(BaseHTTPRequestHandler):
         self.send_error(404)
 
     def do_GET(self):
-        jid = self.path.rsplit("/", 1)[1]
-        job = self.jobs[jid]
-        if _Fake.fail_jobs:
+        url = urlparse(self.path)
+        if url.path == "/v1/fine_tuning/jobs":  # list, filtered by metadata[key]=value as the API documents
+            wanted = {k[len("metadata[") : -1]: v[0] for k, v in parse_qs(url.query).items() if k.startswith("meta")}
+            found = [_public(j) for j in self.jobs.values() if wanted and (j["metadata"] or {}) == wanted]
+            return self._reply({"object": "list", "data": found, "has_more": False})
+        job = self.jobs[url.path.rsplit("/", 1)[1]]
+        if _Fake.fail_jobs or job["status"] == "failed":
             error = {"code": "invalid_training_file", "message": "Training file has too few examples", "param": None}
             job.update(status="failed", error=error)
         else:
             job.update(status="succeeded", fine_tuned_model=job["_name"])
-        return self._reply({k: v for k, v in job.items() if k != "_name"})
+        return self._reply(_public(job))
+
+
+def _public(job: dict) -> dict:
+    return {k: v for k, v in job.items() if not k.startswith("_")}
 
 
 @pytest.fixture
@@ -165,7 +180,7 @@ def server(monkeypatch):
     monkeypatch.setenv("DUNEGRASS_TEST_KEY", KEY)
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     httpd.shutdown()
-    _Fake.throttle, _Fake.fail_jobs = 0, False
+    _Fake.throttle, _Fake.fail_jobs, _Fake.drop_job_replies = 0, False, 0
 
 
 def _echo(url, **kwargs):
@@ -279,7 +294,8 @@ def test_chat_protocol_uploads_chat_files_and_reads_answers_from_top_logprobs(se
     top3 = [_logprob(counts, ch) for ch in ranked[:3]]
     floor = min(min(top3), math.log(1 - sum(math.exp(v) for v in top3)))
     answers = [greedy, second, outside, greedy * 3, greedy + second + "xy"]
-    got = backend.losses(handle, [{"prompt": "Q", "completion": a} for a in answers])
+    with pytest.warns(DunegrassWarning, match="2 of 5 answers"):
+        got = backend.losses(handle, [{"prompt": "Q", "completion": a} for a in answers])
     lp = {ch: _logprob(counts, ch) for ch in ALPHABET}
     want = [-lp[greedy], -lp[second], -floor, -3 * lp[greedy], -lp[greedy] - lp[second]]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
@@ -298,8 +314,10 @@ def test_chat_protocol_refuses_long_answers_before_any_job(server, tmp_path):
     handle = backend.fine_tune(_letters(6, 1), torch.tensor([0, 1]), seed=0)
     counts = Counter(ex["completion"] for ex in _letters(6, 1)[:2])
     greedy = sorted(ALPHABET, key=lambda ch: (-_logprob(counts, ch), ch))[0]
-    with pytest.raises(DunegrassError, match="max_answer_tokens"):  # one word, but more tokens than allowed
-        backend.losses(handle, [{"prompt": "Q", "completion": greedy * 6}])
+    with pytest.warns(DunegrassWarning, match="1 of 1"):  # one word, but more tokens than the reply has
+        got = backend.losses(handle, [{"prompt": "Q", "completion": greedy * 6}])
+    torch.testing.assert_close(got, torch.tensor([-4 * _logprob(counts, greedy)], dtype=torch.float64))
+    assert backend.stats["tail_unscored"] == 1 and backend.protocol.exact == [False]
 
 
 def test_black_box_daunce_through_the_chat_protocol_finds_the_examples_with_the_querys_answer(server, tmp_path):
@@ -308,7 +326,7 @@ def test_black_box_daunce_through_the_chat_protocol_finds_the_examples_with_the_
     daunce = BlackBoxDaunce(backend, num_models=24, subsample_ratio=0.5, seed=1)
     top = daunce.fit(train, cache_dir=tmp_path).score(queries).top(1)[0][:, 0]
     assert [train[int(i)]["completion"] for i in top] == [q["completion"] for q in queries]
-    suffixes = {job["suffix"] for job in _Fake.jobs.values()}
+    suffixes = {job["_suffix"] for job in _Fake.jobs.values()}
     run = daunce.store.hash[:8]
     assert {f"dg-{run}-m{k}" for k in range(24)} <= suffixes  # every job names its run and member
 
@@ -328,6 +346,10 @@ def test_a_paid_service_shows_the_plan_and_needs_confirm(server, tmp_path, monke
     BlackBoxDaunce(backend, num_models=4, subsample_ratio=0.5, confirm=True).fit(train, cache_dir=tmp_path)
     assert len(_Fake.jobs) == jobs + 4
     BlackBoxDaunce(backend, num_models=4, subsample_ratio=0.5).fit(train, cache_dir=tmp_path)  # nothing to start
+    assert len(_Fake.jobs) == jobs + 4
+    monkeypatch.setattr("dunegrass.methods.blackbox.daunce.CONFIRM_REQUESTS", 3)
+    with pytest.raises(DunegrassError, match="this score would start 0 fine-tuning jobs"):  # 4 members × 1 request
+        BlackBoxDaunce(backend, num_models=4, subsample_ratio=0.5).fit(train, cache_dir=tmp_path).score(train[:3])
 
 
 def test_rate_limits_are_retried_and_a_failed_job_says_why(server):
@@ -339,6 +361,53 @@ def test_rate_limits_are_retried_and_a_failed_job_says_why(server):
     _Fake.fail_jobs = True
     with pytest.raises(DunegrassError, match="too few examples"):
         backend.fine_tune(_examples(4, 5), torch.tensor([0, 1]), seed=0)
+
+
+def test_a_failed_member_is_started_again_by_the_next_fit(server, tmp_path):
+    backend, train, jobs = _echo(server), _examples(10, 6), len(_Fake.jobs)
+    _Fake.fail_jobs = True
+    with pytest.raises(DunegrassError, match="too few examples"):
+        BlackBoxDaunce(backend, num_models=3).fit(train, cache_dir=tmp_path)
+    _Fake.fail_jobs = False  # the failed job stays failed; the member gets a new one
+    resumed = BlackBoxDaunce(backend, num_models=3).fit(train, cache_dir=tmp_path)
+    assert len(_Fake.jobs) == jobs + 1 + 3
+    fresh = BlackBoxDaunce(backend, num_models=3).fit(train)
+    torch.testing.assert_close(resumed.signals()[0], fresh.signals()[0])
+
+
+def test_a_job_created_by_a_request_that_failed_is_found_not_paid_for_twice(server, tmp_path):
+    backend, train, jobs = _echo(server), _examples(10, 7), len(_Fake.jobs)
+    _Fake.drop_job_replies = 1  # the service creates the job, the reply is lost
+    BlackBoxDaunce(backend, num_models=2).fit(train, cache_dir=tmp_path)
+    assert len(_Fake.jobs) == jobs + 2  # the first member's job was found by its metadata, not created again
+
+
+def test_the_chat_walk_takes_the_longest_token_and_compares_bytes():
+    from types import SimpleNamespace as NS
+
+    from dunegrass.methods.blackbox.protocols import ChatProtocol
+
+    def pos(token, logprob, alts=(), raw=None):
+        top = [NS(token=t, logprob=v, bytes=None) for t, v in alts]
+        return NS(token=token, logprob=logprob, bytes=raw, top_logprobs=top)
+
+    chat = ChatProtocol()
+    # greedy "B" then "ob"; the alternative "Bob" at the first position is the answer's token
+    assert chat._answer_loss("Bob", [pos("B", -0.5, [("Bob", -1.0)]), pos("ob", -3.0)], 0) == 1.0
+    assert chat.stats["tail_unscored"] == 0 and chat.stats["floored"] == 0
+    # "日" split over two tokens whose texts are escaped; their bytes are what counts
+    raw = "日".encode()
+    content = [pos("\\xe6\\x97", -0.25, raw=list(raw[:2])), pos("\\xa5", -0.5, raw=list(raw[2:]))]
+    assert chat._answer_loss("日", content, 0) == 0.75
+    # the reply ends (end of turn) before the answer does: the scored part, counted as cut short
+    assert chat._answer_loss("Yes sir", [pos("Yes", -0.1)], 0) == 0.1 and chat.stats["tail_unscored"] == 1
+
+
+def test_the_echo_protocol_has_no_place_for_a_system_prompt(server):
+    train = _examples(5, 8)
+    train[3] = {**train[3], "system": "Be brief."}
+    with pytest.raises(DunegrassError, match="example 3 has a system prompt"):
+        BlackBoxDaunce(_echo(server), num_models=2).fit(train)
 
 
 def test_the_protocol_is_chosen_explicitly():

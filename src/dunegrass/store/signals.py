@@ -227,6 +227,13 @@ class SignalStore:
             return
         atomic_write_json(self._handle_file(member), {"member": member, "handle": handle})
 
+    def forget_handle(self, member: int) -> None:
+        """Drop a member's handle (its job failed): the next fit starts that member again."""
+        if self.path is None:
+            self._handles.pop(member, None)
+        elif os.path.exists(self._handle_file(member)):
+            os.remove(self._handle_file(member))
+
     def has_handle(self, member: int) -> bool:
         if self.path is None:
             return member in self._handles

@@ -15,6 +15,10 @@ from torch import Tensor
 from ...errors import DunegrassError
 
 
+class JobFailed(DunegrassError):
+    """A fine-tuning job ended without a model (failed or cancelled); its member is started again next fit."""
+
+
 class BlackBoxBackend(ABC):
     """A fine-tuning service. Models are named by string handles (the service's model ids)."""
 

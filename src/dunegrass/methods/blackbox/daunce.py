@@ -19,7 +19,7 @@ from ...store.signals import SignalStore
 from ..base import Attributor
 from ..covariance_scoring import CovarianceScoring
 from ..daunce_objectives import draw_members
-from .base import BlackBoxBackend
+from .base import BlackBoxBackend, JobFailed
 from .examples import PromptCompletions
 
 
@@ -31,8 +31,9 @@ def _dataset(data: Any) -> Any:
 
 
 PENDING = "pending-job:"  # prefix of a stored handle that is a started job's id, not yet a model
-# On a paid service a fit that starts more jobs, or trains on more tokens, than this needs confirm=True.
-CONFIRM_JOBS, CONFIRM_TOKENS = 2, 100_000
+# On a paid service a fit (or a score) that starts more jobs, trains on more tokens or makes more scoring
+# requests than this needs confirm=True.
+CONFIRM_JOBS, CONFIRM_TOKENS, CONFIRM_REQUESTS = 2, 100_000, 5_000
 
 
 class BlackBoxDaunce(CovarianceScoring, Attributor):
@@ -70,6 +71,7 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         self.backend, self.num_models, self.ratio, self.seed = backend, num_models, float(subsample_ratio), seed
         self.confirm = bool(confirm)
         self.store: SignalStore | None = None
+        self._planned_queries: str | None = None
 
     def describe(self) -> dict:
         return {
@@ -97,14 +99,14 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         for lo in tqdm(todo, desc="daunce: fine-tunes", disable=not self.progress):
             handle = store.load_handle(lo) if store.has_handle(lo) else None
             if handle is not None and handle.startswith(PENDING):  # a job started before a kill: wait for it
-                handle = self.backend.wait_job(handle[len(PENDING) :])
-                store.save_handle(lo, handle)
+                handle = self._wait(handle[len(PENDING) :], lo)
             # A member fine-tuned before a kill whose losses were not stored yet is reused when the back end
             # still has it (a service does; LocalBackend's members died with the process: train it again).
             if handle is None or not self.backend.has_model(handle):
                 handle = self._fine_tune(data, members[lo], lo)
             store.write_group(lo, self._losses(handle, data, lo)[None])
         if queries is not None:
+            self._planned_queries = data_fingerprint(_dataset(queries))  # its cost was in the fit's plan
             self.signals(queries)
         return self
 
@@ -134,19 +136,21 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         if queries is not None:
             queries = _dataset(queries)
             self.backend.check(queries)
-        if not todo or not self.backend.paid:
-            return
-        plan = self._plan(data, queries, members, todo, jobs)
+        if self.backend.paid and (todo or queries is not None):
+            self._confirm(self._plan(data, queries, members, todo, jobs), "fit")
+
+    def _confirm(self, plan: dict, what: str) -> None:
         tokens = plan["training_tokens_approx"]
         said = (
             f"{plan['jobs']} fine-tuning jobs on {plan['training_examples']} examples"
             + ("" if tokens is None else f" (about {tokens:,} training tokens)")
             + f" and {plan['scoring_requests']:,} scoring requests"
         )
-        print(f"dunegrass: this fit starts {said}", file=sys.stderr)
-        if not self.confirm and (plan["jobs"] > CONFIRM_JOBS or (tokens or 0) > CONFIRM_TOKENS):
+        print(f"dunegrass: this {what} starts {said}", file=sys.stderr)
+        over = plan["jobs"] > CONFIRM_JOBS or (tokens or 0) > CONFIRM_TOKENS
+        if not self.confirm and (over or plan["scoring_requests"] > CONFIRM_REQUESTS):
             raise DunegrassError(
-                f"this fit would start {said} on a paid service; check the cost, then pass confirm=True to "
+                f"this {what} would start {said} on a paid service; check the cost, then pass confirm=True to "
                 "BlackBoxDaunce (its plan(train, queries) method returns these figures)"
             )
 
@@ -156,7 +160,16 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
             handle = self.backend.fine_tune(data, member.indices, member.seed)
         else:
             self.store.save_handle(lo, PENDING + job)  # recorded before waiting: a kill now loses nothing
+            return self._wait(job, lo)
+        self.store.save_handle(lo, handle)
+        return handle
+
+    def _wait(self, job: str, lo: int) -> str:
+        try:
             handle = self.backend.wait_job(job)
+        except JobFailed:
+            self.store.forget_handle(lo)  # the next fit starts this member again (and plans it as a job)
+            raise
         self.store.save_handle(lo, handle)
         return handle
 
@@ -171,7 +184,14 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
 
     def _query_signals(self, queries: Any) -> Tensor:
         q = _dataset(queries)
-        qstore = self.store.query_store(data_fingerprint(q), len(q))
-        for index in qstore.missing():
+        self.backend.check(q)
+        fingerprint = data_fingerprint(q)
+        qstore = self.store.query_store(fingerprint, len(q))
+        missing = list(qstore.missing())
+        if self.backend.paid and missing and fingerprint != self._planned_queries:
+            requests = len(missing) * self.backend.requests(len(q))
+            plan = {"jobs": 0, "training_examples": 0, "training_tokens_approx": None, "scoring_requests": requests}
+            self._confirm(plan, "score")
+        for index in missing:
             qstore.write(index, {"signal": self._losses(self.store.load_handle(index), q, index)[None].numpy()})
         return torch.from_numpy(qstore.load("signal"))

@@ -7,7 +7,9 @@ answers), started with the member's seed and a ``suffix`` naming the run and the
 example is −log p(completion | prompt) read through that protocol.
 
 Rate limits (429), server errors and dropped connections are retried by the client with exponential
-back-off (``max_retries``); a failed job is reported with the service's own message. The API key is read
+back-off (``max_retries``), except a job's creation: a request that timed out may have created the job,
+so it is looked up by its metadata before it is sent again. A failed job is reported with the service's
+own message. The API key is read
 from the environment (``api_key_env``) when the client is made; it is never stored, logged, or part of a
 cache's configuration.
 """
@@ -25,11 +27,13 @@ from urllib.parse import urlparse
 from torch import Tensor
 
 from ...errors import DunegrassError
-from .base import BlackBoxBackend
+from .base import BlackBoxBackend, JobFailed
 from .examples import PromptCompletions, as_examples
 from .protocols import ScoringProtocol, make_protocol
 
 __all__ = ["OpenAICompatibleBackend", "PromptCompletions"]
+
+AUTO_EPOCHS = 3  # the epochs a cost estimate assumes when n_epochs is left to the service ("auto")
 
 
 class OpenAICompatibleBackend(BlackBoxBackend):
@@ -91,10 +95,7 @@ class OpenAICompatibleBackend(BlackBoxBackend):
         return self._client
 
     def check(self, data: Any) -> None:
-        examples = as_examples(data)
-        self.protocol.check(examples)
-        for i in range(min(len(examples), 1)):
-            self.protocol.training_record(examples[i])  # a format error now, not after an upload
+        self.protocol.check(as_examples(data))
 
     def fine_tune(self, train: Any, indices: Tensor, seed: int) -> str:
         return self.wait_job(self.start_job(train, indices, seed))
@@ -105,15 +106,31 @@ class OpenAICompatibleBackend(BlackBoxBackend):
         upload = self.client.files.create(
             file=("daunce-member.jsonl", io.BytesIO(("\n".join(lines) + "\n").encode())), purpose="fine-tune"
         )
-        extra = {"suffix": name} if name else {}
-        job = self.client.fine_tuning.jobs.create(
-            model=self.base_model,
-            training_file=upload.id,
-            seed=int(seed % 2**31),
-            hyperparameters=self.hyperparameters or None,
-            **extra,
-        )
-        return job.id
+        request = {"model": self.base_model, "training_file": upload.id, "seed": int(seed % 2**31)}
+        if self.hyperparameters:
+            request["hyperparameters"] = self.hyperparameters
+        if name:
+            request.update(suffix=name, metadata={"dunegrass_job": name})
+        return self._create_job(request, name)
+
+    def _create_job(self, request: dict, name: str | None) -> str:
+        """Create a job without the client's blind retries: a request that timed out may have created the job,
+        so before trying again look for it by its metadata, never paying for a second one."""
+        import openai
+
+        once = self.client.with_options(max_retries=0).fine_tuning.jobs
+        for attempt in range(self.max_retries + 1):
+            try:
+                return once.create(**request).id
+            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError):
+                if attempt == self.max_retries:
+                    raise
+            time.sleep(min(0.5 * 2**attempt, 30.0))
+            if name:
+                found = self.client.fine_tuning.jobs.list(metadata={"dunegrass_job": name}, limit=1).data
+                if found:
+                    return found[0].id
+        raise AssertionError("unreachable")
 
     def wait_job(self, job: str) -> str:
         job = self.client.fine_tuning.jobs.retrieve(job)
@@ -126,7 +143,7 @@ class OpenAICompatibleBackend(BlackBoxBackend):
         if job.status != "succeeded" or not job.fine_tuned_model:
             error = getattr(job, "error", None)
             said = f": the service says {error.message!r}" if error is not None and error.message else ""
-            raise DunegrassError(
+            raise JobFailed(
                 f"fine-tuning job {job.id} ended as {job.status!r}{said}; fix the cause and rerun fit, which "
                 "starts this member again (finished members are kept)"
             )
@@ -142,7 +159,8 @@ class OpenAICompatibleBackend(BlackBoxBackend):
         examples = as_examples(data)
         per_epoch = sum(self.protocol.approx_tokens(examples[int(i)]) for i in indices)
         epochs = self.hyperparameters.get("n_epochs")
-        return per_epoch * (epochs if isinstance(epochs, int) else 1)
+        # "auto" (the service's default) chooses the epochs from the file's size: assume AUTO_EPOCHS, say so
+        return per_epoch * (epochs if isinstance(epochs, int) else AUTO_EPOCHS)
 
     def config(self) -> dict:
         return {

@@ -8,20 +8,23 @@ completion's tokens, read from a completions call with ``echo=True, logprobs=0``
 ``chat`` — chat models (OpenAI's fine-tunable ``gpt-4.1``/``gpt-4o`` families, and any server's chat
 endpoint). Training files are ``{"messages": [system?, user, assistant]}`` lines. The chat endpoint gives
 log-probabilities only for tokens it generates, with at most ``top_logprobs`` (20) alternatives per
-position, so only short answers can be scored: the reply is generated greedily (temperature 0) and the
-answer is walked token by token along it. While the answer follows the greedy reply, each token's
-log-probability is exact. Where it leaves the reply, its next token is looked up among that position's
-alternatives (exact if found) and scoring stops there: a longer remainder is counted in
-``stats["tail_unscored"]`` (the loss is then a lower bound). Where the answer's next token is not among
-the alternatives, its log-probability is at most min(lowest returned, log(1 − Σ returned probabilities)):
-that bound is used (the **floor**, so the loss is again a lower bound) and counted in ``stats["floored"]``.
-Answers with more words than ``max_answer_tokens``, or that the greedy reply follows beyond that many
-tokens, are an error naming the echo protocol.
+position, so only short answers can be scored: the reply is generated greedily (temperature 0, at most
+``max_answer_tokens`` tokens) and the answer is walked along it, as bytes, taking at each position the
+longest of the reply's token and its alternatives that the answer continues with. While that is the
+reply's own token the answer stays on the reply and every log-probability is exact. Where it is an
+alternative, it is exact too, but the answer has left the reply and what follows was never generated:
+a remainder is not scored (``stats["tail_unscored"]``, as when the reply ends before the answer). Where
+the answer's next token is none of them, its log-probability is at most min(lowest returned,
+log(1 − Σ returned probabilities)): that bound is used (the **floor**, ``stats["floored"]``) and the rest
+is not scored. A floored or cut-short loss is a lower bound of the true one; each call warns with how
+many there were, and ``exact`` lists which answers were read in full. Answers with more words than
+``max_answer_tokens`` are refused before any job is started, naming the echo protocol.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from typing import Any
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ...errors import DunegrassError
+from ...notices import DunegrassWarning
 from .examples import PromptCompletions
 
 CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English, used only to estimate costs before a fit
@@ -75,9 +79,15 @@ class EchoProtocol(ScoringProtocol):
         super().__init__()
         self.batch_size = int(batch_size)
 
+    def check(self, examples: PromptCompletions) -> None:
+        for i in range(len(examples)):
+            if examples[i].get("system"):
+                raise DunegrassError(
+                    f"example {i} has a system prompt, which the echo protocol has no place for: put it in the "
+                    "prompt, or use protocol='chat'"
+                )
+
     def training_record(self, example: dict[str, str]) -> dict:
-        if example.get("system"):
-            raise DunegrassError("the echo protocol has no system prompt: put it in the prompt, or use protocol='chat'")
         return {"prompt": example["prompt"], "completion": example["completion"]}
 
     def requests(self, n: int) -> int:
@@ -183,36 +193,43 @@ class ChatProtocol(ScoringProtocol):
             out.append(self._answer_loss(ex["completion"], content, i))
             self.exact.append(self.stats["floored"] + self.stats["tail_unscored"] == caveats)
         self.stats["answers"] += len(out)
+        inexact = len(out) - sum(self.exact)
+        if inexact:
+            warnings.warn(
+                f"{inexact} of {len(out)} answers were not read in full from the chat endpoint (floored: below the "
+                f"top {self.top_logprobs} alternatives, or cut short): their losses are lower bounds; see "
+                "backend.stats",
+                DunegrassWarning,
+                stacklevel=3,
+            )
         return torch.tensor(out, dtype=torch.float64)
 
     def _answer_loss(self, answer: str, content: list, index: int) -> float:
-        remaining, logprob = answer, 0.0
+        # Compared as bytes: a token may hold part of a multi-byte character (its text is then escaped).
+        remaining, logprob = answer.encode(), 0.0
         for position in content:
-            if position.token and remaining.startswith(position.token):  # still on the greedy reply: exact
-                logprob += position.logprob
-                remaining = remaining[len(position.token) :]
-                if not remaining:
-                    return -logprob
-                continue
-            alternatives = {t.token: t.logprob for t in position.top_logprobs or []}
-            alternatives.setdefault(position.token, position.logprob)
+            alternatives = {_bytes(t): t.logprob for t in position.top_logprobs or []}
+            greedy = _bytes(position)
+            alternatives[greedy] = position.logprob
             found = [t for t in alternatives if t and remaining.startswith(t)]
-            if found:  # the answer leaves the reply here with a token among the alternatives: exact, then stop
-                token = max(found, key=len)
-                logprob += alternatives[token]
-                if len(token) < len(remaining):
-                    self.stats["tail_unscored"] += 1
-            else:
-                logprob += _floor(alternatives.values())
+            if not found:  # the answer's next token is below the returned alternatives: the floor, and stop
                 self.stats["floored"] += 1
-            return -logprob
-        if len(content) >= self.max_answer_tokens:
-            raise DunegrassError(
-                f"example {index}'s answer {answer!r} is longer than max_answer_tokens = {self.max_answer_tokens} "
-                "tokens; raise max_answer_tokens, or score long answers with protocol='echo'"
-            )
-        self.stats["tail_unscored"] += 1  # the reply ended before the answer did
+                return -(logprob + _floor(alternatives.values()))
+            token = max(found, key=len)  # the longest: "Bob" rather than "B" then "ob"
+            logprob += alternatives[token]
+            remaining = remaining[len(token) :]
+            if not remaining:
+                return -logprob
+            if token != greedy:  # the answer left the greedy reply: what follows was never generated
+                self.stats["tail_unscored"] += 1
+                return -logprob
+        # The reply stopped (end of turn, or max_answer_tokens) before the answer did: the rest is unscored.
+        self.stats["tail_unscored"] += 1
         return -logprob
+
+
+def _bytes(token: Any) -> bytes:
+    return bytes(token.bytes) if getattr(token, "bytes", None) is not None else token.token.encode()
 
 
 def _floor(logprobs) -> float:
