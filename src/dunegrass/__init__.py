@@ -10,6 +10,8 @@ from .data import Padded, TensorData
 from .errors import ConfigMismatchError, CorruptCacheError, DunegrassError, NonFiniteError
 from .eval import GroundTruth, lds, leave_one_out, loo_correlation, mislabel_auc, subset_retraining
 from .methods import (
+    EKFAC,
+    KFAC,
     TRAK,
     Attributor,
     BlackBoxDaunce,
@@ -33,6 +35,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TRAK",
+    "KFAC",
+    "EKFAC",
     "Attributor",
     "BlackBoxDaunce",
     "CausalLMTask",

@@ -49,6 +49,15 @@ class Task(ABC):
         m = self.measurement(outputs, batch)
         return -m if self.measurement_higher_is_better else m
 
+    def sampled_loss(self, outputs: Tensor, batch: Any, seeds: list[int]) -> Tensor:
+        """The training loss ``[B]`` with targets drawn from the model's own predictive distribution (example b
+        with a generator seeded ``seeds[b]``, so draws do not depend on batching): its gradients' covariance
+        is the true Fisher (K-FAC's default). Not defined by default."""
+        raise DunegrassError(
+            f"{type(self).__name__} does not say how to sample targets from the model (Task.sampled_loss), which "
+            "the true Fisher needs; pass fisher='empirical' (the training labels' gradients) or implement it"
+        )
+
     def batch_size(self, batch: Any) -> int:
         """Number of examples in a batch (the leading dimension of its first tensor)."""
         return int(first_tensor(batch).shape[0])
@@ -207,6 +216,11 @@ class ClassificationTask(Task):
         Daunce measures)."""
         return F.softplus(-self.logodds(outputs, batch))
 
+    def sampled_loss(self, outputs: Tensor, batch: Any, seeds: list[int]) -> Tensor:
+        """Cross-entropy against a class drawn from softmax(outputs) per example."""
+        drawn = _draw(outputs.detach(), seeds)
+        return F.cross_entropy(outputs, drawn, reduction="none")
+
     def logodds(self, outputs: Tensor, batch: Any) -> Tensor:
         """log(p / (1 - p)) for the correct class ``[B]``."""
         labels = self._labels(outputs, batch)
@@ -228,6 +242,17 @@ class ClassificationTask(Task):
         correct = outputs.gather(1, labels[:, None])[:, 0]
         others = outputs.masked_fill(_one_hot(labels, outputs.shape[1]), float("-inf"))
         return correct - others.max(dim=1).values
+
+
+def _draw(logits: Tensor, seeds: list[int]) -> Tensor:
+    """One draw from softmax(logits[b]) per row of each example b (``[B, ..., C] -> [B, ...]``), seeded per example."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    out = []
+    for b, seed in enumerate(seeds):
+        gen = torch.Generator(device=logits.device).manual_seed(int(seed))
+        rows = probs[b].reshape(-1, probs.shape[-1])
+        out.append(torch.multinomial(rows, 1, generator=gen).reshape(probs.shape[1:-1]))
+    return torch.stack(out)
 
 
 def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
@@ -311,6 +336,14 @@ class CausalLMTask(Task):
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
         picked, counted = self._token_logprobs(outputs, batch)
         return -picked.sum(1) / counted.sum(1).clamp_min(1)
+
+    def sampled_loss(self, outputs: Tensor, batch: Any, seeds: list[int]) -> Tensor:
+        """The loss with every counted next token replaced by one drawn from the model's prediction there."""
+        _, counted = self._token_logprobs(outputs.detach(), batch)
+        drawn = _draw(outputs[:, :-1].detach(), seeds)
+        labels = torch.full(outputs.shape[:2], -100, dtype=torch.long, device=outputs.device)
+        labels[:, 1:] = torch.where(counted, drawn, torch.full_like(drawn, -100))
+        return self.loss(outputs, {**batch, "labels": labels})
 
     def measurement(self, outputs: Tensor, batch: Any) -> Tensor:
         if self.measurement_name == "loss":

@@ -7,11 +7,14 @@ from .factorized import FactGraSS, FactorizedFeaturizer, LoGra
 from .featurize import Featurizer, MaterializedFeaturizer
 from .gradient import GradientInfluence
 from .grass import GraSS, GraSSTRAK
+from .kfac import EKFAC, KFAC
 from .presets import TRAK, ExactInfluence, TracIn
 
 __all__ = [
     "BlackBoxDaunce",
     "Daunce",
+    "EKFAC",
+    "KFAC",
     "LocalBackend",
     "OpenAICompatibleBackend",
     "FactGraSS",
