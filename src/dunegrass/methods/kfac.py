@@ -117,18 +117,20 @@ class KFAC(Attributor):
         self.blocks = [KroneckerBlock(layer.in_dim, layer.out_dim, device) for layer in self.layers]
         with eval_mode(self.model):
             if cache_dir is not None and files.has("factors"):
-                stored = files.load("factors", device, fix="delete the kfac-* directory to fit again")
-                for i, block in enumerate(self.blocks):
-                    block.load({k.split("/", 1)[1]: v for k, v in stored.items() if k.startswith(f"{i}/")})
+                self._load(files, "factors", device)
             else:
-                self._pass(data, "covariances")
+                if cache_dir is not None and files.has("covariances"):  # a fit killed during EK-FAC's second pass
+                    self._load(files, "covariances", device)
+                else:
+                    self._pass(data, "covariances")
+                    if cache_dir is not None and self.corrected and distributed.rank() == 0:
+                        files.save("covariances", self._tensors())
                 for block in self.blocks:
                     block.decompose()
                 if self.corrected:
                     self._pass(data, "correction")
                 if cache_dir is not None and distributed.rank() == 0:
-                    tensors = {f"{i}/{k}": v for i, b in enumerate(self.blocks) for k, v in b.tensors().items()}
-                    files.save("factors", tensors)
+                    files.save("factors", self._tensors())
                 distributed.barrier()
             for block in self.blocks:
                 if block.QA is None:
@@ -136,6 +138,14 @@ class KFAC(Attributor):
                 if self.corrected:
                     block.use_correction()
         return self
+
+    def _load(self, files: TensorFiles, name: str, device: torch.device) -> None:
+        stored = files.load(name, device, fix="delete the kfac-* directory to fit again")
+        for i, block in enumerate(self.blocks):
+            block.load({k.split("/", 1)[1]: v for k, v in stored.items() if k.startswith(f"{i}/")})
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f"{i}/{k}": v for i, b in enumerate(self.blocks) for k, v in b.tensors().items()}
 
     def _objective(self, signal: str, start: int):
         task = self.task
