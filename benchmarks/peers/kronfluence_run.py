@@ -37,7 +37,8 @@ def models_module():
 
 
 class Classification(Task):
-    """Cross-entropy; the true Fisher's targets drawn from the model (kronfluence's ``sample=True``)."""
+    """Cross-entropy as training loss and as measurement (``dg.ClassificationTask()``'s, every built-in task's);
+    the true Fisher's targets drawn from the model (kronfluence's ``sample=True``)."""
 
     def compute_train_loss(self, batch, model, sample=False):
         inputs, labels = batch
@@ -56,6 +57,7 @@ def main(job: str) -> None:
     with open(os.path.join(job, "spec.json")) as f:
         spec = json.load(f)
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    torch.manual_seed(0)  # kronfluence's draws come from the global generator: a run can be repeated
     model = getattr(models_module(), spec["arch"])(**spec["arch_args"])
     model.load_state_dict(load_file(os.path.join(job, "model.safetensors")))
     model.eval()

@@ -218,7 +218,7 @@ class ClassificationTask(Task):
 
     def sampled_loss(self, outputs: Tensor, batch: Any, seeds: list[int]) -> Tensor:
         """Cross-entropy against a class drawn from softmax(outputs) per example."""
-        drawn = _draw(outputs.detach(), seeds)
+        drawn = _draw(outputs, seeds)
         return F.cross_entropy(outputs, drawn, reduction="none")
 
     def logodds(self, outputs: Tensor, batch: Any) -> Tensor:
@@ -244,15 +244,23 @@ class ClassificationTask(Task):
         return correct - others.max(dim=1).values
 
 
-def _draw(logits: Tensor, seeds: list[int]) -> Tensor:
-    """One draw from softmax(logits[b]) per row of each example b (``[B, ..., C] -> [B, ...]``), seeded per example."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    out = []
+def _draw(logits: Tensor, seeds: list[int], counted: Tensor | None = None) -> Tensor:
+    """One draw from softmax(logits[b, ...]) per row of each example b (``[B, ..., C] -> [B, ...]``, long), with
+    a generator seeded ``seeds[b]``. With ``counted`` (``[B, ...]`` bool) only those rows are drawn, in order,
+    so an example's draws do not depend on how much padding its batch gave it; the others are 0."""
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    out = torch.zeros(probs.shape[:-1], dtype=torch.long, device=logits.device)
     for b, seed in enumerate(seeds):
         gen = torch.Generator(device=logits.device).manual_seed(int(seed))
-        rows = probs[b].reshape(-1, probs.shape[-1])
-        out.append(torch.multinomial(rows, 1, generator=gen).reshape(probs.shape[1:-1]))
-    return torch.stack(out)
+        rows = probs[b] if counted is None else probs[b][counted[b]]
+        rows = rows.reshape(-1, probs.shape[-1])
+        if rows.shape[0]:
+            picked = torch.multinomial(rows, 1, generator=gen)[:, 0]
+            if counted is None:
+                out[b] = picked.reshape(out.shape[1:])
+            else:
+                out[b][counted[b]] = picked
+    return out
 
 
 def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
@@ -340,7 +348,7 @@ class CausalLMTask(Task):
     def sampled_loss(self, outputs: Tensor, batch: Any, seeds: list[int]) -> Tensor:
         """The loss with every counted next token replaced by one drawn from the model's prediction there."""
         _, counted = self._token_logprobs(outputs.detach(), batch)
-        drawn = _draw(outputs[:, :-1].detach(), seeds)
+        drawn = _draw(outputs[:, :-1], seeds, counted)
         labels = torch.full(outputs.shape[:2], -100, dtype=torch.long, device=outputs.device)
         labels[:, 1:] = torch.where(counted, drawn, torch.full_like(drawn, -100))
         return self.loss(outputs, {**batch, "labels": labels})

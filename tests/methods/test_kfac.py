@@ -193,7 +193,8 @@ def test_self_scores_and_full_rank_queries_match_the_scores():
     assert not torch.allclose(low.values, attr.score(queries).values)
 
 
-def test_a_causal_lm_with_padding_gets_the_scores_of_its_unpadded_examples():
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_causal_lm_with_padding_gets_the_scores_of_its_unpadded_examples(side):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16)
     torch.manual_seed(3)
@@ -201,8 +202,10 @@ def test_a_causal_lm_with_padding_gets_the_scores_of_its_unpadded_examples():
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 40, (6, 8), generator=gen)
     mask = torch.ones_like(ids)
-    mask[:, 6:] = 0  # right padding: the last two positions of every example
+    mask[:, 6:] = 0  # two padding positions per example (the true Fisher draws only for real tokens)
     padded = {"input_ids": ids, "attention_mask": mask}
+    if side == "left":
+        padded = {"input_ids": ids.roll(2, 1), "attention_mask": mask.roll(2, 1)}
     trimmed = {"input_ids": ids[:, :6], "attention_mask": mask[:, :6]}
     queries = {"input_ids": ids[:2, :6]}
     task = dg.CausalLMTask()
@@ -224,7 +227,7 @@ def _worker(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, train, queries = _mlp_data()
-        attr = dg.EKFAC(model, dg.ClassificationTask(), batch_size=5).fit(train)
+        attr = dg.EKFAC(model, dg.ClassificationTask(), batch_size=5).fit(train, cache_dir=os.path.join(out, "cache"))
         np.save(os.path.join(out, f"scores-{rank}.npy"), attr.score(queries).values.numpy())
     finally:
         dist.destroy_process_group()
@@ -239,6 +242,11 @@ def test_two_ranks_give_the_single_process_scores(tmp_path):
     want = dg.EKFAC(model, dg.ClassificationTask(), batch_size=5).fit(train).score(queries).values.numpy()
     for rank in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"scores-{rank}.npy"), want, rtol=1e-4, atol=1e-6)
+    # rank 0 wrote the reduced factors: a single process loads them and scores the same
+    cached = dg.EKFAC(model, dg.ClassificationTask(), batch_size=5)
+    cached._pass = lambda *a: (_ for _ in ()).throw(AssertionError("refitted"))
+    scores = cached.fit(train, cache_dir=tmp_path / "cache").score(queries).values.numpy()
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_fit_killed_in_the_second_pass_resumes_there(tmp_path, monkeypatch):
@@ -260,3 +268,58 @@ def test_a_fit_killed_in_the_second_pass_resumes_there(tmp_path, monkeypatch):
     got = dg.EKFAC(model, task).fit(train, cache_dir=tmp_path).score(queries)
     assert passes == ["covariances", "correction", "correction"]  # the covariances were not computed again
     torch.testing.assert_close(got.values, want.values)
+
+
+def test_the_true_fisher_output_factor_is_the_softmax_covariance():
+    # softmax regression, T = 1: with targets drawn from the model, S estimates E[diag(p) − p pᵀ]
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(4, 3, generator=gen)
+    x = base.repeat(1500, 1)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 5))
+    attr = dg.KFAC(model, dg.ClassificationTask(), batch_size=500).fit((x, torch.zeros(len(x), dtype=torch.long)))
+    with torch.no_grad():
+        p = torch.softmax(model(base), 1).double()
+    want = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    block = attr.blocks[0]
+    torch.testing.assert_close(block.S / block.examples, want, atol=0.01, rtol=0)
+    assert (block.S / block.examples - want).abs().max() > 0  # estimated from draws, not computed exactly
+
+
+def test_the_cache_is_keyed_by_what_the_factors_depend_on(tmp_path, monkeypatch):
+    model, train, queries = _mlp_data()
+    task = dg.ClassificationTask()
+    dg.KFAC(model, task).fit(train, cache_dir=tmp_path)
+    fitted = []
+    original = dg.KFAC._pass
+    monkeypatch.setattr(dg.KFAC, "_pass", lambda self, d, w: fitted.append(w) or original(self, d, w))
+    dg.KFAC(model, task, damping=0.5, query_rank=2, batch_size=9).fit(train, cache_dir=tmp_path)
+    assert fitted == []  # scoring settings reuse the factors
+    dg.KFAC(model, task, fisher="empirical").fit(train, cache_dir=tmp_path)
+    dg.KFAC(model, task, seed=1).fit(train, cache_dir=tmp_path)
+    dg.KFAC(model, task, modules=["2"]).fit(train, cache_dir=tmp_path)
+    with torch.no_grad():
+        model[0].weight[0, 0] += 0.1
+    dg.KFAC(model, task).fit(train, cache_dir=tmp_path)
+    assert fitted == ["covariances"] * 4
+
+
+def test_a_layer_the_loss_never_reaches_changes_nothing():
+    class Side(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.body, self.side = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), nn.Linear(5, 2)
+
+        def forward(self, x):
+            self.side(x)  # runs, but no loss depends on it
+            return self.body(x)
+
+    model, train, queries = _mlp_data()
+    side = Side()
+    side.body.load_state_dict(model.state_dict())
+    task = dg.ClassificationTask()
+    with_side = dg.EKFAC(side, task, fisher="empirical").fit(train)
+    without = dg.EKFAC(side, task, fisher="empirical", modules=["body.0", "body.2"]).fit(train)
+    torch.testing.assert_close(with_side.score(queries).values, without.score(queries).values)
+    torch.testing.assert_close(with_side.self_scores().values, without.self_scores().values)

@@ -29,7 +29,7 @@ from .. import distributed
 from ..data import as_data, iterate_batches, to_device
 from ..errors import DunegrassError
 from ..fingerprint import data_fingerprint, model_fingerprint
-from ..gradients.factorized import ModuleSelection, capture_factors, factor_layers, layer_gradients
+from ..gradients.factorized import ModuleSelection, capture_factors, factor_layers
 from ..influence.kronecker import KroneckerBlock, batch_scores, low_rank, with_ones
 from ..options import choice, positive_int
 from ..scores import Scores, TopScores, concat_scores, make_sink
@@ -102,8 +102,35 @@ class KFAC(Attributor):
             raise DunegrassError("the training set is empty")
         cache_dir = self._cache_dir(cache_dir)  # optional under torchrun too: the sums are all-reduced
         self.train_data, self.n_train = data, len(data)
+        files = TensorFiles(None if cache_dir is None else os.path.join(cache_dir, f"kfac-{self._key(data)}"))
+        device = self._device()
+        self.blocks = [KroneckerBlock(layer.in_dim, layer.out_dim, device) for layer in self.layers]
+        with eval_mode(self.model):
+            if self._found(cache_dir, files, "factors"):
+                self._load(files, "factors", device)
+            else:
+                if self._found(cache_dir, files, "covariances"):  # a fit killed during EK-FAC's second pass
+                    self._load(files, "covariances", device)
+                else:
+                    self._pass(data, "covariances")
+                    for block in self.blocks:
+                        block.decompose()
+                    if cache_dir is not None and self.corrected and distributed.rank() == 0:
+                        files.save("covariances", self._tensors())
+                if self.corrected:
+                    self._pass(data, "correction")
+                if cache_dir is not None and distributed.rank() == 0:
+                    files.save("factors", self._tensors())
+                distributed.barrier()
+            if self.corrected:
+                for block in self.blocks:
+                    block.use_correction()
+        return self
+
+    def _key(self, data: Any) -> str:
+        """What the factors depend on (not damping or query_rank, which apply when scoring)."""
         key = {
-            "method": "kronecker-factors-v1",
+            "method": "kronecker-factors-v2",
             "corrected": self.corrected,
             "fisher": self.fisher,
             "seed": self.seed,
@@ -112,32 +139,16 @@ class KFAC(Attributor):
             "weights": model_fingerprint(self.model),
             "data": data_fingerprint(data),
         }
-        files = TensorFiles(None if cache_dir is None else os.path.join(cache_dir, f"kfac-{config_hash(key)[:16]}"))
-        device = self._device()
-        self.blocks = [KroneckerBlock(layer.in_dim, layer.out_dim, device) for layer in self.layers]
-        with eval_mode(self.model):
-            if cache_dir is not None and files.has("factors"):
-                self._load(files, "factors", device)
-            else:
-                if cache_dir is not None and files.has("covariances"):  # a fit killed during EK-FAC's second pass
-                    self._load(files, "covariances", device)
-                else:
-                    self._pass(data, "covariances")
-                    if cache_dir is not None and self.corrected and distributed.rank() == 0:
-                        files.save("covariances", self._tensors())
-                for block in self.blocks:
-                    block.decompose()
-                if self.corrected:
-                    self._pass(data, "correction")
-                if cache_dir is not None and distributed.rank() == 0:
-                    files.save("factors", self._tensors())
-                distributed.barrier()
-            for block in self.blocks:
-                if block.QA is None:
-                    block.decompose()
-                if self.corrected:
-                    block.use_correction()
-        return self
+        return config_hash(key)[:16]
+
+    def _found(self, cache_dir: Any, files: TensorFiles, name: str) -> bool:
+        """Whether every rank finds ``name`` (ranks that decided differently would wait on each other forever)."""
+        found = cache_dir is not None and files.has(name)
+        if distributed.active():
+            flag = torch.tensor(int(found), device=self._device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            found = bool(flag)
+        return found
 
     def _load(self, files: TensorFiles, name: str, device: torch.device) -> None:
         stored = files.load(name, device, fix="delete the kfac-* directory to fit again")
@@ -172,36 +183,70 @@ class KFAC(Attributor):
             batch = to_device(batch, device)
             objective = self._objective(signal, start)
             if what == "covariances":
-                values = capture_factors(self.model, self.layers, objective, batch, self._add_covariances)
-                for block in self.blocks:
+                calls = [0] * len(self.layers)
+                take = functools.partial(self._add_covariances, calls)
+                values = capture_factors(self.model, self.layers, objective, batch, take)
+                for block, n in zip(self.blocks, calls):
                     block.count_examples(values.shape[0])
-            else:  # per-example gradients, every call of a layer summed before squaring
-                for block, grads in zip(self.blocks, layer_gradients(self.model, self.layers, objective, batch)):
-                    block.add_correction(grads)
+                    block.calls.clamp_(min=n)
+            else:
+                self._gradients(batch, objective, lambda i, g: self.blocks[i].add_correction(g))
         if distributed.active():  # every rank ends with the sums over all rows
             for block in self.blocks:
-                sums = [block.A, block.S, block.positions, block.examples]
-                for t in sums if what == "covariances" else [block.correction]:
-                    dist.all_reduce(t)
+                if what == "covariances":
+                    for t in (block.A, block.S, block.positions, block.examples):
+                        dist.all_reduce(t)
+                    dist.all_reduce(block.calls, op=dist.ReduceOp.MAX)
+                else:
+                    dist.all_reduce(block.correction)
 
-    def _add_covariances(self, i: int, x: Tensor, delta: Tensor) -> None:
+    def _gradients(self, batch: Any, objective, on_gradient) -> None:
+        """``on_gradient(i, G [B, d_out, in_dim])`` for each layer the loss reaches, as soon as its per-example
+        gradient is complete: during the backward pass for a layer called once per batch (one layer's G at
+        a time), after it for a layer called more than once (its calls' gradients add up first)."""
+        pending: dict[int, Tensor] = {}
+
+        def take(i: int, x: Tensor, delta: Tensor) -> None:
+            g = delta.float().transpose(1, 2) @ with_ones(x, self.layers[i].has_bias).float()
+            if float(self.blocks[i].calls) <= 1:
+                on_gradient(i, g)
+            else:
+                pending[i] = g if i not in pending else pending[i] + g
+
+        capture_factors(self.model, self.layers, objective, batch, take)
+        for i, g in pending.items():
+            on_gradient(i, g)
+
+    def _add_covariances(self, calls: list[int], i: int, x: Tensor, delta: Tensor) -> None:
+        calls[i] += 1
         self.blocks[i].add_covariances(with_ones(x, self.layers[i].has_bias), delta)
 
     # ---- score
     def _query_gradients(self, queries: Any, start: int, stop: int) -> list[Tensor | tuple[Tensor, Tensor]]:
         """Each layer's preconditioned query gradients ``[Q, d_out, in_dim]`` (or their rank-r factors)."""
         device = self._device()
-        parts: list[list[Tensor]] = [[] for _ in self.layers]
+        parts: list[list] = [[] for _ in self.layers]
         for offset, batch in iterate_batches(queries, self.batch_size, start, stop):
-            objective = self._objective("measurement", offset)
-            grads = layer_gradients(self.model, self.layers, objective, to_device(batch, device))
-            for i, g in enumerate(grads):
-                parts[i].append(self.blocks[i].precondition(g, self.damping))
-        out: list[Tensor | tuple[Tensor, Tensor]] = []
-        for p in parts:
-            p = torch.cat(p)
-            out.append(p if self.query_rank is None else low_rank(p, self.query_rank))
-        return out
+            batch = to_device(batch, device)
+            n = self.task.batch_size(batch)
+            got: dict[int, Tensor | tuple[Tensor, Tensor]] = {}
+
+            def keep(i: int, g: Tensor, got=got) -> None:  # preconditioned (and compressed) a layer at a time
+                p = self.blocks[i].precondition(g, self.damping)
+                got[i] = p if self.query_rank is None else low_rank(p, self.query_rank)
+
+            self._gradients(batch, self._objective("measurement", offset), keep)
+            for i, layer in enumerate(self.layers):  # a layer the query's loss does not reach: zeros
+                parts[i].append(got.get(i, self._zero_query(n, layer, device)))
+        if self.query_rank is None:
+            return [torch.cat(p) for p in parts]
+        return [(torch.cat([u for u, _ in p]), torch.cat([v for _, v in p])) for p in parts]
+
+    def _zero_query(self, n: int, layer, device) -> Tensor | tuple[Tensor, Tensor]:
+        if self.query_rank is None:
+            return torch.zeros(n, layer.out_dim, layer.in_dim, device=device)
+        r = min(self.query_rank, layer.out_dim, layer.in_dim)
+        return torch.zeros(n, layer.out_dim, r, device=device), torch.zeros(n, layer.in_dim, r, device=device)
 
     def _query_chunk(self) -> int:
         per_query = sum(layer.out_dim * layer.in_dim for layer in self.layers)
@@ -246,10 +291,14 @@ class KFAC(Attributor):
         rows = []
         with eval_mode(self.model):
             for start, batch in iterate_batches(self.train_data, self.batch_size):
-                objective = self._objective("loss", start)
-                grads = layer_gradients(self.model, self.layers, objective, to_device(batch, device))
-                own = [(b.precondition(g, self.damping) * g).flatten(1).sum(1) for b, g in zip(self.blocks, grads)]
-                rows.append(torch.stack(own).sum(0).double())
+                batch = to_device(batch, device)
+                own = torch.zeros(self.task.batch_size(batch), dtype=torch.float64, device=device)
+
+                def add(i: int, g: Tensor, own=own) -> None:
+                    own.add_((self.blocks[i].precondition(g, self.damping) * g).flatten(1).sum(1).double())
+
+                self._gradients(batch, self._objective("loss", start), add)
+                rows.append(own)
         return self._self_scores(torch.cat(rows).cpu())
 
     def _require_fit(self) -> None:
