@@ -18,7 +18,7 @@ from .bench.data import digits, digits_images
 from .bench.models import mlp
 from .bench.tasks import BenchmarkTask, train_model
 from .eval import lds, subset_retraining
-from .methods import TRAK, Attributor, Daunce, ExactInfluence, GradientInfluence, GraSS, TracIn
+from .methods import EKFAC, TRAK, Attributor, Daunce, ExactInfluence, GradientInfluence, GraSS, TracIn
 from .store.atomic import atomic_write_json
 from .task import ClassificationTask
 from .train import EnsembleTrainer, Member, TrainConfig, member_state, reinitialize, stack_states
@@ -80,6 +80,7 @@ def demo_methods(bt: BenchmarkTask, s: DemoSettings, seed: int) -> list[tuple[st
             lambda: GraSS(m, task, k=s.k),
             f"random mask {4 * s.k} > SparseJL k={s.k}, eFIM damping 0.1",
         ),
+        ("EKFAC", lambda: EKFAC(m, task), "true Fisher, damping 0.1 × mean eigenvalue"),
         (
             "ExactInfluence",
             lambda: ExactInfluence(m, task, hessian="gauss_newton", damping=0.1),
