@@ -39,6 +39,7 @@ CNN_METHODS = {
     "TracIn": lambda m, t: dg.TracIn(m, t),
     "LoGra": lambda m, t: dg.LoGra(m, t, k_in=8, k_out=8),
     "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=256, mask_size=(32, 16)),
+    "EKFAC": lambda m, t: dg.EKFAC(m, t, fisher="empirical"),  # the true Fisher's draws differ by device
     "ExactInfluence": lambda m, t: dg.ExactInfluence(m, t, hessian="gauss_newton", damping=0.1),
     "Daunce": lambda m, t: dg.Daunce(m, t, num_models=32, steps=30, train_batch_size=32),
 }
@@ -47,6 +48,7 @@ LM_METHODS = {
     "GraSS": lambda m, t: dg.GraSS(m, t, k=1024),
     "LoGra": lambda m, t: dg.LoGra(m, t, k_in=16, k_out=16),
     "FactGraSS": lambda m, t: dg.FactGraSS(m, t, k=256, mask_size=(32, 32)),
+    "EKFAC": lambda m, t: dg.EKFAC(m, t, fisher="empirical"),
     "Daunce (finetune)": lambda m, t: dg.Daunce(m, t, num_models=8, steps=8, train_batch_size=8, trainer="finetune"),
 }
 STOCHASTIC = ("Daunce",)
