@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import DunegrassError
+from .errors import DunegrassError, NonFiniteError
 
 
 class Task(ABC):
@@ -248,6 +248,8 @@ def _draw(logits: Tensor, seeds: list[int], counted: Tensor | None = None) -> Te
     """One draw from softmax(logits[b, ...]) per row of each example b (``[B, ..., C] -> [B, ...]``, long), with
     a generator seeded ``seeds[b]``. With ``counted`` (``[B, ...]`` bool) only those rows are drawn, in order,
     so an example's draws do not depend on how much padding its batch gave it; the others are 0."""
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError("the model's outputs hold NaN or inf, so no targets can be drawn from them (true Fisher)")
     probs = torch.softmax(logits.detach().float(), dim=-1)
     out = torch.zeros(probs.shape[:-1], dtype=torch.long, device=logits.device)
     for b, seed in enumerate(seeds):

@@ -323,3 +323,45 @@ def test_a_layer_the_loss_never_reaches_changes_nothing():
     without = dg.EKFAC(side, task, fisher="empirical", modules=["body.0", "body.2"]).fit(train)
     torch.testing.assert_close(with_side.score(queries).values, without.score(queries).values)
     torch.testing.assert_close(with_side.self_scores().values, without.self_scores().values)
+
+
+def test_bad_labels_settings_and_a_layer_run_more_often_than_in_fit_are_clear_errors():
+    model, (x, y), queries = _mlp_data()
+    task = dg.ClassificationTask()
+    with pytest.raises(DunegrassError, match=r"labels must lie in \[0, 3\)"):
+        dg.EKFAC(model, task).fit((x, y + 5))
+    for bad in ({"damping": float("inf")}, {"damping": 0}, {"seed": 1.5}, {"fisher": "foo"}, {"query_rank": 0}):
+        with pytest.raises(DunegrassError):
+            dg.KFAC(model, task, **bad)
+
+    class Unrolled(nn.Module):  # a cell applied k times: its gradient is the sum over the calls
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(6)
+            self.cell, self.head, self.k = nn.Linear(5, 5), nn.Linear(5, 3), 1
+
+        def forward(self, inputs):
+            for _ in range(self.k):
+                inputs = torch.tanh(self.cell(inputs))
+            return self.head(inputs)
+
+    unrolled = Unrolled()
+    attr = dg.KFAC(unrolled, task, fisher="empirical").fit((x, y))
+    unrolled.k = 3
+    with pytest.raises(DunegrassError, match="ran more than once in this batch"):
+        attr.score(queries)
+
+
+def test_a_selected_layer_the_loss_never_reaches_scores_zero():
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(7)
+            self.net, self.aux = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), nn.Linear(5, 2)
+
+        def forward(self, inputs):
+            return {"logits": self.net(inputs), "aux": self.aux(inputs)}
+
+    _, train, queries = _mlp_data()
+    attr = dg.EKFAC(WithAux(), dg.ClassificationTask(), modules=["aux"]).fit(train)
+    assert (attr.score(queries).values == 0).all() and (attr.self_scores().values == 0).all()

@@ -226,7 +226,7 @@ def factor_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Fac
             chosen |= _match(item, named, supported)
     if not chosen:
         raise DunegrassError(
-            f"{type(model).__name__} has no layers factorised capture (LoGra, FactGraSS) supports: it needs "
+            f"{type(model).__name__} has no layers factorised capture (LoGra, FactGraSS, K-FAC) supports: it needs "
             f"{KINDS}. {MATERIALISED[0].upper()}{MATERIALISED[1:]}."
         )
     layers = []

@@ -17,6 +17,7 @@ the data, the task and the settings, and reused by later fits.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -71,8 +72,10 @@ class KFAC(Attributor):
         progress: bool | None = None,
     ):
         super().__init__(model, task, progress=progress)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-            raise DunegrassError(f"damping must be a positive number, got {damping!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < math.inf:
+            raise DunegrassError(f"damping must be a positive finite number, got {damping!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise DunegrassError(f"seed must be an integer, got {seed!r}")
         self.layers = factor_layers(model, modules)
         self.damping, self.fisher = float(damping), choice(fisher, ("true", "empirical"), "fisher")
         self.query_rank = None if query_rank is None else positive_int(query_rank, "query_rank")
@@ -102,6 +105,7 @@ class KFAC(Attributor):
             raise DunegrassError("the training set is empty")
         cache_dir = self._cache_dir(cache_dir)  # optional under torchrun too: the sums are all-reduced
         self.train_data, self.n_train = data, len(data)
+        self._output_shape = self._preflight(data)
         files = TensorFiles(None if cache_dir is None else os.path.join(cache_dir, f"kfac-{self._key(data)}"))
         device = self._device()
         self.blocks = [KroneckerBlock(layer.in_dim, layer.out_dim, device) for layer in self.layers]
@@ -126,6 +130,20 @@ class KFAC(Attributor):
                 for block in self.blocks:
                     block.use_correction()
         return self
+
+    def _preflight(self, data: Any) -> torch.Size:
+        """One plain forward pass on two examples: shape, dtype and label errors surface with the real shapes."""
+        _, batch = next(iterate_batches(data, 2))
+        with torch.no_grad(), eval_mode(self.model):
+            outputs = self.task.outputs(self.model, to_device(batch, self._device()))
+        self.task.check_batch(batch, outputs.shape[1:])
+        return outputs.shape[1:]
+
+    def _batches(self, data: Any, start: int = 0, stop: int | None = None):
+        """``(offset, batch on the model's device)``, each batch checked by the task (labels in range, ...)."""
+        for offset, batch in iterate_batches(data, self.batch_size, start, stop):
+            self.task.check_batch(batch, self._output_shape)
+            yield offset, to_device(batch, self._device())
 
     def _key(self, data: Any) -> str:
         """What the factors depend on (not damping or query_rank, which apply when scoring)."""
@@ -174,13 +192,11 @@ class KFAC(Attributor):
         """One pass of this rank's rows: covariances (pass 1) or the EK-FAC correction (pass 2); sums reduced."""
         signal = "sampled" if self.fisher == "true" else "loss"
         lo, hi = distributed.my_rows(len(data))
-        device = self._device()
         if what == "correction":
             for block in self.blocks:
                 block.correction = torch.zeros_like(block.eigenvalues)
-        batches = iterate_batches(data, self.batch_size, lo, hi)
+        batches = self._batches(data, lo, hi)
         for start, batch in tqdm(batches, desc=f"{self.method_name}: {what}", disable=not self.progress, leave=False):
-            batch = to_device(batch, device)
             objective = self._objective(signal, start)
             if what == "covariances":
                 calls = [0] * len(self.layers)
@@ -205,13 +221,20 @@ class KFAC(Attributor):
         gradient is complete: during the backward pass for a layer called once per batch (one layer's G at
         a time), after it for a layer called more than once (its calls' gradients add up first)."""
         pending: dict[int, Tensor] = {}
+        delivered: set[int] = set()
 
         def take(i: int, x: Tensor, delta: Tensor) -> None:
             g = delta.float().transpose(1, 2) @ with_ones(x, self.layers[i].has_bias).float()
-            if float(self.blocks[i].calls) <= 1:
-                on_gradient(i, g)
-            else:
+            if float(self.blocks[i].calls) > 1:
                 pending[i] = g if i not in pending else pending[i] + g
+                return
+            if i in delivered:  # its first call's gradient was used already: a sum cannot be formed now
+                raise DunegrassError(
+                    f"layer {self.layers[i].name!r} ran more than once in this batch but at most once per batch "
+                    "during fit; fit on data that makes it run as often (or leave it out with modules=[...])"
+                )
+            delivered.add(i)
+            on_gradient(i, g)
 
         capture_factors(self.model, self.layers, objective, batch, take)
         for i, g in pending.items():
@@ -226,8 +249,7 @@ class KFAC(Attributor):
         """Each layer's preconditioned query gradients ``[Q, d_out, in_dim]`` (or their rank-r factors)."""
         device = self._device()
         parts: list[list] = [[] for _ in self.layers]
-        for offset, batch in iterate_batches(queries, self.batch_size, start, stop):
-            batch = to_device(batch, device)
+        for offset, batch in self._batches(queries, start, stop):
             n = self.task.batch_size(batch)
             got: dict[int, Tensor | tuple[Tensor, Tensor]] = {}
 
@@ -275,10 +297,13 @@ class KFAC(Attributor):
     def _stream(self, preconditioned: list) -> Any:
         """``(offset, [B, Q])`` for every training batch: Σ over layers of ⟨P_q, G_b⟩."""
         device = self._device()
-        for start, batch in iterate_batches(self.train_data, self.batch_size):
+        n_query = (preconditioned[0] if self.query_rank is None else preconditioned[0][0]).shape[0]
+        for start, batch in self._batches(self.train_data):
             total: list[Tensor] = []
             take = functools.partial(self._add_scores, preconditioned, total)
-            capture_factors(self.model, self.layers, self._objective("loss", start), to_device(batch, device), take)
+            capture_factors(self.model, self.layers, self._objective("loss", start), batch, take)
+            if not total:  # no selected layer is reached by the loss: every score is 0
+                total.append(torch.zeros(self.task.batch_size(batch), n_query, device=device))
             yield start, torch.stack(total).sum(0).double()
 
     def _add_scores(self, preconditioned: list, total: list[Tensor], i: int, x: Tensor, delta: Tensor) -> None:
@@ -290,8 +315,7 @@ class KFAC(Attributor):
         device = self._device()
         rows = []
         with eval_mode(self.model):
-            for start, batch in iterate_batches(self.train_data, self.batch_size):
-                batch = to_device(batch, device)
+            for start, batch in self._batches(self.train_data):
                 own = torch.zeros(self.task.batch_size(batch), dtype=torch.float64, device=device)
 
                 def add(i: int, g: Tensor, own=own) -> None:
