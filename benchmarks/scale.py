@@ -188,7 +188,9 @@ def projection(rows: list[dict], n_target: float = 1e6, seq_len: int = 128, rank
         a, b = mine[0], mine[-1]
         dn = b["n_train"] - a["n_train"]
         per_token = (b["featurize_seconds"] - a["featurize_seconds"]) / (dn * a["seq_len"])
-        per_example = (b["fisher_seconds"] - a["fisher_seconds"]) / dn  # Gram accumulation, all layers
+        # Gram accumulation, all layers: small beside the fixed factorisation, so timing noise can make the
+        # difference negative; it is then counted as 0 (below what two sizes can resolve)
+        per_example = max((b["fisher_seconds"] - a["fisher_seconds"]) / dn, 0.0)
         fixed = max(a["fisher_seconds"] - per_example * a["n_train"], 0.0)  # factorisation, all layers
         layers = LLAMA["layers"] / SMOL["layers"]
         cpu = {
