@@ -43,6 +43,11 @@ def _backend(url, protocol):
     )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="llama-cpp-python 0.3.36's server gives each echoed token the log-probability of the distribution at "
+    "its own position (the next token's), not the one that predicted it: the echo protocol cannot be used with it",
+)
 def test_echo_losses_from_the_server_match_torch(served):
     url, model, tokenizer = served
     examples = [
@@ -71,7 +76,28 @@ def test_chat_losses_from_the_server_match_torch_where_read_exactly(served):
     got = backend.losses("smollm2", examples)
     want = chat_losses(model, tokenizer, examples).double()
     exact = torch.tensor(backend.protocol.exact)
-    assert exact.sum() >= 4 and not exact[-1]  # the odd answer is floored or cut short, and counted
-    assert backend.stats["floored"] + backend.stats["tail_unscored"] == int((~exact).sum())
+    # SmolLM2 spells numbers digit by digit: two-digit sums leave the greedy reply after their first digit
+    assert exact.sum() >= 2 and not exact[-1]  # the odd answer is floored or cut short, and counted
+    assert backend.stats.get("floored", 0) + backend.stats.get("tail_unscored", 0) == int((~exact).sum())
     torch.testing.assert_close(got[exact], want[exact], rtol=0.05, atol=0.3)
     assert (got[~exact] <= want[~exact] + 0.3).all()  # a floor or a cut-short answer gives a lower bound
+
+
+def test_the_servers_echo_log_probabilities_are_shifted_by_one_position(served):
+    """What the xfail above pins down: the server's echoed value for token i is log softmax(logits_i)[token_i]
+    (the distribution that predicts token i + 1), which torch reproduces from the same weights."""
+    import openai
+
+    url, model, tokenizer = served
+    text = "Question: what is 2 + 2?\nAnswer: 4"
+    client = openai.OpenAI(api_key=os.environ["LLAMA_CPP_API_KEY"], base_url=url)
+    echoed = client.completions.create(model="smollm2", prompt=[text], echo=True, max_tokens=1, logprobs=0)
+    served_lp = torch.tensor(echoed.choices[0].logprobs.token_logprobs[1:], dtype=torch.float64)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    own_position = logp[1:].gather(-1, ids[0, 1:, None])[:, 0]
+    predicted = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    n = min(len(served_lp), len(own_position))
+    torch.testing.assert_close(served_lp[:n], own_position[:n], rtol=0.05, atol=0.5)
+    assert (served_lp[:n] - predicted[:n]).abs().max() > 2
