@@ -18,6 +18,7 @@ import sys
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import DunegrassError
@@ -49,6 +50,11 @@ class Attributor(ABC):
         self.task = task
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.n_train: int | None = None
+
+    def _device(self) -> torch.device:
+        """The model's device, where the work runs (the CPU for a model without parameters)."""
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
 
     @abstractmethod
     def fit(self, train: Any, *, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> Attributor:

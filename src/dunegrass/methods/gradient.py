@@ -117,10 +117,6 @@ class GradientInfluence(Attributor):
         weights are loaded)."""
         return {}
 
-    def _device(self) -> torch.device:
-        p = next(iter(self.model.parameters()), None)
-        return p.device if p is not None else torch.device("cpu")
-
     def config(self, m: int) -> dict:
         return {
             "method": self.method_name,

@@ -93,10 +93,6 @@ class KFAC(Attributor):
             "layers": [layer.name for layer in self.layers],
         }
 
-    def _device(self) -> torch.device:
-        p = next(iter(self.model.parameters()), None)
-        return p.device if p is not None else torch.device("cpu")
-
     # ---- fit
     def fit(self, train: Any, *, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> KFAC:
         """Fit (or load) the factors on ``train``; ``queries`` are not needed before ``score``."""
