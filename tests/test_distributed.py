@@ -48,6 +48,7 @@ def _worker(rank, world, port, cache, out):
         np.save(os.path.join(out, f"shards-{rank}.npy"), np.array([len(written)]))
         np.save(os.path.join(out, f"factored-{rank}.npy"), np.array(factored))
         np.save(os.path.join(out, f"scored-{rank}.npy"), np.array(scored[:1]))
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 

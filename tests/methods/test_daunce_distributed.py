@@ -58,6 +58,7 @@ def _worker(rank, world, port, threads, root):
             np.save(os.path.join(root, f"{name}-later-{rank}.npy"), later)
             with open(os.path.join(root, f"{name}-trained-{rank}.json"), "w") as f:
                 json.dump(trained, f)
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 
