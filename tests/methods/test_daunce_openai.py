@@ -416,3 +416,34 @@ def test_the_protocol_is_chosen_explicitly():
     assert OpenAICompatibleBackend("davinci-002", protocol="echo").config()["protocol"] == "echo"
     assert OpenAICompatibleBackend("gpt-4.1-mini-2025-04-14", protocol="chat").paid
     assert not OpenAICompatibleBackend("m", base_url="http://127.0.0.1:8000/v1", protocol="echo").paid
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_the_command_line_runs_black_box_daunce_and_asks_before_paying(server, tmp_path, monkeypatch, capsys):
+    from dunegrass.runs import commands
+
+    train, queries = _letters(30, 2), _letters(6, 3)
+    args = [
+        "--model", "base", "--method", "daunce-api", "--data", _write_jsonl(tmp_path / "train.jsonl", train),
+        "--queries", _write_jsonl(tmp_path / "queries.jsonl", queries), "--cache_dir", str(tmp_path / "runs"),
+        "--name", "api", "--api.base_url", server, "--api.protocol", "chat", "--api.api_key_env", "DUNEGRASS_TEST_KEY",
+        "--daunce.num_models", "24", "--daunce.subsample_ratio", "0.5", "--daunce.seed", "1", "--top_k", "1",
+        "--api.poll_seconds", "0.01",
+    ]  # fmt: skip
+    monkeypatch.setattr(OpenAICompatibleBackend, "paid", property(lambda self: True))
+    jobs = len(_Fake.jobs)
+    assert commands.main("score", args) == 1  # 24 paid jobs and no --yes: the plan, and nothing started
+    err = capsys.readouterr().err
+    assert "this fit starts 24 fine-tuning jobs" in err and "--yes" in err and len(_Fake.jobs) == jobs
+    assert commands.main("score", [*args, "--yes"]) == 0
+    assert len(_Fake.jobs) == jobs + 24
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "api" / "top.jsonl").read_text().splitlines()]
+    tops = [r for r in rows if r["kind"] == "proponent"]
+    assert [r["train_text"].split(" → ")[1] for r in tops] == [q["completion"] for q in queries]
+    assert all(r["stderr"] is not None for r in tops)
+    for path in (tmp_path / "runs").rglob("*"):  # nothing secret written: not the key, not its value
+        assert not path.is_file() or KEY.encode() not in path.read_bytes()

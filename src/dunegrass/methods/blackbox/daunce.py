@@ -151,7 +151,7 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         if not self.confirm and (over or plan["scoring_requests"] > CONFIRM_REQUESTS):
             raise DunegrassError(
                 f"this {what} would start {said} on a paid service; check the cost, then pass confirm=True to "
-                "BlackBoxDaunce (its plan(train, queries) method returns these figures)"
+                "BlackBoxDaunce (on the command line: --yes; its plan(train, queries) method returns these figures)"
             )
 
     def _fine_tune(self, data: Any, member, lo: int) -> str:

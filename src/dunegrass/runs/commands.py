@@ -1,0 +1,201 @@
+"""``dunegrass fit CONFIG``, ``dunegrass score CONFIG --queries PATH`` and ``dunegrass inspect CACHE_DIR``.
+
+``fit`` builds the attributor the config names and fits it into ``cache_dir/name`` (resumable); ``score``
+builds the same one, finds that run's features or members (fitting whatever is missing) and writes, per
+query, the top proponents and opponents with their texts (``top.csv``, ``top.jsonl``), the scores
+(``top.npz``; ``scores.npz`` with ``--dense``) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+
+import jsonargparse
+import tomllib
+
+from .. import methods as m
+from ..errors import DunegrassError
+from ..scores import TopScores
+from ..store.atomic import atomic_write_bytes, atomic_write_json
+from .config import FitConfig, ScoreConfig
+from .loaders import Examples, Loaded, load_data, load_model, load_pairs
+
+jsonargparse.set_loader("toml", tomllib.loads)
+
+
+def parser(kind: type[FitConfig], prog: str, mode: str = "yaml") -> jsonargparse.ArgumentParser:
+    """The command's parser, built from its dataclass: ``--config FILE`` then any field as a flag."""
+    p = jsonargparse.ArgumentParser(prog=prog, description=(kind.__doc__ or "").split("\n\n")[0], parser_mode=mode)
+    p.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a YAML or TOML file of the fields below")
+    p.add_class_arguments(kind, None)
+    return p
+
+
+def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
+    """``kind`` from a YAML or TOML config file (by its extension) and flags."""
+    if argv and not argv[0].startswith("-"):  # dunegrass fit CONFIG [--flags]
+        argv = ["--config", argv[0], *argv[1:]]
+    argv = _bare_flags(argv, ("--yes",))
+    mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
+    p = parser(kind, prog, mode)
+    ns = p.instantiate(p.parse_args(argv))
+    return kind(**{f.name: ns[f.name] for f in dataclasses.fields(kind)})
+
+
+def _bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``--yes`` alone means ``--yes true`` (jsonargparse wants a value for every boolean)."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if a in flags and following.startswith("--"):
+            out.append("true")
+    return out
+
+
+def build(cfg: FitConfig, loaded: Loaded) -> m.Attributor:
+    """The attributor ``cfg.method`` names, with the config's settings."""
+    model, task, o = loaded.model, loaded.task, cfg.method_options
+    params = o.params or None
+    modules = o.modules or None
+    influence = {"options": cfg.influence}
+    if cfg.method == "daunce":
+        return m.Daunce(model, task, options=cfg.daunce)
+    if cfg.method == "grass":
+        return m.GraSS(model, task, k=o.k, mask=o.mask, mask_size=o.mask_size, params=params, **influence)
+    if cfg.method == "factgrass":
+        sizes = {"k": o.k or 4096, "mask": o.mask, "mask_size": o.mask_size or 128}
+        return m.FactGraSS(model, task, modules=modules, **sizes, **influence)
+    if cfg.method == "logra":
+        return m.LoGra(model, task, k_in=o.k_in, k_out=o.k_out, modules=modules, **influence)
+    if cfg.method == "trak":
+        return m.TRAK(model, task, k=o.k, params=params, **influence)
+    if cfg.method == "tracin":
+        return m.TracIn(model, task, compressor=o.compressor, params=params, **influence)
+    if cfg.method == "gradient":
+        return m.GradientInfluence(model, task, compressor=o.compressor, params=params, **influence)
+    return m.ExactInfluence(
+        model, task, l2=o.l2, damping=o.hessian_damping, hessian=o.hessian, params=params, **influence
+    )
+
+
+def prepare(cfg: FitConfig, *paths: str) -> tuple[m.Attributor, Loaded | None, list[Examples]]:
+    """The attributor, the loaded model (None through a service) and the examples at ``paths``."""
+    if cfg.method == "daunce-api":
+        return build_api(cfg), None, [load_pairs(p) for p in paths]
+    loaded = load_model(cfg.model, cfg.weights, cfg.task, cfg.device)
+    return build(cfg, loaded), loaded, [load_data(p, loaded, cfg.max_length) for p in paths]
+
+
+def build_api(cfg: FitConfig) -> m.BlackBoxDaunce:
+    """Black-box Daunce on ``cfg.model`` at the service ``cfg.api`` names."""
+    api = cfg.api
+    backend = m.OpenAICompatibleBackend(
+        cfg.model,
+        api.base_url,
+        protocol=api.protocol,
+        api_key_env=api.api_key_env,
+        hyperparameters=None if api.n_epochs is None else {"n_epochs": api.n_epochs},
+        max_answer_tokens=api.max_answer_tokens,
+        poll_seconds=api.poll_seconds,
+    )
+    o = cfg.daunce
+    return m.BlackBoxDaunce(
+        backend, num_models=o.num_models, subsample_ratio=o.subsample_ratio, seed=o.seed, confirm=cfg.yes
+    )
+
+
+def run_dir(cfg: FitConfig) -> str:
+    return os.path.join(cfg.cache_dir, cfg.name)
+
+
+def fit(cfg: FitConfig) -> tuple[m.Attributor, Loaded, Examples]:
+    """Fit ``cfg``'s attributor into its run directory (resuming what is there), and record the config."""
+    start = time.perf_counter()
+    attr, loaded, (train,) = prepare(cfg, cfg.data)
+    attr.fit(train.data, cache_dir=run_dir(cfg))
+    atomic_write_json(os.path.join(run_dir(cfg), "run.json"), {"command": "fit", "config": cfg.to_dict()})
+    print(
+        f"dunegrass fit: {attr.method_name} on {len(train.data)} training examples in "
+        f"{time.perf_counter() - start:.1f} s; kept in {run_dir(cfg)}"
+    )
+    return attr, loaded, train
+
+
+def score(cfg: ScoreConfig) -> TopScores:
+    """Score ``cfg.queries`` with the run's attributor and write the results; returns the top-k scores."""
+    start = time.perf_counter()
+    attr, _, (train, queries) = prepare(cfg, cfg.data, cfg.queries)
+    attr.fit(train.data, queries=queries.data, cache_dir=run_dir(cfg))  # the run's cache: nothing to redo
+    out = cfg.out or run_dir(cfg)
+    os.makedirs(out, exist_ok=True)
+    if cfg.dense:
+        dense = attr.score(queries.data)
+        dense.save(os.path.join(out, "scores.npz"))
+        top = TopScores.from_scores(dense, cfg.top_k)
+    else:
+        top = attr.score(queries.data, top_k=cfg.top_k)
+    top.save(os.path.join(out, "top.npz"))
+    rows = ranked_rows(top, train.texts, queries.texts)
+    write_rows(out, rows)
+    from ..report import write_run_report
+
+    write_run_report(os.path.join(out, "report.html"), cfg.to_dict(), top, train.texts, queries.texts)
+    print(
+        f"dunegrass score: {len(queries.data)} queries against {len(train.data)} training examples with "
+        f"{attr.method_name} in {time.perf_counter() - start:.1f} s; wrote {out}/top.csv, top.jsonl, top.npz"
+        f"{', scores.npz' if cfg.dense else ''} and report.html"
+    )
+    return top
+
+
+def ranked_rows(top: TopScores, train_texts: list[str] | None, query_texts: list[str] | None) -> list[dict]:
+    """One row per (query, kind, rank): the training example, its text and its score (and standard error)."""
+    rows = []
+    for kind, (idx, vals), errs in (
+        ("proponent", top.top(), top.top_stderr),
+        ("opponent", top.bottom(), top.bottom_stderr),
+    ):
+        for q in range(idx.shape[0]):
+            for r in range(idx.shape[1]):
+                i = int(idx[q, r])
+                rows.append(
+                    {
+                        "query": q,
+                        "query_text": None if query_texts is None else query_texts[q],
+                        "kind": kind,
+                        "rank": r + 1,
+                        "train_index": i,
+                        "train_text": None if train_texts is None else train_texts[i],
+                        "score": float(vals[q, r]),
+                        "stderr": None if errs is None else float(errs[q, r]),
+                    }
+                )
+    return rows
+
+
+def write_rows(out: str, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(os.path.join(out, "top.csv"), buf.getvalue().encode())
+    atomic_write_bytes(os.path.join(out, "top.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def main(command: str, argv: list[str]) -> int:
+    try:
+        if command == "fit":
+            fit(parse(FitConfig, argv, "dunegrass fit"))
+        else:
+            score(parse(ScoreConfig, argv, "dunegrass score"))
+    except DunegrassError as e:
+        print(f"dunegrass {command}: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,163 @@
+"""The command line as a user runs it: a model saved to a directory, JSON Lines data, fit, score, inspect."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dunegrass as dg
+from dunegrass import cli
+from dunegrass.runs.example import SENTENCES, save_tiny_lm, write_example
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def _tiny_lm_dir(path, chat: bool) -> None:
+    save_tiny_lm(str(path), SENTENCES, chat=chat)
+
+
+def _run(*args, cwd):
+    """The command as a user runs it: a new process."""
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dunegrass.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+class _Done:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _call(*args, cwd, capsys, monkeypatch):
+    """The same command in this process (the same code path as the console script, without a start-up)."""
+    monkeypatch.chdir(cwd)
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return _Done(code, out.out, out.err)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_fit_score_and_inspect_from_a_config_file(tmp_path, chat, capsys, monkeypatch):
+    run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    _tiny_lm_dir(tmp_path / "model", chat)
+    rows = [
+        {"prompt": s.split(" ", 2)[0] + " " + s.split(" ", 2)[1], "completion": s.split(" ", 2)[2]} for s in SENTENCES
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "queries.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps(rows[7]) + "\n")
+    (tmp_path / "run.toml").write_text(
+        'model = "model"\ndata = "train.jsonl"\nmethod = "logra"\nname = "words"\ncache_dir = "runs"\n'
+        "[method_options]\nk_in = 8\nk_out = 8\n"
+    )
+    fit = run("fit", "run.toml")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "12 training examples" in fit.stdout and (tmp_path / "runs" / "words" / "run.json").exists()
+    score = run("score", "run.toml", "--queries", "queries.jsonl", "--top_k", "3")
+    assert score.returncode == 0, score.stderr[-3000:]
+    out = tmp_path / "runs" / "words"
+    with open(out / "top.csv") as f:
+        table = list(csv.DictReader(f))
+    best = [r for r in table if r["kind"] == "proponent" and r["rank"] == "1"]
+    # a query that copies a training example has that example as its top proponent
+    assert [int(r["train_index"]) for r in best] == [3, 7]
+    assert best[0]["train_text"] == best[0]["query_text"] == "the sun → rose over the hills"
+    lines = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
+    assert len(lines) == len(table) == 2 * 2 * 3
+    top = dg.TopScores.load(out / "top.npz")
+    assert top.top().indices[:, 0].tolist() == [3, 7] and top.n_train == 12
+    report = (out / "report.html").read_text()
+    assert "rose over the hills" in report and "positive score means" in report
+    inspect = run("inspect", str(out))
+    assert inspect.returncode == 0 and "every file checks out" in inspect.stdout, inspect.stdout + inspect.stderr
+
+
+def test_flags_override_the_config_and_bad_input_is_named(tmp_path, capsys, monkeypatch):
+    run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    _tiny_lm_dir(tmp_path / "model", False)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    (tmp_path / "run.yaml").write_text("model: model\ndata: train.jsonl\nmethod: grass\n")
+    fit = run("fit", "run.yaml", "--method", "gradient", "--method_options.compressor", "sjlt:64")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "default" / "run.json").read_text())["config"]["method"] == "gradient"
+    bad = run("fit", "run.yaml", "--data", "missing.csv")
+    assert bad.returncode == 1 and "cannot read data from missing.csv" in bad.stderr
+    assert "--influence.batch_size" in run("fit", "--help").stdout
+
+
+def test_a_corrupt_file_is_reported_by_inspect(tmp_path, capsys, monkeypatch):
+    run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    dg.GradientInfluence(model, dg.ClassificationTask(), compressor="gaussian:8").fit((x, y), cache_dir=tmp_path)
+    shard = next((tmp_path / "ckpt-0" / "train").glob("features-*.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    inspect = run("inspect", str(tmp_path))
+    assert inspect.returncode == 1 and "corrupt" in inspect.stdout and "1 store(s) with problems" in inspect.stdout
+
+
+def test_data_as_a_saved_hugging_face_dataset_and_as_tensors(tmp_path):
+    from dunegrass.runs.loaders import load_data, load_model
+
+    datasets = pytest.importorskip("datasets")
+    _tiny_lm_dir(tmp_path / "model", False)
+    loaded = load_model(str(tmp_path / "model"))
+    datasets.Dataset.from_list([{"text": s} for s in SENTENCES]).save_to_disk(str(tmp_path / "hf"))
+    from_hf = load_data(str(tmp_path / "hf"), loaded)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    from_jsonl = load_data(str(tmp_path / "t.jsonl"), loaded)
+    assert from_hf.texts == from_jsonl.texts == SENTENCES
+    assert [from_hf.data[i]["input_ids"].tolist() for i in range(3)] == [
+        from_jsonl.data[i]["input_ids"].tolist() for i in range(3)
+    ]
+    ids = torch.randint(1, 20, (5, 7))
+    torch.save({"input_ids": ids}, tmp_path / "t.pt")
+    import numpy as np
+
+    np.savez(tmp_path / "t.npz", input_ids=ids.numpy())
+    assert torch.equal(load_data(str(tmp_path / "t.npz"), loaded).data.tensors["input_ids"], ids)
+    with pytest.raises(dg.DunegrassError, match="cannot read data from"):
+        load_data(str(tmp_path / "t.pt"), loaded)
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+    """The README's copy-paste example, each command in its own process, as a user types them."""
+    write_example(str(tmp_path / "ex"))
+    ex = tmp_path / "ex"
+    assert _run("fit", "run.toml", cwd=ex).returncode == 0
+    score = _run("score", "run.toml", "--queries", "queries.jsonl", cwd=ex)
+    assert score.returncode == 0, score.stderr[-2000:]
+    with open(ex / "runs" / "words" / "top.csv") as f:
+        best = [r for r in csv.DictReader(f) if r["kind"] == "proponent" and r["rank"] == "1"]
+    assert [int(r["train_index"]) for r in best] == [3, 7]
+    inspect = _run("inspect", "runs/words", cwd=ex)
+    assert inspect.returncode == 0 and "every file checks out" in inspect.stdout
+
+
+def test_a_sequence_classifier_from_a_directory(tmp_path, capsys, monkeypatch):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    save_tiny_lm(str(tmp_path / "model"), SENTENCES, chat=False)  # its tokenizer; the classifier replaces the LM
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2, num_labels=2, pad_token_id=0)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    rows = [{"text": s, "label": int("the" in s.split())} for s in SENTENCES]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "q.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    args = ["--model", "model", "--data", "train.jsonl", "--method", "grass", "--method_options.k", "32"]
+    done = run("score", *args, "--queries", "q.jsonl", "--top_k", "2")
+    assert done.returncode == 0, done.stderr
+    table = list(csv.DictReader(open(tmp_path / "runs" / "default" / "top.csv")))
+    assert len(table) == 4 and table[0]["query_text"] == SENTENCES[0]
+    top = dg.TopScores.load(tmp_path / "runs" / "default" / "top.npz")
+    assert top.top().indices[0, 0] == 0  # the query is training example 0
