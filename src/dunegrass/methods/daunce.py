@@ -58,7 +58,9 @@ from .daunce_objectives import (
 
 AUTO_ENSEMBLE_MAX_PARAMS = 2_000_000  # above this, vmapping many copies costs too much memory
 # Settings that do not change any member's signals: left out of the cache's key.
-RESULT_NEUTRAL = ("num_models", "max_members", "keep_members", "checkpoint_every", "eval_batch_size")
+RESULT_NEUTRAL = (
+    "num_models", "max_members", "keep_members", "checkpoint_every", "eval_batch_size", "prefix_cache_mib"
+)  # fmt: skip
 EVAL_BYTES = 512 << 20  # outputs of one evaluation pass (all vmapped members), when eval_batch_size is not set
 # Shortcuts for single fields of the members' recipe (DaunceOptions.train), and names of earlier releases.
 RECIPE_SHORTCUTS = ("optimizer", "lr", "steps", "train_batch_size")
@@ -158,7 +160,16 @@ class Daunce(CovarianceScoring, Attributor):
             return EnsembleBackend(self.model, self.task, o.recipe, terms, anchored, self.progress)
         ckpt = None if cache_dir is None else os.path.join(cache_dir, "partial")
         return FinetuneBackend(
-            self.model, self.task, o.recipe, terms, anchored, o.lora, ckpt, o.checkpoint_every, self.progress
+            self.model,
+            self.task,
+            o.recipe,
+            terms,
+            anchored,
+            o.lora,
+            ckpt,
+            o.checkpoint_every,
+            self.progress,
+            prefix_bytes=o.prefix_cache_mib << 20,
         )
 
     @contextmanager
@@ -200,12 +211,14 @@ class Daunce(CovarianceScoring, Attributor):
         self._measure_outputs(data)
         query_store = None if queries is None else self._query_store(queries)
         mine = self._mine(store.missing_groups())
-        if mine and self.options.variant != "blackbox":
-            with eval_mode(self.model):
-                check_theta0(self.model, self.task, data, self._eval_batch(), self._device)
         if mine or (query_store is not None and self._mine(store.runs(query_store.missing()))):
             with self._session(trainer, cache) as backend:
                 backend.check_data(data)
+                if mine and self.options.variant != "blackbox":
+                    # Member by member the session's model is still θ₀ here (fresh adapters have B = 0);
+                    # checking through it also fills its frozen-prefix cache with every training example.
+                    net = getattr(backend, "net", self.model)
+                    check_theta0(net, self.task, data, self._eval_batch(), self._device)
                 if mine:
                     self._train_groups(backend, data, mine, queries, query_store)
                 if query_store is not None:

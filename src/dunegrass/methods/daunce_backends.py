@@ -32,6 +32,7 @@ from ..influence.exact import flat_parameters
 from ..task import Task
 from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, member_state, stack_states
 from ..train.finetune import finetune
+from ..train.frozen_prefix import FrozenPrefix
 from ..train.lora import LoraConfig, add_lora, load_state, lora_state, remove_lora, reset_lora
 from ..train.newton import newton_minimize
 from .daunce_objectives import Terms, anchored_objective, theta0_anchors
@@ -154,15 +155,19 @@ class FinetuneBackend:
         checkpoint_dir: str | None,
         checkpoint_every: int,
         progress: bool,
+        prefix_bytes: int = 0,
     ):
         self.task, self.config, self.lora = task, config, lora
         self.checkpoint_dir, self.checkpoint_every, self.progress = checkpoint_dir, checkpoint_every, progress
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._theta0: dict[str, Tensor] | None = None
+        self.prefix: FrozenPrefix | None = None
         if lora is not None:
             # peft's new dropout modules start in training mode: eval keeps members deterministic, as the
             # model itself is (a member's perturbation and batch order are its only randomness).
             self.net = add_lora(model, lora).eval()
+            # Adapters on the last blocks only: θ₀'s states below them are computed once per example.
+            self.prefix = FrozenPrefix.install(self.net, prefix_bytes)
         else:
             self.net = model
             self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -245,6 +250,8 @@ class FinetuneBackend:
     def close(self) -> nn.Module:
         """Leave the model as it was (θ₀, no adapters); returns it."""
         if self.lora is not None:
+            if self.prefix is not None:
+                self.prefix.close()
             return remove_lora(self.net, self.requires_grad)
         if self._theta0 is not None:  # members were trained in place
             load_state(self.net, self._theta0)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import DunegrassError
 from ..seeding import derive_seed
+from .frozen_prefix import block_index, block_list
 
 MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
 
@@ -23,12 +24,18 @@ MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
 @dataclass
 class LoraConfig:
     """Rank-``rank`` adapters with scale ``alpha / rank`` on ``target_modules`` (default: the MLP
-    projections, i.e. the linear layers inside modules named mlp / feed_forward / ffn)."""
+    projections, i.e. the linear layers inside modules named mlp / feed_forward / ffn).
+
+    ``last_layers=m`` keeps only the targets in the model's last m transformer blocks: Daunce's members
+    then share θ₀'s computation below them, which is computed once per example (``FrozenPrefix``), so a
+    member costs about m / (number of blocks) of a full forward and backward pass plus the output layer.
+    """
 
     rank: int = 64
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: Sequence[str] | None = None
+    last_layers: int | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -61,10 +68,29 @@ def mlp_projections(model: nn.Module) -> list[str]:
     return names
 
 
+def in_last_blocks(model: nn.Module, targets: list[str], m: int) -> list[str]:
+    """The ``targets`` that lie in the model's last ``m`` transformer blocks."""
+    found = block_list(model)
+    if found is None:
+        raise DunegrassError(
+            "LoraConfig(last_layers=...) needs a stack of transformer blocks (an nn.ModuleList of ≥ 2 blocks); "
+            "this model has none: leave last_layers unset"
+        )
+    prefix, blocks = found
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= len(blocks):
+        raise DunegrassError(f"last_layers must be an integer in [1, {len(blocks)}] (the model's blocks), got {m!r}")
+    kept = [t for t in targets if (i := block_index(t, prefix)) is not None and i >= len(blocks) - m]
+    if not kept:
+        raise DunegrassError(f"none of the LoRA target modules lies in the last {m} blocks of {prefix}")
+    return kept
+
+
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """A copy-free peft wrapper of ``model`` with one adapter; undo with ``remove_lora``."""
     peft = _peft()
     targets = list(config.target_modules) if config.target_modules is not None else mlp_projections(model)
+    if config.last_layers is not None:
+        targets = in_last_blocks(model, targets, config.last_layers)
     modules = dict(model.named_modules())
     # HF Conv1D (GPT-2) stores its weight transposed; peft must be told.
     fan_in_fan_out = any(type(modules.get(t)).__name__ == "Conv1D" for t in targets)
