@@ -71,12 +71,12 @@ def main() -> int:
     p.add_argument("--json", default=os.path.join(HERE, "results", "blackbox_protocols.json"))
     args = p.parse_args()
 
-    from llm_retrieval import load_smollm2
-
     import dunegrass as dg
     from dunegrass.bench import llama_server
     from dunegrass.bench.protocol_reference import chat_losses, echo_losses
     from dunegrass.demo_llm import instruction_data
+
+    from llm_retrieval import load_smollm2
 
     if not llama_server.available():
         raise SystemExit(f"this benchmark needs llama.cpp's server: {llama_server.INSTALL}")

@@ -52,8 +52,9 @@ GRASS_LAYERS = ("model.layers.29.mlp.gate_proj", "model.layers.29.mlp.up_proj", 
 
 def prepare(workdir: str, windows: int, seq_len: int) -> tuple[str, str]:
     """The model as a local Hugging Face directory and ``windows`` token windows (safetensors), made once."""
-    from llm_retrieval import load_smollm2
     from safetensors.torch import load_file, save_file
+
+    from llm_retrieval import load_smollm2
 
     model_dir = os.path.join(workdir, "smollm2-135m")
     data_file = os.path.join(workdir, f"windows-{seq_len}.safetensors")

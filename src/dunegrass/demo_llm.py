@@ -5,8 +5,9 @@ instruction examples built offline from the Python standard library's docstrings
 → the docstring's first sentence). The queries ask about some of those functions in other words; each
 query's source example is known, so the printout says where each method ranks it. FactGraSS and Daunce
 (K = 8 members, LoRA on the last 2 of the 30 blocks, so that θ₀'s states below them are computed once per
-example and each member costs a fraction of a full pass) run through the same code as ``dunegrass fit`` / ``dunegrass score``, and each writes its
-``top.csv``, ``top.jsonl`` and ``report.html`` (texts shown as text) under ``--out``.
+example and each member costs a fraction of a full pass) run through the same code as ``dunegrass fit`` /
+``dunegrass score``, and each writes its ``top.csv``, ``top.jsonl`` and ``report.html`` (texts shown as
+text) under ``--out``.
 """
 
 from __future__ import annotations

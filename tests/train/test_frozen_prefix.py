@@ -7,7 +7,7 @@ import torch
 import dunegrass as dg
 from dunegrass.errors import DunegrassError
 from dunegrass.methods.daunce import Daunce
-from dunegrass.train.frozen_prefix import FrozenPrefix
+from dunegrass.train.frozen_prefix import FrozenPrefix, block_list
 from dunegrass.train.lora import LoraConfig, add_lora, lora_names, remove_lora
 
 transformers = pytest.importorskip("transformers")
@@ -69,7 +69,7 @@ def test_skipping_the_frozen_blocks_gives_the_full_models_outputs(kind, side, pa
     torch.testing.assert_close(rest, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(theta0_skipped, theta0, rtol=1e-5, atol=1e-6)
     assert prefix.hits == 2 and len(prefix.cache) == 0  # closed: states released
-    assert all("forward" not in vars(b) for b in net.base_model.model.model.layers[:3]) if kind == "llama" else True
+    assert all("forward" not in vars(b) for b in block_list(net)[1])  # the blocks' own forward again
 
 
 def test_the_memory_bound_holds_and_rows_beyond_it_are_recomputed(padded_batch, device):
@@ -88,6 +88,32 @@ def test_the_memory_bound_holds_and_rows_beyond_it_are_recomputed(padded_batch, 
         prefix.close()
 
 
+def test_other_inputs_run_in_full_and_close_puts_back_a_blocks_own_forward(padded_batch, device):
+    net = add_lora(_model("llama", device), LoraConfig(rank=4, last_layers=1)).eval()
+    blocks = block_list(net)[1]
+    calls = []
+    original = blocks[0].forward
+
+    def hooked(*args, **kwargs):  # an instance forward of someone else's (e.g. accelerate's device hook)
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    blocks[0].forward = hooked
+    data = {k: v.to(device) for k, v in _lm_data(padded_batch, n=6).items()}
+    inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
+    with torch.no_grad():
+        prefix = FrozenPrefix.install(net)
+        net(**inputs)
+        net(**inputs)
+        assert prefix.hits == 1 and len(calls) == 1  # the second pass skipped block 0
+        full = net(**inputs, output_hidden_states=True)  # hidden states asked for: nothing may be skipped
+        cached = net(**inputs, use_cache=True)  # a key-value cache of every block: nothing may be skipped
+        assert prefix.hits == 1 and len(calls) == 3
+        torch.testing.assert_close(full.logits, cached.logits, rtol=1e-5, atol=1e-6)
+        prefix.close()
+    assert vars(blocks[0])["forward"] is hooked and all("forward" not in vars(b) for b in blocks[1:])
+
+
 def test_nothing_is_installed_where_nothing_can_be_skipped(device):
     model = _model("gpt2", device)
     everywhere = add_lora(model, LoraConfig(rank=4)).eval()  # adapters in block 0: nothing below them
@@ -103,9 +129,14 @@ def test_nothing_is_installed_where_nothing_can_be_skipped(device):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_daunce_scores_equal_with_and_without_the_prefix_cache(kind, padded_batch, device):
+def test_daunce_scores_equal_with_and_without_the_prefix_cache(kind, padded_batch, device, monkeypatch):
     data = _lm_data(padded_batch, n=20)
     queries = _lm_data(padded_batch, n=3, seed=1)
+
+    made = []
+    install = FrozenPrefix.install.__func__
+    monkeypatch.setattr(FrozenPrefix, "install", classmethod(lambda cls, *a, **k: made.append(install(cls, *a, **k))
+                                                             or made[-1]))  # fmt: skip
 
     def run(mib):
         model = _model(kind, device)
@@ -114,7 +145,9 @@ def test_daunce_scores_equal_with_and_without_the_prefix_cache(kind, padded_batc
         return daunce.fit(data, queries=queries).score(queries).values, model
 
     cached, model = run(1)
+    assert made[-1] is not None and made[-1].hits > made[-1].misses  # members ran from the kept states
     plain, _ = run(0)
+    assert made[-1] is None
     assert cached.abs().max() > 0
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
     assert not lora_names(model) and all("forward" not in vars(m) for m in model.modules())  # left as it was

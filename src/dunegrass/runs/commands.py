@@ -53,8 +53,8 @@ def _bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     out = []
     for i, a in enumerate(argv):
         out.append(a)
-        following = argv[i + 1] if i + 1 < len(argv) else "--"
-        if a in flags and following.startswith("--"):
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if a in flags and following.lower() not in ("true", "false"):
             out.append("true")
     return out
 

