@@ -155,7 +155,8 @@ def load_pairs(path: str) -> Examples:
     if not rows:
         raise DunegrassError(f"{path} holds no examples")
     for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+        texts = (row.get("prompt"), row.get("completion")) if isinstance(row, dict) else (None,)
+        if not all(isinstance(t, str) for t in texts):
             wanted = '{"prompt", "completion"}'
             raise DunegrassError(f"{path}, example {number}: a fine-tuning service needs {wanted} rows")
     pairs = [{k: row[k] for k in ("system", "prompt", "completion") if k in row} for row in rows]
