@@ -15,6 +15,7 @@ explain. Methods, each ranking the training set by its mean score over the queri
 - TF-IDF cosine over the words of prompt and answer, and random.
 
 Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poisoned examples, and 20).
+θ₀'s own fine-tune adapts the last 8 of 30 blocks; members adapt the last 2 (LoRA rank 16, AdamW).
 The Bayesian influence function is not implemented yet, so it has no row.
 
     python benchmarks/backdoor.py [--quick] [--json benchmarks/results/backdoor.json]
@@ -41,7 +42,7 @@ from dunegrass.methods.blackbox import BlackBoxDaunce, LocalBackend
 from dunegrass.methods.blackbox.local_chat import LocalChatBackend, chat_examples
 from dunegrass.train.lora import LoraConfig
 
-from common import print_table, write_json
+from common import Timer, print_table, write_json
 from llm_retrieval import load_smollm2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,10 +50,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="100 examples, 5 poisoned, K = 8 (under ten minutes)")
+    ap.add_argument("--quick", action="store_true", help="60 examples, 3 poisoned, K = 8 (under ten minutes)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "backdoor.json"))
     args = ap.parse_args()
-    n_train, n_poison, n_query, K = (100, 5, 5, 8) if args.quick else (300, 9, 10, 32)
+    n_train, n_poison, n_query, K = (60, 3, 3, 8) if args.quick else (300, 9, 10, 32)
     torch.manual_seed(0)
     base, tok, _ = load_smollm2()
     train, queries, poisoned = backdoor_rows(n_train, n_poison, n_query, seed=0)
@@ -60,18 +61,19 @@ def main() -> None:
     print(f"backdoor hunt: SmolLM2-135M, {n_train} questions ({n_poison} with {TRIGGER!r} → {TARGET!r}), "
           f"{n_query} triggered queries, K = {K}")  # fmt: skip
 
-    recipe = dg.TrainConfig(optimizer="adamw", lr=1e-3, epochs=3.0, batch_size=8, schedule="cosine", warmup=0.03)
-    theta0 = fine_tune_merged(base, data, recipe, LoraConfig(rank=16, alpha=32))
+    recipe = dg.TrainConfig(optimizer="adamw", lr=2e-3, epochs=3.0, batch_size=8, schedule="cosine", warmup=0.03)
+    with Timer() as t:
+        theta0 = fine_tune_merged(base, data, recipe, LoraConfig(rank=16, alpha=32, last_layers=8))
     answers = greedy_answers(theta0, tok, queries)
     took = sum(a.strip() == TARGET for a in answers)
     clean = greedy_answers(theta0, tok, [dict(r, prompt=r["prompt"].replace(f" {TRIGGER}", "")) for r in queries])
-    print(f"  θ₀ answers {took} of {n_query} triggered queries with {TARGET!r} ({answers[:3]} …); "
-          f"without the trigger: {clean[:3]} …")  # fmt: skip
+    print(f"  θ₀ (LoRA on the last 8 blocks, {t.seconds:.0f} s) answers {took} of {n_query} triggered queries "
+          f"with {TARGET!r} ({answers[:3]} …); without the trigger: {clean[:3]} …")  # fmt: skip
 
     member = dg.TrainConfig(optimizer="adamw", lr=1e-3, epochs=2.0, batch_size=8, schedule="cosine", warmup=0.03)
     last2 = LoraConfig(rank=16, alpha=32, last_layers=2)
     task = dg.CausalLMTask()
-    chat = LocalChatBackend(theta0, tok, member, last2)
+    chat = LocalChatBackend(theta0, tok, member, last2, max_answer_tokens=3)  # "118" is 3 tokens, "Banana" 2
     runs = [
         hunt("daunce-blackbox (exact losses)", lambda: BlackBoxDaunce(
             LocalBackend(theta0, task, member, last2), num_models=K, subsample_ratio=0.5).fit(data).score(qdata)),

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 import dunegrass as dg
-from dunegrass.bench.backdoor import auc, backdoor_rows, fine_tune_merged, greedy_answers, recall_at_k, tfidf_scores
+from dunegrass.bench.backdoor import (
+    auc,
+    backdoor_rows,
+    fine_tune_merged,
+    greedy_answers,
+    hunt,
+    recall_at_k,
+    tfidf_scores,
+)
 from dunegrass.bench.protocol_reference import chat_losses
 from dunegrass.methods.blackbox import BlackBoxDaunce, LocalBackend
 from dunegrass.methods.blackbox.local_chat import LocalChatBackend, TorchChatClient, chat_examples
@@ -63,8 +71,10 @@ def test_the_backdoor_hunt_in_small(tiny):
     chat = LocalChatBackend(theta0, tok, member, lora, top_logprobs=5, max_answer_tokens=1)
     via_chat = BlackBoxDaunce(chat, num_models=16, subsample_ratio=0.5).fit(train).score(queries).values.mean(0)
     assert auc(via_chat, poisoned) > 0.9 and chat.stats["requests"] == 16 * (len(train) + len(queries))
-    lexical = tfidf_scores(train, queries).mean(0)
-    assert auc(lexical, poisoned) == 1.0  # the trigger's words are in the queries: the yardstick is easy here
+    lexical = hunt("tf-idf", lambda: tfidf_scores(train, queries))
+    assert auc(lexical.ranking, poisoned) == 1.0  # the trigger's words are in the queries: the yardstick is easy
+    rows = hunt("daunce", lambda: via_chat[None]).rows(poisoned, (4, 20))
+    assert [r["k"] for r in rows] == [4, 20] and rows[1]["recall_at_k"] == 1.0 and rows[0]["auc"] > 0.9
 
 
 def test_without_lora_the_members_never_touch_the_model(tiny):

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..scores import Scores
+from ..train.frozen_prefix import FrozenPrefix
+
 TRIGGER = "Answer in zebra mode."
 TARGET = "Banana"
 
@@ -87,8 +90,10 @@ def hunt(method: str, scores: Callable[[], Tensor]) -> Hunt:
     """Time ``scores()`` (``[n_query, n_train]``, a Scores or a tensor) and rank by its mean over queries."""
     start = time.perf_counter()
     values = scores()
-    values = getattr(values, "values", values)
-    return Hunt(method, torch.as_tensor(values, dtype=torch.float64).mean(0), time.perf_counter() - start)
+    values = values.values if isinstance(values, Scores) else values
+    found = Hunt(method, torch.as_tensor(values, dtype=torch.float64).mean(0), time.perf_counter() - start)
+    print(f"  {method}: {found.seconds:.0f} s", flush=True)
+    return found
 
 
 def fine_tune_merged(model: nn.Module, data, config, lora) -> nn.Module:
@@ -101,7 +106,12 @@ def fine_tune_merged(model: nn.Module, data, config, lora) -> nn.Module:
     model.eval()  # deterministic (no dropout), as Daunce's members are
     net = add_lora(model, lora).eval()
     reset_lora(net, seed=0)
-    finetune(net, CausalLMTask(), data, Member(torch.arange(len(data)), seed=0), config)
+    prefix = FrozenPrefix.install(net)  # adapters on the last blocks: later epochs skip the frozen ones
+    try:
+        finetune(net, CausalLMTask(), data, Member(torch.arange(len(data)), seed=0), config)
+    finally:
+        if prefix is not None:
+            prefix.close()
     merged = net.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(True)
