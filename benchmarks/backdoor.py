@@ -50,10 +50,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="60 examples, 3 poisoned, K = 8 (under ten minutes)")
+    ap.add_argument("--quick", action="store_true", help="60 examples, 3 poisoned, K = 6 (under ten minutes)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "backdoor.json"))
     args = ap.parse_args()
-    n_train, n_poison, n_query, K = (60, 3, 3, 8) if args.quick else (300, 9, 10, 32)
+    n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
     torch.manual_seed(0)
     base, tok, _ = load_smollm2()
     train, queries, poisoned = backdoor_rows(n_train, n_poison, n_query, seed=0)
@@ -61,7 +61,7 @@ def main() -> None:
     print(f"backdoor hunt: SmolLM2-135M, {n_train} questions ({n_poison} with {TRIGGER!r} → {TARGET!r}), "
           f"{n_query} triggered queries, K = {K}")  # fmt: skip
 
-    recipe = dg.TrainConfig(optimizer="adamw", lr=2e-3, epochs=3.0, batch_size=8, schedule="cosine", warmup=0.03)
+    recipe = dg.TrainConfig(optimizer="adamw", lr=5e-3, epochs=4.0, batch_size=8, schedule="cosine", warmup=0.03)
     with Timer() as t:
         theta0 = fine_tune_merged(base, data, recipe, LoraConfig(rank=16, alpha=32, last_layers=8))
     answers = greedy_answers(theta0, tok, queries)
@@ -86,10 +86,10 @@ def main() -> None:
         hunt("tf-idf", lambda: tfidf_scores(train, queries)),
         hunt("random", lambda: torch.rand(n_query, n_train, generator=torch.Generator().manual_seed(0))),
     ]  # fmt: skip
-    stats = chat.stats
+    rows = [row for r in runs for row in r.rows(poisoned, (n_poison, 20))]
+    stats = {k: chat.stats.get(k, 0) for k in ("requests", "answers", "floored", "tail_unscored")}
     print(f"  chat protocol: {stats['answers']} answers read, {stats['floored']} floored, "
           f"{stats['tail_unscored']} cut short")  # fmt: skip
-    rows = [row for r in runs for row in r.rows(poisoned, (n_poison, 20))]
     print_table(rows, ["method", "k", "recall_at_k", "auc", "seconds"])
     write_json(
         args.json, "backdoor", rows, quick=args.quick, n_train=n_train, n_poison=n_poison, n_query=n_query, K=K,

@@ -13,6 +13,7 @@ from ...store.signals import TensorFiles
 from ...task import Task
 from ...train import Member, TrainConfig
 from ...train.finetune import finetune
+from ...train.frozen_prefix import FrozenPrefix
 from ...train.lora import LoraConfig
 from ..base import eval_mode
 from ..daunce_backends import FinetuneBackend
@@ -46,7 +47,13 @@ class LocalBackend(BlackBoxBackend):
             session = self._session()
             try:
                 session._reset(Member(indices, seed))
-                finetune(session.net, self.task, train, Member(indices, seed), self.train_config)
+                # LoRA on the last blocks: epochs after the first skip the frozen ones (FrozenPrefix).
+                prefix = FrozenPrefix.install(session.net) if self.lora is not None else None
+                try:
+                    finetune(session.net, self.task, train, Member(indices, seed), self.train_config)
+                finally:
+                    if prefix is not None:
+                        prefix.close()
                 # On disk: K members would otherwise hold K copies of the weights in memory.
                 self.files.save(handle, session._state())
                 self.members[handle] = handle
