@@ -18,7 +18,7 @@ Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poi
 θ₀'s own fine-tune adapts the last 8 of 30 blocks; members adapt the last 2 (LoRA rank 16, AdamW).
 The Bayesian influence function is not implemented yet, so it has no row.
 
-    python benchmarks/backdoor.py [--quick] [--json benchmarks/results/backdoor.json]
+    python benchmarks/backdoor.py [--quick] [--members K] [--json benchmarks/results/backdoor.json]
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="60 examples, 3 poisoned, K = 6 (under ten minutes)")
+    ap.add_argument("--members", type=int, default=None, help="K, the members of every Daunce (default 6; 32)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "backdoor.json"))
     args = ap.parse_args()
     n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
+    K = args.members or K
     torch.manual_seed(0)
     base, tok, _ = load_smollm2()
     train, queries, poisoned = backdoor_rows(n_train, n_poison, n_query, seed=0)

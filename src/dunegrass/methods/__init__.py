@@ -1,7 +1,7 @@
 """The attributors users call."""
 
 from .base import Attributor
-from .blackbox import BlackBoxDaunce, LocalBackend, OpenAICompatibleBackend
+from .blackbox import BlackBoxDaunce, LocalBackend, LocalChatBackend, OpenAICompatibleBackend
 from .daunce import Daunce
 from .factorized import FactGraSS, FactorizedFeaturizer, LoGra
 from .featurize import Featurizer, MaterializedFeaturizer
@@ -16,6 +16,7 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "LocalBackend",
+    "LocalChatBackend",
     "OpenAICompatibleBackend",
     "FactGraSS",
     "FactorizedFeaturizer",

@@ -3,6 +3,14 @@
 from .base import BlackBoxBackend
 from .daunce import BlackBoxDaunce
 from .local import LocalBackend
+from .local_chat import LocalChatBackend
 from .openai_api import OpenAICompatibleBackend, PromptCompletions
 
-__all__ = ["BlackBoxBackend", "BlackBoxDaunce", "LocalBackend", "OpenAICompatibleBackend", "PromptCompletions"]
+__all__ = [
+    "BlackBoxBackend",
+    "BlackBoxDaunce",
+    "LocalBackend",
+    "LocalChatBackend",
+    "OpenAICompatibleBackend",
+    "PromptCompletions",
+]
