@@ -447,3 +447,17 @@ def test_the_command_line_runs_black_box_daunce_and_asks_before_paying(server, t
     assert all(r["stderr"] is not None for r in tops)
     for path in (tmp_path / "runs").rglob("*"):  # nothing secret written: not the key, not its value
         assert not path.is_file() or KEY.encode() not in path.read_bytes()
+
+
+def test_the_command_line_reports_a_service_error_in_one_line(monkeypatch, capsys):
+    import openai
+
+    from dunegrass.runs import commands
+
+    def unreachable(cfg):
+        raise openai.APIConnectionError(request=None)
+
+    monkeypatch.setattr(commands, "fit", unreachable)
+    assert commands.main("fit", ["--model", "m", "--method", "daunce-api", "--data", "d.jsonl"]) == 1
+    err = capsys.readouterr().err
+    assert "the fine-tuning service failed: APIConnectionError" in err and "Traceback" not in err

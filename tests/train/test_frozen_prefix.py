@@ -151,3 +151,15 @@ def test_daunce_scores_equal_with_and_without_the_prefix_cache(kind, padded_batc
     assert cached.abs().max() > 0
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
     assert not lora_names(model) and all("forward" not in vars(m) for m in model.modules())  # left as it was
+
+
+def test_last_layers_takes_short_target_names_and_checks_itself(device):
+    model = _model("llama", device)
+    net = add_lora(model, LoraConfig(rank=4, target_modules=["q_proj", "v_proj"], last_layers=1))
+    assert sorted({n.split(".lora_")[0].split("model.layers.")[1] for n in lora_names(net)}) == [
+        "3.self_attn.q_proj",
+        "3.self_attn.v_proj",
+    ]
+    for bad in (0, -1, "1", True):
+        with pytest.raises(DunegrassError, match="last_layers must be a positive integer"):
+            LoraConfig(last_layers=bad)

@@ -198,4 +198,9 @@ def main(command: str, argv: list[str]) -> int:
     except DunegrassError as e:
         print(f"dunegrass {command}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # the service's own errors (unreachable, refused), after the client's retries
+        if not type(e).__module__.startswith("openai"):
+            raise
+        print(f"dunegrass {command}: the fine-tuning service failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -58,7 +58,8 @@ class ApiOptions:
         base_url: the API's root, e.g. ``http://127.0.0.1:8080/v1``; None: OpenAI's.
         api_key_env: the environment variable holding the key (the key itself is never written).
         n_epochs: the fine-tuning jobs' epochs; None: the service's default.
-        max_answer_tokens: (chat) the longest answer scored, in tokens.
+        max_answer_tokens: (chat) the longest answer scored, in words (each at least one token; also the
+            reply's ``max_tokens``).
         poll_seconds: how often a running fine-tuning job is checked.
     """
 

@@ -38,6 +38,11 @@ class LoraConfig:
     last_layers: int | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        m = self.last_layers
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise DunegrassError(f"last_layers must be a positive integer (blocks from the top) or None, got {m!r}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_modules"] = None if self.target_modules is None else list(self.target_modules)
@@ -79,9 +84,11 @@ def in_last_blocks(model: nn.Module, targets: list[str], m: int) -> list[str]:
     prefix, blocks = found
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= len(blocks):
         raise DunegrassError(f"last_layers must be an integer in [1, {len(blocks)}] (the model's blocks), got {m!r}")
-    kept = [t for t in targets if (i := block_index(t, prefix)) is not None and i >= len(blocks) - m]
+    # A target names a module by its full name or its last components (as peft matches them).
+    names = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    kept = [n for n in names if (i := block_index(n, prefix)) is not None and i >= len(blocks) - m]
     if not kept:
-        raise DunegrassError(f"none of the LoRA target modules lies in the last {m} blocks of {prefix}")
+        raise DunegrassError(f"none of the LoRA target modules lies in the last {m} block(s) of {prefix}")
     return kept
 
 
