@@ -18,7 +18,7 @@ Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poi
 θ₀'s own fine-tune adapts the last 8 of 30 blocks; members adapt the last 2 (LoRA rank 16, AdamW).
 The Bayesian influence function is not implemented yet, so it has no row.
 
-    python benchmarks/backdoor.py [--quick] [--members K] [--json benchmarks/results/backdoor.json]
+    python benchmarks/backdoor.py [--quick] [--members K] [--methods blackbox] [--json benchmarks/results/backdoor.json]
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="60 examples, 3 poisoned, K = 6 (under ten minutes)")
     ap.add_argument("--members", type=int, default=None, help="K, the members of every Daunce (default 6; 32)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "backdoor.json"))
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated words; run only the methods whose name contains one (e.g. blackbox)")
     args = ap.parse_args()
+    wanted = [w.strip() for w in args.methods.split(",")] if args.methods else None
     n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
     K = args.members or K
     torch.manual_seed(0)
@@ -76,18 +79,21 @@ def main() -> None:
     last2 = LoraConfig(rank=16, alpha=32, last_layers=2)
     task = dg.CausalLMTask()
     chat = LocalChatBackend(theta0, tok, member, last2, max_answer_tokens=3)  # "118" is 3 tokens, "Banana" 2
-    runs = [
-        hunt("daunce-blackbox (exact losses)", lambda: BlackBoxDaunce(
+    methods = [
+        ("daunce-blackbox (exact losses)", lambda: BlackBoxDaunce(
             LocalBackend(theta0, task, member, last2), num_models=K, subsample_ratio=0.5).fit(data).score(qdata)),
-        hunt("daunce-blackbox (chat, top-20)", lambda: BlackBoxDaunce(
+        ("daunce-blackbox (chat, top-20)", lambda: BlackBoxDaunce(
             chat, num_models=K, subsample_ratio=0.5).fit(train).score(queries)),
-        hunt("daunce (white-box)", lambda: dg.Daunce(
+        ("daunce (white-box)", lambda: dg.Daunce(
             theta0, task, num_models=K, lora=last2, trainer="finetune").fit(data).score(qdata)),
-        hunt("factgrass", lambda: dg.FactGraSS(theta0, task, k=256, mask_size=32, batch_size=8).fit(data).score(qdata)),
-        hunt("logra", lambda: dg.LoGra(theta0, task, k_in=16, k_out=16, batch_size=8).fit(data).score(qdata)),
-        hunt("tf-idf", lambda: tfidf_scores(train, queries)),
-        hunt("random", lambda: torch.rand(n_query, n_train, generator=torch.Generator().manual_seed(0))),
+        ("factgrass", lambda: dg.FactGraSS(theta0, task, k=256, mask_size=32, batch_size=8).fit(data).score(qdata)),
+        ("logra", lambda: dg.LoGra(theta0, task, k_in=16, k_out=16, batch_size=8).fit(data).score(qdata)),
+        ("tf-idf", lambda: tfidf_scores(train, queries)),
+        ("random", lambda: torch.rand(n_query, n_train, generator=torch.Generator().manual_seed(0))),
     ]  # fmt: skip
+    runs = [hunt(name, scores) for name, scores in methods if wanted is None or any(w in name for w in wanted)]
+    if not runs:
+        raise SystemExit(f"--methods {args.methods!r} matches none of: {', '.join(n for n, _ in methods)}")
     rows = [row for r in runs for row in r.rows(poisoned, (n_poison, 20))]
     stats = {k: chat.stats.get(k, 0) for k in ("requests", "answers", "floored", "tail_unscored")}
     print(f"  chat protocol: {stats['answers']} answers read, {stats['floored']} floored, "
@@ -95,7 +101,7 @@ def main() -> None:
     print_table(rows, ["method", "k", "recall_at_k", "auc", "seconds"])
     write_json(
         args.json, "backdoor", rows, quick=args.quick, n_train=n_train, n_poison=n_poison, n_query=n_query, K=K,
-        backdoor_took=took, chat_stats=stats,
+        backdoor_took=took, chat_stats=stats, methods=args.methods,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from .methods import (
     KFAC,
     TRAK,
     Attributor,
+    BayesianInfluence,
     BlackBoxDaunce,
     Daunce,
     ExactInfluence,
@@ -27,7 +28,7 @@ from .methods import (
     TracIn,
 )
 from .notices import DunegrassWarning
-from .options import DaunceOptions, InfluenceOptions
+from .options import BayesianInfluenceOptions, DaunceOptions, InfluenceOptions
 from .scores import Ranked, Scores, TopScores
 from .task import CausalLMTask, ClassificationTask, Task
 from .train import EnsembleTrainer, LoraConfig, Member, TrainConfig
@@ -39,6 +40,8 @@ __all__ = [
     "KFAC",
     "EKFAC",
     "Attributor",
+    "BayesianInfluence",
+    "BayesianInfluenceOptions",
     "BlackBoxDaunce",
     "CausalLMTask",
     "ClassificationTask",

@@ -11,6 +11,7 @@ is checked once, here, with an error that names it. The command line reads the s
 - ``DaunceOptions``: Daunce. Presets: ``default`` (small models: vmapped members), ``llm`` (the authors'
   LLM recipe: LoRA adapters on the MLP projections, AdamW, one epoch), ``low_memory`` (fewer members
   vmapped at once, smaller evaluation batches).
+- ``BayesianInfluenceOptions``: BayesianInfluence (SGLD chains; devinterp's defaults).
 """
 
 from __future__ import annotations
@@ -197,6 +198,72 @@ class DaunceOptions:
 DEFAULT_RECIPE = TrainConfig(optimizer="adam", lr=1e-3, steps=50, epochs=None, batch_size=64, schedule="cosine")
 # The authors' LLM recipe: LoRA on the MLP projections, AdamW, cosine with 3 % warm-up, one epoch.
 LORA_RECIPE = TrainConfig(optimizer="adamw", lr=3e-4, epochs=1.0, batch_size=16, schedule="cosine", warmup=0.03)
+
+
+@dataclass
+class BayesianInfluenceOptions:
+    """Settings of the Bayesian influence function (algorithms.md §3.2); the defaults are devinterp's
+    (``estimate_bif``: Kreer et al.'s vision settings).
+
+    chains, draws: SGLD chains started at θ₀ and draws kept from each; the scores are covariances over
+        chains × draws models, their standard errors batch means over the chains.
+    nbeta, gamma, lr: nβ (inverse temperature × n), γ (localisation towards θ₀) and η (step size) of
+        w ← w − (η/2)(nβ∇L_B(w) + γ(w − θ₀)) + N(0, η). Under a Laplace approximation the scores are damped
+        influence g_zᵀ(nβH + γI)⁻¹g_i: λ = γ/nβ.
+    batch_size: examples per SGLD step (L_B's mini-batch); burnin: steps before the first draw; every: steps
+        between draws.
+    train_signal / query_signal: ``"loss"``, ``"measurement"`` or ``"margin"``, as for Daunce.
+    lora: sample LoRA adapters (started as fresh adapters with B = 0, i.e. at θ₀) instead of the whole model.
+    eval_batch_size: examples per forward pass when a draw is evaluated (None: 256).
+    prefix_cache_mib: with LoRA on the last blocks only, θ₀'s hidden states below them kept per example
+        (as for Daunce).
+    seed: seeds every chain's batches and noise (chain c is the same for any number of chains).
+    """
+
+    chains: int = 10
+    draws: int = 100
+    nbeta: float = 10.0
+    gamma: float = 1000.0
+    lr: float = 1e-4
+    batch_size: int = 32
+    burnin: int = 0
+    every: int = 1
+    train_signal: str = "loss"
+    query_signal: str = "loss"
+    lora: LoraConfig | None = None
+    eval_batch_size: int | None = None
+    prefix_cache_mib: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("chains", "draws", "batch_size", "every"):
+            positive_int(getattr(self, name), name)
+        if isinstance(self.burnin, bool) or not isinstance(self.burnin, int) or self.burnin < 0:
+            raise DunegrassError(f"burnin must be a non-negative integer, got {self.burnin!r}")
+        if self.chains * self.draws < 2:
+            raise DunegrassError("a covariance needs at least two draws: raise chains or draws")
+        if not all(map(_real, (self.nbeta, self.gamma, self.lr))) or not (self.nbeta > 0 and self.lr > 0):
+            raise DunegrassError(
+                f"nbeta and lr must be positive numbers and gamma non-negative, got nbeta={self.nbeta!r}, "
+                f"lr={self.lr!r}, gamma={self.gamma!r}"
+            )
+        if self.gamma < 0:
+            raise DunegrassError(f"gamma must be non-negative (0: no localisation), got {self.gamma!r}")
+        for name in ("train_signal", "query_signal"):
+            choice(getattr(self, name), ("loss", "measurement", "margin"), name)
+        if self.eval_batch_size is not None:
+            positive_int(self.eval_batch_size, "eval_batch_size")
+        if not (type(self.prefix_cache_mib) is int and self.prefix_cache_mib == 0):
+            positive_int(self.prefix_cache_mib, "prefix_cache_mib")
+        if self.lora is True:
+            self.lora = LoraConfig()
+        elif self.lora is False:
+            self.lora = None
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["lora"] = None if self.lora is None else self.lora.to_dict()
+        return out
 
 
 def deprecated(old: str, new: str, owner: str) -> None:

@@ -1,6 +1,7 @@
 """The attributors users call."""
 
 from .base import Attributor
+from .bayesian_influence import BayesianInfluence
 from .blackbox import BlackBoxDaunce, LocalBackend, LocalChatBackend, OpenAICompatibleBackend
 from .daunce import Daunce
 from .factorized import FactGraSS, FactorizedFeaturizer, LoGra
@@ -11,6 +12,7 @@ from .kfac import EKFAC, KFAC
 from .presets import TRAK, ExactInfluence, TracIn
 
 __all__ = [
+    "BayesianInfluence",
     "BlackBoxDaunce",
     "Daunce",
     "EKFAC",

@@ -1,4 +1,4 @@
-"""Scoring from stored signals, shared by Daunce and BlackBoxDaunce: covariance across the members.
+"""Scoring from stored signals, shared by Daunce, BlackBoxDaunce and BayesianInfluence: covariance across models.
 
 Needs ``store`` (a SignalStore), ``n_train``, ``num_models``, ``_query_signals(queries) -> [K, n_query]``
 and ``_score_device``. Scores stream chunk by chunk of training examples into a dense or top-k sink;
@@ -19,6 +19,10 @@ from .daunce_objectives import chunk_columns, covariance_into, variance_with_std
 
 
 class CovarianceScoring:
+    # None: the K models are i.i.d.; a number: they are that many runs of correlated draws (SGLD chains),
+    # and standard errors are batch means over the runs.
+    _stderr_blocks: int | None = None
+
     def _require_complete(self) -> None:
         self._require_fit()
         if not self.store.complete:
@@ -46,8 +50,9 @@ class CovarianceScoring:
         lo, hi = distributed.my_rows(B.shape[1])
         mine = B[:, lo:hi]
         sink = make_sink(mine.shape[1], self.n_train, top_k, with_stderr=True)
-        chunks = self.store.train_chunks(chunk_columns(self.num_models, mine.shape[1]))
-        covariance_into(sink, chunks, mine, self._score_device)
+        per_chunk = mine.shape[1] * (1 + (self._stderr_blocks or 0))  # block estimates: blocks × the values
+        chunks = self.store.train_chunks(chunk_columns(self.num_models, per_chunk))
+        covariance_into(sink, chunks, mine, self._score_device, self._stderr_blocks)
         result = sink.result(self.method_name, self._meta())
         return concat_scores([result], gather=distributed.active(), device=self._score_device)
 
@@ -55,5 +60,6 @@ class CovarianceScoring:
         """``Scores [1, n_train]``: Cov(s_i, s_i), the variance of each training example's signal across the
         members, with its standard error (the covariance's, with both sides the same signal)."""
         self._require_complete()
-        pairs = [variance_with_stderr(a) for _, a in self.store.train_chunks(chunk_columns(self.num_models, 0))]
+        columns = chunk_columns(self.num_models, self._stderr_blocks or 0)
+        pairs = [variance_with_stderr(a, self._stderr_blocks) for _, a in self.store.train_chunks(columns)]
         return self._self_scores(torch.cat([v for v, _ in pairs]), torch.cat([e for _, e in pairs]))

@@ -194,7 +194,8 @@ class FinetuneBackend:
     def check_data(self, data: Any) -> None:
         as_data(data)
 
-    def _reset(self, member: Member) -> None:
+    def reset(self, member: Member) -> None:
+        """Put the model at θ₀ for ``member``: θ₀'s weights back, or fresh adapters drawn with its seed."""
         if self.lora is not None:
             reset_lora(self.net, member.seed)
         else:
@@ -209,7 +210,7 @@ class FinetuneBackend:
     def train(self, data, members: Sequence[Member], eps: Tensor | None) -> list[dict]:
         states = []
         for j, member in enumerate(members):
-            self._reset(member)
+            self.reset(member)
             ckpt = None
             if self.checkpoint_dir is not None and self.checkpoint_every:
                 os.makedirs(self.checkpoint_dir, exist_ok=True)

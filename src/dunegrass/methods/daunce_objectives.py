@@ -215,6 +215,22 @@ def _covariance(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     return values, var.sqrt()
 
 
+def _block_estimates(b: Tensor, a: Tensor, blocks: int) -> Tensor:
+    """``[blocks, n_query, m]``: the covariance estimated from each of ``blocks`` contiguous runs of models
+    (centred ``b [K, n_query]``, ``a [K, m]``, centred over all K); with runs of equal length their mean is the
+    covariance itself."""
+    K = a.shape[0]
+    return torch.stack([(bj.T @ aj) / len(aj) for bj, aj in zip(b.tensor_split(blocks), a.tensor_split(blocks))]) * (
+        K / (K - 1)
+    )
+
+
+def _batch_means(estimates: Tensor) -> Tensor:
+    """The standard error of the mean of ``estimates [blocks, ...]`` (batch means: the blocks are taken as
+    independent, the models within a block need not be)."""
+    return estimates.std(0, unbiased=True) / estimates.shape[0] ** 0.5
+
+
 def _check_pair(K: int, K_queries: int) -> None:
     if K < 2 or K_queries != K:
         raise DunegrassError(f"covariance needs the same K ≥ 2 models on both sides, got {K} and {K_queries}")
@@ -236,26 +252,40 @@ def covariance_scores(train: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def covariance_into(
-    sink: Any, train_chunks: Iterable[tuple[int, Tensor]], queries: Tensor, device: torch.device | str = "cpu"
+    sink: Any,
+    train_chunks: Iterable[tuple[int, Tensor]],
+    queries: Tensor,
+    device: torch.device | str = "cpu",
+    blocks: int | None = None,
 ) -> None:
     """Feed ``sink`` (``scores.make_sink``) the covariance scores of ``covariance_scores``, chunk by chunk.
 
     ``train_chunks`` yields ``(start, A[:, start:start + m])`` with ``A [K, n_train]``; ``queries
     [K, n_query]``. Each chunk is centred and scored on ``device``: memory per chunk is that of
-    ``chunk_columns`` (the K × m signals and n_query × m values), whatever n_train is.
+    ``chunk_columns`` (the K × m signals and n_query × m values; with ``blocks``, ``blocks`` times the
+    values), whatever n_train is. ``blocks``: the models are that many contiguous runs of correlated draws
+    (SGLD chains), so the standard error is the batch means' one over the runs, not the i.i.d. formula.
     """
     b = _centred(queries).to(device)
     for start, a in train_chunks:
         _check_pair(a.shape[0], b.shape[0])
-        values, stderr = _covariance(b, _centred(a.to(device)))
+        a = _centred(a.to(device))
+        if blocks is None:
+            values, stderr = _covariance(b, a)
+        else:
+            values, stderr = (b.T @ a) / (a.shape[0] - 1), _batch_means(_block_estimates(b, a, blocks))
         sink.add(start, values.to(torch.float32), stderr.to(torch.float32))
 
 
-def variance_with_stderr(signals: Tensor) -> tuple[Tensor, Tensor]:
+def variance_with_stderr(signals: Tensor, blocks: int | None = None) -> tuple[Tensor, Tensor]:
     """Each column's sample variance across the K members of ``signals [K, m]`` and its standard error: the
-    covariance estimator's (``covariance_scores``) with both sides the same signal, (μ₄ − σ⁴)/K + 2σ⁴/(K(K − 1))."""
+    covariance estimator's (``covariance_scores``) with both sides the same signal, (μ₄ − σ⁴)/K + 2σ⁴/(K(K − 1));
+    with ``blocks`` (runs of correlated draws), batch means over the runs."""
     K = signals.shape[0]
     a = signals.to(torch.float64) - signals.to(torch.float64).mean(0)
+    if blocks is not None:
+        estimates = torch.stack([(aj * aj).mean(0) for aj in a.tensor_split(blocks)]) * (K / (K - 1))
+        return ((a * a).sum(0) / (K - 1)).to(torch.float32), _batch_means(estimates).to(torch.float32)
     var = (a * a).sum(0) / (K - 1)
     mu4 = (a**4).mean(0)
     err = ((mu4 - var * var).clamp_min(0) / K + 2 * var * var / (K * (K - 1))).sqrt()

@@ -46,7 +46,7 @@ class LocalBackend(BlackBoxBackend):
         with eval_mode(self.model):
             session = self._session()
             try:
-                session._reset(Member(indices, seed))
+                session.reset(Member(indices, seed))
                 # LoRA on the last blocks: epochs after the first skip the frozen ones (FrozenPrefix).
                 prefix = FrozenPrefix.install(session.net) if self.lora is not None else None
                 try:

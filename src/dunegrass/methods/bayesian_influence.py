@@ -1,0 +1,200 @@
+"""The Bayesian influence function (Kreer et al. 2025; algorithms.md §3.2): covariance over a local posterior.
+
+SGLD chains start at θ₀ and sample p(w) ∝ exp(−nβ·L(w) − (γ/2)‖w − θ₀‖²) (``train.sgld``); every draw
+is evaluated on the training set and the queries, one signal row per draw, into the same signal store
+as Daunce's members (draw d of chain c is model c·draws + d). Scores are the covariance across all
+draws, S = B_cᵀ A_c / (K − 1) with K = chains × draws: **positive = proponent** (the paper's BIF is
+−Cov in its loss-change sign; here, as for Daunce, a training example whose loss goes down with the
+query's is a proponent). Draws within a chain are correlated, so standard errors are batch means over
+the chains (over ten runs of draws with one chain).
+
+Each draw costs one SGLD step and one evaluation pass, instead of a member's fine-tune. Under a Laplace
+approximation the scores are g_zᵀ(nβH + γI)⁻¹g_i: damped influence with λ = γ/nβ, scaled by 1/nβ
+(tested on a convex model). Chains replay exactly, so queries unknown at fit time are scored by running
+the chains again (evaluating the queries only), and no draw's weights are ever kept. Memory: one
+chain's signals, draws × (n_train + n_query) numbers, on the model's device until the chain ends.
+Under ``torchrun`` rank r runs the chains c with c % world_size == r into the shared ``cache_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..data import as_data, iterate_batches, to_device
+from ..errors import DunegrassError, NonFiniteError
+from ..fingerprint import data_fingerprint, model_fingerprint
+from ..options import BayesianInfluenceOptions, build
+from ..seeding import derive_seed
+from ..store.signals import SignalStore
+from ..task import Task
+from ..train.config import TrainConfig
+from ..train.ensemble import Member
+from ..train.sgld import SGLDConfig, sgld_chain
+from .base import Attributor, eval_mode
+from .covariance_scoring import CovarianceScoring
+from .daunce_backends import FinetuneBackend
+from .daunce_objectives import check_theta0, signal_fn
+
+RESULT_NEUTRAL = ("chains", "eval_batch_size", "prefix_cache_mib")  # the cache grows with chains
+CHAIN_STREAM = 0x63686169
+SINGLE_CHAIN_BLOCKS = 10  # batch means over this many runs of draws when there is one chain
+
+
+class BayesianInfluence(CovarianceScoring, Attributor):
+    """The Bayesian influence function; settings in ``BayesianInfluenceOptions`` (``options=``, or any of its
+    fields as a keyword: ``chains``, ``draws``, ``nbeta``, ``gamma``, ``lr``, ``batch_size``, ``burnin``,
+    ``every``, ``train_signal``, ``query_signal``, ``lora``, ``eval_batch_size``, ``seed``)."""
+
+    method_name = "bif"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        *,
+        options: BayesianInfluenceOptions | None = None,
+        progress: bool | None = None,
+        **overrides: Any,
+    ):
+        super().__init__(model, task, progress)
+        self.options = build(BayesianInfluenceOptions, options, overrides, "BayesianInfluence")
+        o = self.options
+        self.sampler = SGLDConfig(o.nbeta, o.gamma, o.lr, o.batch_size, o.burnin, o.every)
+        self.signal_fns = {side: signal_fn(task, getattr(o, f"{side}_signal")) for side in ("train", "query")}
+        self.store: SignalStore | None = None
+
+    @property
+    def num_models(self) -> int:
+        return self.options.chains * self.options.draws
+
+    @property
+    def _stderr_blocks(self) -> int:
+        return self.options.chains if self.options.chains > 1 else min(SINGLE_CHAIN_BLOCKS, self.options.draws)
+
+    def describe(self) -> dict:
+        return {"method": self.method_name, **self.options.to_dict()}
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def _score_device(self) -> torch.device:
+        return self._device if self._device.type != "mps" else torch.device("cpu")  # MPS has no float64
+
+    def _eval_batch(self) -> int:
+        return self.options.eval_batch_size or 256
+
+    # ---- fit
+    def fit(self, train: Any, *, queries: Any = None, cache_dir: str | os.PathLike | None = None) -> BayesianInfluence:
+        """Run the chains (or the missing ones, resuming from ``cache_dir``), storing every draw's signals on
+        ``train`` and ``queries``. A cache made with fewer chains grows: only the new chains run."""
+        data = as_data(train)
+        cache = self._cache_dir(cache_dir)
+        distributed.require_shared_cache(cache)
+        config = {
+            **{k: v for k, v in self.describe().items() if k not in RESULT_NEUTRAL},
+            "task": self.task.config(),
+            "data": data_fingerprint(data),
+            "weights": model_fingerprint(self.model),
+            "trainable": sorted(n for n, p in self.model.named_parameters() if p.requires_grad),
+        }
+        self.store = SignalStore(cache, config, self.num_models, len(data), self.options.draws)
+        self.train_data, self.n_train = data, len(data)
+        query_store = None if queries is None else self._query_store(queries)
+        todo = self._chains_missing(self.store.train)
+        if query_store is not None:
+            todo = sorted(set(todo) | set(self._chains_missing(query_store)))
+        if todo:
+            with eval_mode(self.model):
+                check_theta0(self.model, self.task, data, self._eval_batch(), self._device)
+            sides = {"train": data} if query_store is None else {"train": data, "query": as_data(queries)}
+            self._run(todo, sides, {"query": query_store})
+        distributed.barrier()  # every rank's chains are stored before any rank reads them
+        return self
+
+    def _chains_missing(self, feature_store) -> list[int]:
+        """This rank's chains with a draw missing in ``feature_store``."""
+        chains = sorted({k // self.options.draws for k in feature_store.missing()})
+        return distributed.my_shards(chains)
+
+    def _query_store(self, queries: Any):
+        q = as_data(queries)
+        store = self.store.query_store(data_fingerprint(q), len(q))
+        if store.missing():
+            with eval_mode(self.model):
+                check_theta0(
+                    self.model, self.task, q, self._eval_batch(), self._device, self.signal_fns["query"], "query"
+                )
+        return store
+
+    def _run(self, chains: list[int], sides: dict[str, Any], stores: dict[str, Any]) -> None:
+        """Run ``chains`` and write each one's draws' signals on ``sides`` (``"train"`` into the store's training
+        rows, ``"query"`` into ``stores["query"]``); the model is left exactly as it was."""
+        o = self.options
+        with eval_mode(self.model):
+            backend = FinetuneBackend(
+                self.model, self.task, TrainConfig(), None, False, o.lora, None, 0, False, o.prefix_cache_mib << 20
+            )
+            try:
+                for c in tqdm(chains, desc="bif: chains", disable=not self.progress, unit="chain"):
+                    rows = self._chain(backend, c, sides)
+                    lo = c * o.draws
+                    queries = {} if "query" not in rows else {"q": (stores["query"], rows["query"])}
+                    if "train" in rows:
+                        self.store.write_group(lo, rows["train"], queries)
+                    else:
+                        for d in range(o.draws):
+                            stores["query"].write(lo + d, {"signal": rows["query"][d : d + 1].numpy()})
+            finally:
+                backend.close()
+
+    def _chain(self, backend: FinetuneBackend, chain: int, sides: dict[str, Any]) -> dict[str, Tensor]:
+        """One chain's signals ``{side: [draws, n_side]}`` (float64, on the host)."""
+        o = self.options
+        backend.reset(Member(torch.arange(0), o.seed))  # every chain starts at the same θ₀ (same adapters)
+        net, device = backend.net, self._device
+        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        if not params:
+            raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
+        out = {side: torch.empty(o.draws, len(data), dtype=torch.float64, device=device) for side, data in sides.items()}
+
+        @torch.no_grad()
+        def evaluate(draw: int) -> None:
+            for side, data in sides.items():
+                fn = self.signal_fns[side]
+                for start, batch in iterate_batches(data, self._eval_batch()):
+                    batch = to_device(batch, device)
+                    values = fn(self.task.outputs(net, batch), batch).detach().to(torch.float64)
+                    out[side][draw, start : start + len(values)] = values
+
+        seed = derive_seed(o.seed, CHAIN_STREAM, chain)
+        sgld_chain(net, self.task, self.train_data, params, self.sampler, seed, o.draws, evaluate, self.progress)
+        rows = {side: v.cpu() for side, v in out.items()}  # one transfer per chain and side
+        for side, v in rows.items():
+            bad = (~torch.isfinite(v).all(dim=1)).nonzero()
+            if len(bad):
+                raise NonFiniteError(
+                    f"chain {chain} has NaN/inf signals from draw {int(bad[0, 0])} on: the SGLD chain diverged; "
+                    f"lower lr (now {o.lr}) or nbeta (now {o.nbeta}), or raise gamma (now {o.gamma})"
+                )
+        return rows
+
+    # ---- score (score, self_scores, signals: CovarianceScoring)
+    def _query_signals(self, queries: Any) -> Tensor:
+        """``B [K, n_query]`` float64: from the store, or by replaying the chains (then stored)."""
+        query_store = self._query_store(queries)
+        todo = self._chains_missing(query_store)
+        if todo:
+            self._run(todo, {"query": as_data(queries)}, {"query": query_store})
+        distributed.barrier()  # the other ranks' chains
+        return torch.from_numpy(query_store.load("signal"))
+
+    def _meta(self) -> dict:
+        return self.describe()
