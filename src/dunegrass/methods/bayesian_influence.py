@@ -163,7 +163,7 @@ class BayesianInfluence(CovarianceScoring, Attributor):
         params = {n: p for n, p in net.named_parameters() if p.requires_grad}
         if not params:
             raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
-        out = {side: torch.empty(o.draws, len(data), dtype=torch.float64, device=device) for side, data in sides.items()}
+        out = {side: torch.empty(o.draws, len(d), dtype=torch.float64, device=device) for side, d in sides.items()}
 
         @torch.no_grad()
         def evaluate(draw: int) -> None:
@@ -177,7 +177,7 @@ class BayesianInfluence(CovarianceScoring, Attributor):
         seed = derive_seed(o.seed, CHAIN_STREAM, chain)
         sgld_chain(net, self.task, self.train_data, params, self.sampler, seed, o.draws, evaluate, self.progress)
         rows = {side: v.cpu() for side, v in out.items()}  # one transfer per chain and side
-        for side, v in rows.items():
+        for v in rows.values():
             bad = (~torch.isfinite(v).all(dim=1)).nonzero()
             if len(bad):
                 raise NonFiniteError(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import as_data, to_device
@@ -98,4 +98,3 @@ def sgld_chain(
                 p.copy_(anchor[n])
         for n, p in named.items():
             p.requires_grad_(was[n])
-
