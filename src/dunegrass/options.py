@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from .errors import DunegrassError
+from .influence.preconditioner import check_damping
 from .train.config import TrainConfig
 from .train.lora import LoraConfig
 
@@ -50,7 +51,9 @@ def choice(value: Any, allowed: tuple, name: str) -> Any:
 class InfluenceOptions:
     """Settings of the gradient engine.
 
-    damping: relative damping of the block Fisher (λ = damping · tr(F)/k); None for plain dot products.
+    damping: relative damping of the block Fisher (λ = damping · tr(F)/k); ``"auto"`` to choose it per block
+        from the training features (held-out log-likelihood, ``influence.auto_damping``); None for plain dot
+        products.
     train_signal / query_signal: what is differentiated on each side: ``"loss"`` (the training loss) or
         ``"measurement"`` (the task's measurement in loss-like form).
     batch_size: examples per featurisation pass; chunk_size: per-example gradients materialised at once
@@ -62,7 +65,7 @@ class InfluenceOptions:
     seed: seeds every projection (checkpoint m and block i get seeds derived from it).
     """
 
-    damping: float | None = 0.1
+    damping: float | str | None = 0.1
     train_signal: str = "loss"
     query_signal: str = "measurement"
     batch_size: int = 64
@@ -73,8 +76,7 @@ class InfluenceOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.damping is not None and (not _real(self.damping) or not self.damping > 0):
-            raise DunegrassError(f"damping must be positive, or None for dot products; got {self.damping!r}")
+        check_damping(self.damping)
         for name in ("train_signal", "query_signal"):
             choice(getattr(self, name), ("loss", "measurement"), name)
         for name in ("batch_size", "chunk_size", "shard_size"):

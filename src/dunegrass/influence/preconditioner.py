@@ -3,7 +3,9 @@
 For each block l (a column range of the features): F_l = Φ_lᵀΦ_l / n, λ_l = damping · tr(F_l) / k_l,
 and the Cholesky factor of F_l + λ_l I computed in float64 (if that matrix is not positive definite in
 floating point, its eigenvalues are floored at λ_l first, with a warning); solves are two triangular
-solves. ``damping=None`` is the identity (plain inner products, TracIn-style).
+solves. ``damping=None`` is the identity (plain inner products, TracIn-style); ``damping="auto"`` chooses
+each block's relative damping from the training features (``auto_damping``: held-out log-likelihood of
+the even rows under the odd rows' Fisher and back), recorded in ``chosen``.
 
 Memory is one group of blocks, not all of them: blocks are accumulated and factorised a group at a time
 (as many consecutive blocks as fit in ``memory`` bytes, at least one), reading only those columns of
@@ -28,12 +30,23 @@ from .. import distributed
 from ..errors import DunegrassError
 from ..store.blocks import BlockStore
 from ..store.feature_store import FeatureStore
+from .auto_damping import choose_ratio
 
 FISHER_MEMORY = 1 << 30  # bytes of Gram/factor blocks held at once while fitting and solving
 MAX_BLOCK_BYTES = 4 << 30  # one float64 k × k block beyond this is a configuration mistake, not a workload
 
 
-def check_fisher_memory(blocks: Sequence[tuple[int, int]], damping: float | None) -> None:
+def check_damping(damping: float | str | None) -> None:
+    if damping is None or damping == "auto":
+        return
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+        raise DunegrassError(
+            f"damping must be a positive number, 'auto' (chosen per block from the training data) or None (dot "
+            f"products); got {damping!r}"
+        )
+
+
+def check_fisher_memory(blocks: Sequence[tuple[int, int]], damping: float | str | None) -> None:
     """Raise if one damped Fisher block would exceed MAX_BLOCK_BYTES in float64 (blocks are processed one
     group at a time, so only the widest matters). Methods call this when they are built."""
     widest = max(b - a for a, b in blocks)
@@ -69,21 +82,22 @@ class BlockPreconditioner:
     def __init__(
         self,
         blocks: Sequence[tuple[int, int]],
-        damping: float | None = 0.1,
+        damping: float | str | None = 0.1,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         memory: int | None = None,
     ):
-        if damping is not None and not damping > 0:
-            raise DunegrassError(f"damping must be positive (or None for no preconditioning), got {damping}")
+        check_damping(damping)
         if dtype not in (torch.float32, torch.float64):
             raise DunegrassError(f"the Fisher's dtype must be float32 or float64, got {dtype}")
         self.blocks = [(int(a), int(b)) for a, b in blocks]
         self.damping, self.dtype, self.device = damping, dtype, torch.device(device)
         self.memory = FISHER_MEMORY if memory is None else int(memory)
         check_fisher_memory(self.blocks, damping)
-        self.groups = _groups(self.blocks, self.memory, torch.finfo(dtype).bits // 8)
+        halves = 2 if damping == "auto" else 1  # "auto" accumulates the even and the odd rows' Grams apart
+        self.groups = _groups(self.blocks, self.memory, halves * torch.finfo(dtype).bits // 8)
+        self.chosen: dict[int, float] = {}  # block → relative damping, for the blocks "auto" chose in this fit
         self.factors: BlockStore | None = None
         self._held: dict[int, Tensor] | None = None
         self.n = 0
@@ -112,27 +126,37 @@ class BlockPreconditioner:
         distributed.barrier()  # every rank reads every block next
         return self
 
-    def _grams(self, store: FeatureStore, todo: list[int]) -> list[Tensor]:
+    def _grams(self, store: FeatureStore, todo: list[int]) -> list[tuple[Tensor, Tensor | None]]:
+        """Each block's Gram matrix ΦᵀΦ, as (even rows, odd rows) for "auto", else (all rows, None)."""
         lo, hi = self.blocks[todo[0]][0], self.blocks[todo[-1]][1]
+        halves = 2 if self.damping == "auto" else 1
         grams = [
-            torch.zeros(b - a, b - a, dtype=self.dtype, device=self.device)
+            [torch.zeros(b - a, b - a, dtype=self.dtype, device=self.device) for _ in range(halves)]
             for a, b in map(self.blocks.__getitem__, todo)
         ]
-        for _, chunk in store.columns(lo, hi):
+        for first, chunk in store.columns(lo, hi):
             f = torch.from_numpy(chunk).to(self.device, self.dtype)
-            for i, g in zip(todo, grams):
+            parts = [f] if halves == 1 else [f[(first % 2) :: 2], f[1 - (first % 2) :: 2]]  # global row parity
+            for i, gs in zip(todo, grams):
                 a, b = self.blocks[i]
-                cols = f[:, a - lo : b - lo]
-                g.addmm_(cols.T, cols)
-        return grams
+                for g, part in zip(gs, parts):
+                    cols = part[:, a - lo : b - lo]
+                    g.addmm_(cols.T, cols)
+        return [(gs[0], gs[1] if halves == 2 else None) for gs in grams]
 
-    def _factor(self, i: int, gram: Tensor) -> Tensor:
+    def _factor(self, i: int, grams: tuple[Tensor, Tensor | None]) -> Tensor:
         """The lower Cholesky factor of F_l + λ_l I (float64)."""
         a, b = self.blocks[i]
+        even, odd = grams
+        if odd is None:
+            ratio, gram = self.damping, even
+        else:
+            ratio = choose_ratio(even, (self.n + 1) // 2, odd, self.n // 2)
+            self.chosen[i], gram = ratio, even + odd
         fisher = gram.to(torch.float64) / self.n
-        lam = self.damping * torch.trace(fisher) / (b - a)
+        lam = ratio * torch.trace(fisher) / (b - a)
         if lam <= 0:  # an all-zero block (a layer the loss never reaches): absolute damping
-            lam = torch.tensor(self.damping, dtype=torch.float64, device=fisher.device)
+            lam = torch.tensor(ratio, dtype=torch.float64, device=fisher.device)
         mat = fisher + lam * torch.eye(b - a, dtype=torch.float64, device=fisher.device)
         chol, info = torch.linalg.cholesky_ex(mat)
         if int(info) == 0:
