@@ -53,8 +53,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="60 examples, 3 poisoned, K = 6 (under ten minutes)")
     ap.add_argument("--members", type=int, default=None, help="K, the members of every Daunce (default 6; 32)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "backdoor.json"))
-    ap.add_argument("--methods", default=None,
-                    help="comma-separated words; run only the methods whose name contains one (e.g. blackbox)")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated words; run only the methods whose name contains one (e.g. blackbox)",
+    )
     args = ap.parse_args()
     wanted = [w.strip() for w in args.methods.split(",")] if args.methods else None
     n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
