@@ -161,3 +161,18 @@ def test_a_sequence_classifier_from_a_directory(tmp_path, capsys, monkeypatch):
     assert len(table) == 4 and table[0]["query_text"] == SENTENCES[0]
     top = dg.TopScores.load(tmp_path / "runs" / "default" / "top.npz")
     assert top.top().indices[0, 0] == 0  # the query is training example 0
+
+
+def test_the_bayesian_influence_function_from_the_command_line(tmp_path, capsys, monkeypatch):
+    run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    _tiny_lm_dir(tmp_path / "model", False)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    args = ["--model", "model", "--data", "train.jsonl", "--method", "bif", "--bif.chains", "2", "--bif.draws", "6"]
+    fit = run("fit", *args, "--bif.lr", "1e-3")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    config = json.loads((tmp_path / "runs" / "default" / "run.json").read_text())["config"]
+    assert config["method"] == "bif" and config["bif"]["chains"] == 2 and config["bif"]["lr"] == 1e-3
+    score = run("score", *args, "--bif.lr", "1e-3", "--queries", "train.jsonl", "--top_k", "2")
+    assert score.returncode == 0, score.stderr[-3000:]
+    top = dg.TopScores.load(tmp_path / "runs" / "default" / "top.npz")
+    assert top.n_train == len(SENTENCES) and top.method == "bif"

@@ -67,6 +67,8 @@ def build(cfg: FitConfig, loaded: Loaded) -> m.Attributor:
     influence = {"options": cfg.influence}
     if cfg.method == "daunce":
         return m.Daunce(model, task, options=cfg.daunce)
+    if cfg.method == "bif":
+        return m.BayesianInfluence(model, task, options=cfg.bif)
     if cfg.method == "grass":
         return m.GraSS(model, task, k=o.k, mask=o.mask, mask_size=o.mask_size, params=params, **influence)
     if cfg.method == "factgrass":

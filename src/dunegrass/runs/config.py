@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import DunegrassError
-from ..options import DaunceOptions, InfluenceOptions
+from ..options import BayesianInfluenceOptions, DaunceOptions, InfluenceOptions
 
-METHODS = ("grass", "factgrass", "logra", "trak", "tracin", "gradient", "exact", "daunce", "daunce-api")
+METHODS = ("grass", "factgrass", "logra", "trak", "tracin", "gradient", "exact", "daunce", "daunce-api", "bif")
 TASKS = ("auto", "causal_lm", "classification")
 
 
@@ -83,8 +83,8 @@ class FitConfig:
         data: the training set: JSON Lines (``{"prompt", "completion"}`` or ``{"text"}`` rows for a language
             model, ``{"inputs", "label"}`` for a classifier), a Hugging Face dataset saved to disk, or an
             ``.npz`` / ``.safetensors`` file of tensors.
-        method: the attributor: grass, factgrass, logra, trak, tracin, gradient, exact, daunce, or
-            daunce-api (Daunce through a fine-tuning service; see ``api``).
+        method: the attributor: grass, factgrass, logra, trak, tracin, gradient, exact, daunce, daunce-api
+            (Daunce through a fine-tuning service; see ``api``) or bif (the Bayesian influence function).
         name: the run's name; its files go to ``cache_dir/name``.
         cache_dir: where runs are kept.
         weights: a weights file to load into the model (``.safetensors``, or a ``torch.save`` state dict).
@@ -93,6 +93,7 @@ class FitConfig:
         max_length: tokens kept per example (longer ones are cut, from the right).
         influence: settings of the gradient methods.
         daunce: settings of Daunce.
+        bif: settings of the Bayesian influence function (SGLD chains).
         method_options: the method's own settings.
         api: the fine-tuning service of ``daunce-api``.
         yes: start what a paid service charges for (fine-tuning jobs, scoring requests) without asking;
@@ -110,6 +111,7 @@ class FitConfig:
     max_length: int = 512
     influence: InfluenceOptions = field(default_factory=InfluenceOptions)
     daunce: DaunceOptions = field(default_factory=DaunceOptions)
+    bif: BayesianInfluenceOptions = field(default_factory=BayesianInfluenceOptions)
     method_options: MethodOptions = field(default_factory=MethodOptions)
     api: ApiOptions = field(default_factory=ApiOptions)
     yes: bool = False
@@ -123,6 +125,7 @@ class FitConfig:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["daunce"] = self.daunce.to_dict()
+        out["bif"] = self.bif.to_dict()
         return out
 
 
