@@ -18,7 +18,17 @@ from .bench.data import digits, digits_images
 from .bench.models import mlp
 from .bench.tasks import BenchmarkTask, train_model
 from .eval import lds, subset_retraining
-from .methods import EKFAC, TRAK, Attributor, Daunce, ExactInfluence, GradientInfluence, GraSS, TracIn
+from .methods import (
+    EKFAC,
+    TRAK,
+    Attributor,
+    BayesianInfluence,
+    Daunce,
+    ExactInfluence,
+    GradientInfluence,
+    GraSS,
+    TracIn,
+)
 from .store.atomic import atomic_write_json
 from .task import ClassificationTask
 from .train import EnsembleTrainer, Member, TrainConfig, member_state, reinitialize, stack_states
@@ -90,6 +100,11 @@ def demo_methods(bt: BenchmarkTask, s: DemoSettings, seed: int) -> list[tuple[st
             "Daunce",
             lambda: Daunce(m, task, num_models=s.daunce_models, seed=seed),
             f"K={s.daunce_models} perturbed models ('if'), vmapped",
+        ),
+        (
+            "BayesianInfluence",
+            lambda: BayesianInfluence(m, task, seed=seed),
+            "10 SGLD chains × 100 draws (devinterp's defaults: nβ 10, γ 1000, η 1e-4)",
         ),
     ]
 

@@ -19,7 +19,8 @@ SCALE_NOTE = (
 )
 
 SIGNIFICANCE_NOTE = (
-    "± is a standard error (Daunce: scores are sample covariances over its K perturbed models); "
+    "± is a standard error (Daunce: scores are sample covariances over its K perturbed models; the Bayesian "
+    "influence function: batch means over its SGLD chains); "
     "★ marks a score more than two standard errors from zero."
 )
 
@@ -42,9 +43,12 @@ _SCALES = {
     "daunce": "a covariance, across K models fine-tuned on random subsets with perturbed objectives, between "
     "the example's loss and the query's: units of loss², with a standard error that shrinks as 1/√K.",
     "grass-trak": "TRAK's score in GraSS's sparse projection space.",
+    "bif": "a covariance, across SGLD draws from a posterior localised at the trained weights, between the "
+    "example's loss and the query's: about g_zᵀ(nβH + γI)⁻¹g_i, units of loss², with a standard error from "
+    "the spread between chains.",
 }
 
-_ALIASES = {"gradientinfluence": "gradient", "exactinfluence": "exact"}
+_ALIASES = {"gradientinfluence": "gradient", "exactinfluence": "exact", "bayesianinfluence": "bif"}
 
 
 def canonical_method(name: str) -> str:
