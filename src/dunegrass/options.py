@@ -216,6 +216,9 @@ class BayesianInfluenceOptions:
         between draws.
     train_signal / query_signal: ``"loss"``, ``"measurement"`` or ``"margin"``, as for Daunce.
     lora: sample LoRA adapters (started as fresh adapters with B = 0, i.e. at θ₀) instead of the whole model.
+    max_chains: chains sampled together under vmap, for in-memory data and models of at most 2 M trainable
+        parameters without LoRA (memory: that many copies of the parameters; 1: one chain at a time in the
+        model itself). The draws are the same either way, to rounding.
     eval_batch_size: examples per forward pass when a draw is evaluated (None: 256).
     prefix_cache_mib: with LoRA on the last blocks only, θ₀'s hidden states below them kept per example
         (as for Daunce).
@@ -233,12 +236,13 @@ class BayesianInfluenceOptions:
     train_signal: str = "loss"
     query_signal: str = "loss"
     lora: LoraConfig | None = None
+    max_chains: int = 16
     eval_batch_size: int | None = None
     prefix_cache_mib: int = 1024
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("chains", "draws", "batch_size", "every"):
+        for name in ("chains", "draws", "batch_size", "every", "max_chains"):
             positive_int(getattr(self, name), name)
         if isinstance(self.burnin, bool) or not isinstance(self.burnin, int) or self.burnin < 0:
             raise DunegrassError(f"burnin must be a non-negative integer, got {self.burnin!r}")

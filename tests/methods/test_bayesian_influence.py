@@ -175,3 +175,13 @@ def test_a_diverging_chain_is_reported(tiny_classification):
     bif = dg.BayesianInfluence(model, dg.ClassificationTask(), chains=2, draws=5, lr=1e20, nbeta=1e30, gamma=0.0)
     with pytest.raises(dg.NonFiniteError, match="diverged"):
         bif.fit(train)
+
+
+def test_vmapped_chains_draw_what_chains_one_by_one_draw(tiny_classification):
+    model, train, queries = tiny_classification
+    kw = dict(chains=3, draws=12, lr=1e-3, batch_size=8, burnin=2, every=2)
+    together = dg.BayesianInfluence(model, dg.ClassificationTask(), max_chains=2, **kw).fit(train, queries=queries)
+    one_by_one = dg.BayesianInfluence(model, dg.ClassificationTask(), max_chains=1, **kw).fit(train, queries=queries)
+    for a, b in zip(together.signals(queries), one_by_one.signals(queries)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert together.signals()[0].std(0).min() > 0  # the draws differ

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..data import as_data, iterate_batches, to_device
+from ..data import TensorData, as_data, iterate_batches, to_device
 from ..errors import DunegrassError, NonFiniteError
 from ..fingerprint import data_fingerprint, model_fingerprint
 from ..options import BayesianInfluenceOptions, build
@@ -34,14 +34,15 @@ from ..seeding import derive_seed
 from ..store.signals import SignalStore
 from ..task import Task
 from ..train.config import TrainConfig
-from ..train.ensemble import Member
-from ..train.sgld import SGLDConfig, sgld_chain
+from ..train.ensemble import Member, ensemble_outputs
+from ..train.sgld import SGLDConfig, sgld_chain, sgld_chains_vmapped
 from .base import Attributor, eval_mode
 from .covariance_scoring import CovarianceScoring
+from .daunce import AUTO_ENSEMBLE_MAX_PARAMS
 from .daunce_backends import FinetuneBackend
 from .daunce_objectives import check_theta0, signal_fn
 
-RESULT_NEUTRAL = ("chains", "eval_batch_size", "prefix_cache_mib")  # the cache grows with chains
+RESULT_NEUTRAL = ("chains", "max_chains", "eval_batch_size", "prefix_cache_mib")  # the cache grows with chains
 CHAIN_STREAM = 0x63686169
 SINGLE_CHAIN_BLOCKS = 10  # batch means over this many runs of draws when there is one chain
 
@@ -134,54 +135,96 @@ class BayesianInfluence(CovarianceScoring, Attributor):
                 )
         return store
 
+    def _vmapped(self, sides: dict[str, Any]) -> bool:
+        """Whether chains run together under vmap: no LoRA, in-memory data, a small model, max_chains > 1."""
+        o = self.options
+        if o.lora is not None or o.max_chains < 2:
+            return False
+        if not all(isinstance(as_data(d), TensorData) for d in (self.train_data, *sides.values())):
+            return False
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) <= AUTO_ENSEMBLE_MAX_PARAMS
+
     def _run(self, chains: list[int], sides: dict[str, Any], stores: dict[str, Any]) -> None:
         """Run ``chains`` and write each one's draws' signals on ``sides`` (``"train"`` into the store's training
         rows, ``"query"`` into ``stores["query"]``); the model is left exactly as it was."""
         o = self.options
+        vmapped = self._vmapped(sides)
+        groups = [chains[i : i + o.max_chains] for i in range(0, len(chains), o.max_chains)] if vmapped else [
+            [c] for c in chains
+        ]  # fmt: skip
         with eval_mode(self.model):
-            backend = FinetuneBackend(
-                self.model, self.task, TrainConfig(), None, False, o.lora, None, 0, False, o.prefix_cache_mib << 20
-            )
+            backend = None
+            if not vmapped:
+                backend = FinetuneBackend(
+                    self.model, self.task, TrainConfig(), None, False, o.lora, None, 0, False, o.prefix_cache_mib << 20
+                )
             try:
-                for c in tqdm(chains, desc="bif: chains", disable=not self.progress, unit="chain"):
-                    rows = self._chain(backend, c, sides)
-                    lo = c * o.draws
-                    queries = {} if "query" not in rows else {"q": (stores["query"], rows["query"])}
-                    if "train" in rows:
-                        self.store.write_group(lo, rows["train"], queries)
-                    else:
-                        for d in range(o.draws):
-                            stores["query"].write(lo + d, {"signal": rows["query"][d : d + 1].numpy()})
+                for group in tqdm(groups, desc="bif: chains", disable=not self.progress, unit="group"):
+                    rows = self._group(backend, group, sides)
+                    for j, c in enumerate(group):
+                        self._write(c, {side: v[j] for side, v in rows.items()}, stores)
             finally:
-                backend.close()
+                if backend is not None:
+                    backend.close()
 
-    def _chain(self, backend: FinetuneBackend, chain: int, sides: dict[str, Any]) -> dict[str, Tensor]:
-        """One chain's signals ``{side: [draws, n_side]}`` (float64, on the host)."""
+    def _write(self, chain: int, rows: dict[str, Tensor], stores: dict[str, Any]) -> None:
+        lo = chain * self.options.draws
+        queries = {} if "query" not in rows else {"q": (stores["query"], rows["query"])}
+        if "train" in rows:
+            self.store.write_group(lo, rows["train"], queries)
+        else:
+            for d in range(self.options.draws):
+                stores["query"].write(lo + d, {"signal": rows["query"][d : d + 1].numpy()})
+
+    def _group(self, backend: FinetuneBackend | None, chains: list[int], sides: dict[str, Any]) -> dict[str, Tensor]:
+        """The signals ``{side: [len(chains), draws, n_side]}`` (float64, on the host) of ``chains``: vmapped
+        together (``backend`` None) or one chain in the model itself."""
         o = self.options
-        backend.reset(Member(torch.arange(0), o.seed))  # every chain starts at the same θ₀ (same adapters)
-        net, device = backend.net, self._device
-        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-        if not params:
-            raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
-        out = {side: torch.empty(o.draws, len(d), dtype=torch.float64, device=device) for side, d in sides.items()}
+        device = self._device
+        out = {
+            side: torch.empty(len(chains), o.draws, len(d), dtype=torch.float64, device=device)
+            for side, d in sides.items()
+        }
+        seeds = [derive_seed(o.seed, CHAIN_STREAM, c) for c in chains]
+        if backend is None:
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            if not names:
+                raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
 
-        @torch.no_grad()
-        def evaluate(draw: int) -> None:
-            for side, data in sides.items():
-                fn = self.signal_fns[side]
-                for start, batch in iterate_batches(data, self._eval_batch()):
-                    batch = to_device(batch, device)
-                    values = fn(self.task.outputs(net, batch), batch).detach().to(torch.float64)
-                    out[side][draw, start : start + len(values)] = values
+            def evaluate_all(draw: int, stacked: dict[str, Tensor]) -> None:
+                for side, data in sides.items():
+                    fn = self.signal_fns[side]
+                    values = ensemble_outputs(self.model, self.task, stacked, data, fn, self._eval_batch())
+                    out[side][:, draw] = values.to(torch.float64)
 
-        seed = derive_seed(o.seed, CHAIN_STREAM, chain)
-        sgld_chain(net, self.task, self.train_data, params, self.sampler, seed, o.draws, evaluate, self.progress)
-        rows = {side: v.cpu() for side, v in out.items()}  # one transfer per chain and side
+            sgld_chains_vmapped(
+                self.model, self.task, self.train_data, names, self.sampler, seeds, o.draws, evaluate_all, self.progress
+            )
+        else:
+            backend.reset(Member(torch.arange(0), o.seed))  # every chain starts at the same θ₀ (same adapters)
+            net = backend.net
+            params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+            if not params:
+                raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
+
+            @torch.no_grad()
+            def evaluate(draw: int) -> None:
+                for side, data in sides.items():
+                    fn = self.signal_fns[side]
+                    for start, batch in iterate_batches(data, self._eval_batch()):
+                        batch = to_device(batch, device)
+                        values = fn(self.task.outputs(net, batch), batch).detach().to(torch.float64)
+                        out[side][0, draw, start : start + len(values)] = values
+
+            train = self.train_data
+            sgld_chain(net, self.task, train, params, self.sampler, seeds[0], o.draws, evaluate, self.progress)
+        rows = {side: v.cpu() for side, v in out.items()}  # one transfer per group of chains and side
         for v in rows.values():
-            bad = (~torch.isfinite(v).all(dim=1)).nonzero()
+            bad = (~torch.isfinite(v).all(dim=2)).nonzero()
             if len(bad):
+                chain, draw = chains[int(bad[0, 0])], int(bad[0, 1])
                 raise NonFiniteError(
-                    f"chain {chain} has NaN/inf signals from draw {int(bad[0, 0])} on: the SGLD chain diverged; "
+                    f"chain {chain} has NaN/inf signals from draw {draw} on: the SGLD chain diverged; "
                     f"lower lr (now {o.lr}) or nbeta (now {o.nbeta}), or raise gamma (now {o.gamma})"
                 )
         return rows

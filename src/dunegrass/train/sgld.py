@@ -9,6 +9,11 @@ with L_B the mean loss of one mini-batch. A chain starts at w*, runs ``burnin`` 
 draw every ``every`` steps. Its batches (the whole training set, reshuffled each epoch) and its noise
 come from generators seeded by the chain's own seed, so a chain replays exactly on the same device,
 which lets queries unknown at fit time be scored without keeping any draw's weights.
+
+``sgld_chain`` runs one chain in the model itself (any model, LoRA adapters); ``sgld_chains_vmapped`` runs
+several chains of a small model in lockstep, ``vmap(grad)`` for the steps, with the same batches and noise
+per chain (so the same draws, to rounding), and hands the caller all chains' parameters at each draw, to
+be evaluated in one vmapped pass.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data import as_data, to_device
 from ..errors import NonFiniteError
+from ..gradients.attention import vmap_safe_attention
+from ..gradients.per_sample import FunctionalModel, frozen_tensors
 from ..seeding import derive_seed
 from ..task import Task
 from .ensemble import Member, batch_schedule
@@ -85,8 +92,7 @@ def sgld_chain(
             grads = torch.autograd.grad(loss, list(params.values()))
             with torch.no_grad():
                 for (n, p), g in zip(params.items(), grads):
-                    drift = g.mul(config.nbeta).add_(p - anchor[n], alpha=config.gamma)
-                    p.add_(drift, alpha=-config.lr / 2)
+                    p.add_(_drift(g, p, anchor[n], config), alpha=-config.lr / 2)
                     p.add_(torch.randn(p.shape, generator=noise, device=device, dtype=p.dtype), alpha=scale)
             del loss, grads, batch
             done = t + 1 - config.burnin
@@ -98,3 +104,57 @@ def sgld_chain(
                 p.copy_(anchor[n])
         for n, p in named.items():
             p.requires_grad_(was[n])
+
+
+def _drift(grad: Tensor, w: Tensor, anchor: Tensor, config: SGLDConfig) -> Tensor:
+    """nβ·∇L_B(w) + γ·(w − w*)."""
+    return grad.mul(config.nbeta).add_(w - anchor, alpha=config.gamma)
+
+
+def sgld_chains_vmapped(
+    model: nn.Module,
+    task: Task,
+    data: Any,
+    names: list[str],
+    config: SGLDConfig,
+    seeds: list[int],
+    draws: int,
+    on_draw: Callable[[int, dict[str, Tensor]], None],
+    progress: bool = False,
+) -> None:
+    """Run one chain per seed on the parameters ``names`` of ``model`` (in-memory data), all at once; calls
+    ``on_draw(d, stacked)`` with every chain's parameters ``{name: [chains, ...]}`` at draw d. The model itself
+    is not changed. Chain j's batches and noise are those ``sgld_chain`` draws with ``seeds[j]``."""
+    data = as_data(data)
+    named = dict(model.named_parameters())
+    anchor = {n: named[n].detach() for n in names}
+    consts = frozen_tensors(model, names)
+    device = next(iter(anchor.values())).device
+    C, steps = len(seeds), config.num_steps(draws)
+    batch_size = min(config.batch_size, len(data))
+    sched = torch.stack(
+        [batch_schedule(Member(torch.arange(len(data)), s), steps, batch_size) for s in seeds], dim=1
+    )  # [T, C, B]
+    noise = [torch.Generator(device=device).manual_seed(derive_seed(s, NOISE_STREAM)) for s in seeds]
+    stacked = {n: a.unsqueeze(0).repeat(C, *([1] * a.dim())) for n, a in anchor.items()}
+
+    def chain_loss(params: dict[str, Tensor], batch: Any) -> Tensor:
+        out = task.outputs(FunctionalModel(model, {**consts, **params}), batch)
+        return task.loss(out, batch).mean()
+
+    chain_grad = torch.func.vmap(torch.func.grad(chain_loss))
+    scale = math.sqrt(config.lr)
+    with vmap_safe_attention(model):
+        for t in tqdm(range(steps), desc="SGLD chains", disable=not progress, leave=False):
+            batch = to_device(data.slice(sched[t]), device)
+            grads = chain_grad(stacked, batch)
+            with torch.no_grad():
+                for n, w in stacked.items():
+                    w.add_(_drift(grads[n], w, anchor[n], config), alpha=-config.lr / 2)
+                    # chain by chain, so that each chain's noise is the stream sgld_chain draws for it
+                    shape = w.shape[1:]
+                    draw = torch.stack([torch.randn(shape, generator=g, device=device, dtype=w.dtype) for g in noise])
+                    w.add_(draw, alpha=scale)
+            done = t + 1 - config.burnin
+            if done > 0 and done % config.every == 0:
+                on_draw(done // config.every - 1, stacked)
