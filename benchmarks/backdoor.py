@@ -11,12 +11,12 @@ explain. Methods, each ranking the training set by its mean score over the queri
 - the same with ``LocalChatBackend``: each loss read as the chat protocol reads it from a chat API
   (greedy reply, ``top_logprobs=20``: floored below them, cut short where the answer leaves the reply);
 - white-box Daunce (``dg.Daunce``, LoRA on the last 2 blocks);
+- the Bayesian influence function (``dg.BayesianInfluence``, devinterp's defaults, SGLD on the same adapters);
 - FactGraSS and LoGra (influence in the compressed space);
 - TF-IDF cosine over the words of prompt and answer, and random.
 
 Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poisoned examples, and 20).
 θ₀'s own fine-tune adapts the last 8 of 30 blocks; members adapt the last 2 (LoRA rank 16, AdamW).
-The Bayesian influence function is not implemented yet, so it has no row.
 
     python benchmarks/backdoor.py [--quick] [--members K] [--methods blackbox] [--json benchmarks/results/backdoor.json]
 """
@@ -61,6 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     wanted = [w.strip() for w in args.methods.split(",")] if args.methods else None
     n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
+    chains, draws = (4, 50) if args.quick else (10, 100)  # the Bayesian influence function's SGLD budget
     K = args.members or K
     torch.manual_seed(0)
     base, tok, _ = load_smollm2()
@@ -89,6 +90,8 @@ def main() -> None:
             chat, num_models=K, subsample_ratio=0.5).fit(train).score(queries)),
         ("daunce (white-box)", lambda: dg.Daunce(
             theta0, task, num_models=K, lora=last2, trainer="finetune").fit(data).score(qdata)),
+        (f"bif ({chains} chains x {draws} draws)", lambda: dg.BayesianInfluence(
+            theta0, task, chains=chains, draws=draws, lora=last2).fit(data).score(qdata)),
         ("factgrass", lambda: dg.FactGraSS(theta0, task, k=256, mask_size=32, batch_size=8).fit(data).score(qdata)),
         ("logra", lambda: dg.LoGra(theta0, task, k_in=16, k_out=16, batch_size=8).fit(data).score(qdata)),
         ("tf-idf", lambda: tfidf_scores(train, queries)),

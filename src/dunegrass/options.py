@@ -126,6 +126,8 @@ class DaunceOptions:
         back ends, the training batch size member by member).
     prefix_cache_mib: with LoRA on the last blocks only (``LoraConfig(last_layers=m)``), θ₀'s hidden states
         below them are kept per example, up to this many MiB on the model's device (0: recompute them).
+    normalize: score with correlations instead of covariances across the members (the paper's choice
+        beside normalised-gradient baselines); a scoring setting only, so one fit serves both.
     seed: seeds the subsets, the perturbations and the batch orders (member k is the same for any K).
     """
 
@@ -145,6 +147,7 @@ class DaunceOptions:
     checkpoint_every: int = 0
     eval_batch_size: int | None = None
     prefix_cache_mib: int = 1024
+    normalize: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -222,6 +225,7 @@ class BayesianInfluenceOptions:
     eval_batch_size: examples per forward pass when a draw is evaluated (None: 256).
     prefix_cache_mib: with LoRA on the last blocks only, θ₀'s hidden states below them kept per example
         (as for Daunce).
+    normalize: correlations instead of covariances across the draws (as for Daunce).
     seed: seeds every chain's batches and noise (chain c is the same for any number of chains).
     """
 
@@ -239,6 +243,7 @@ class BayesianInfluenceOptions:
     max_chains: int = 16
     eval_batch_size: int | None = None
     prefix_cache_mib: int = 1024
+    normalize: bool = False
     seed: int = 0
 
     def __post_init__(self):

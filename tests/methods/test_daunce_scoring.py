@@ -112,3 +112,19 @@ def test_blackbox_daunce_scores_top_k_too(tiny_classification):
     A, B = attr.signals(test)
     torch.testing.assert_close(dense.values, covariance_scores(A, B)[0], rtol=1e-6, atol=1e-9)
     _check_top_equals_dense(dense, attr.score(test, top_k=4), 4)
+
+
+def test_normalize_scores_correlations_from_the_same_members(tiny_classification):
+    """normalize=True: the Pearson correlation of the two signals across the members (a scoring setting: the same
+    cache, the same members), standard errors scaled with the values."""
+    model, train, queries = tiny_classification
+    task = dg.ClassificationTask()
+    cov = dg.Daunce(model, task, num_models=16).fit(train)
+    cor = dg.Daunce(model, task, num_models=16, normalize=True).fit(train)
+    A, B = cov.signals(queries)
+    assert torch.equal(A, cor.signals(queries)[0])
+    want = torch.corrcoef(torch.cat([B, A], 1).T)[: B.shape[1], B.shape[1] :]
+    got, plain = cor.score(queries), cov.score(queries)
+    torch.testing.assert_close(got.values.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.stderr / plain.stderr, got.values / plain.values, rtol=1e-3, atol=1e-4)
+    assert cor.describe()["normalize"] is True

@@ -42,7 +42,8 @@ from .daunce import AUTO_ENSEMBLE_MAX_PARAMS
 from .daunce_backends import FinetuneBackend
 from .daunce_objectives import check_theta0, signal_fn
 
-RESULT_NEUTRAL = ("chains", "max_chains", "eval_batch_size", "prefix_cache_mib")  # the cache grows with chains
+# Settings that change no draw: left out of the cache's key (so it grows with chains).
+RESULT_NEUTRAL = ("chains", "max_chains", "eval_batch_size", "prefix_cache_mib", "normalize")
 CHAIN_STREAM = 0x63686169
 SINGLE_CHAIN_BLOCKS = 10  # batch means over this many runs of draws when there is one chain
 

@@ -23,6 +23,11 @@ class CovarianceScoring:
     # and standard errors are batch means over the runs.
     _stderr_blocks: int | None = None
 
+    @property
+    def _normalize(self) -> bool:
+        """Correlations instead of covariances (``normalize=True``)."""
+        return bool(getattr(getattr(self, "options", None), "normalize", False))
+
     def _require_complete(self) -> None:
         self._require_fit()
         if not self.store.complete:
@@ -52,13 +57,14 @@ class CovarianceScoring:
         sink = make_sink(mine.shape[1], self.n_train, top_k, with_stderr=True)
         per_chunk = mine.shape[1] * (1 + (self._stderr_blocks or 0))  # block estimates: blocks × the values
         chunks = self.store.train_chunks(chunk_columns(self.num_models, per_chunk))
-        covariance_into(sink, chunks, mine, self._score_device, self._stderr_blocks)
+        covariance_into(sink, chunks, mine, self._score_device, self._stderr_blocks, self._normalize)
         result = sink.result(self.method_name, self._meta())
         return concat_scores([result], gather=distributed.active(), device=self._score_device)
 
     def self_scores(self) -> Scores:
         """``Scores [1, n_train]``: Cov(s_i, s_i), the variance of each training example's signal across the
-        members, with its standard error (the covariance's, with both sides the same signal)."""
+        members, with its standard error (the covariance's, with both sides the same signal). Not normalised
+        with ``normalize=True`` (a signal's correlation with itself is 1)."""
         self._require_complete()
         columns = chunk_columns(self.num_models, self._stderr_blocks or 0)
         pairs = [variance_with_stderr(a, self._stderr_blocks) for _, a in self.store.train_chunks(columns)]

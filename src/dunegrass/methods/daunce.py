@@ -59,7 +59,7 @@ from .daunce_objectives import (
 AUTO_ENSEMBLE_MAX_PARAMS = 2_000_000  # above this, vmapping many copies costs too much memory
 # Settings that do not change any member's signals: left out of the cache's key.
 RESULT_NEUTRAL = (
-    "num_models", "max_members", "keep_members", "checkpoint_every", "eval_batch_size", "prefix_cache_mib"
+    "num_models", "max_members", "keep_members", "checkpoint_every", "eval_batch_size", "prefix_cache_mib", "normalize"
 )  # fmt: skip
 EVAL_BYTES = 512 << 20  # outputs of one evaluation pass (all vmapped members), when eval_batch_size is not set
 # Shortcuts for single fields of the members' recipe (DaunceOptions.train), and names of earlier releases.

@@ -257,6 +257,7 @@ def covariance_into(
     queries: Tensor,
     device: torch.device | str = "cpu",
     blocks: int | None = None,
+    normalize: bool = False,
 ) -> None:
     """Feed ``sink`` (``scores.make_sink``) the covariance scores of ``covariance_scores``, chunk by chunk.
 
@@ -265,8 +266,11 @@ def covariance_into(
     ``chunk_columns`` (the K × m signals and n_query × m values; with ``blocks``, ``blocks`` times the
     values), whatever n_train is. ``blocks``: the models are that many contiguous runs of correlated draws
     (SGLD chains), so the standard error is the batch means' one over the runs, not the i.i.d. formula.
+    ``normalize``: Pearson correlations instead (each covariance divided by the two signals' standard
+    deviations across the models, and its standard error with it: exact to first order for small correlations).
     """
     b = _centred(queries).to(device)
+    sd_b = (b * b).sum(0).div(b.shape[0] - 1).sqrt().clamp_min(1e-300)
     for start, a in train_chunks:
         _check_pair(a.shape[0], b.shape[0])
         a = _centred(a.to(device))
@@ -274,6 +278,9 @@ def covariance_into(
             values, stderr = _covariance(b, a)
         else:
             values, stderr = (b.T @ a) / (a.shape[0] - 1), _batch_means(_block_estimates(b, a, blocks))
+        if normalize:
+            scale = sd_b[:, None] * (a * a).sum(0).div(a.shape[0] - 1).sqrt().clamp_min(1e-300)[None, :]
+            values, stderr = values / scale, stderr / scale
         sink.add(start, values.to(torch.float32), stderr.to(torch.float32))
 
 

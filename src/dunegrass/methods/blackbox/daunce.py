@@ -43,8 +43,9 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
     Member k is a fine-tune of the service's base model on D_k (ratio ``subsample_ratio``, drawn as
     by ``dg.Daunce`` with the same seed); its signals are the service's per-example losses. Scores
     ``[n_query, n_train]`` are the covariance across members, positive = proponent, with standard
-    errors. Each member's handle and losses are stored as it finishes (``cache_dir``): a killed run
-    resumes at the next member, and new queries are scored from the handles without fine-tuning.
+    errors (``normalize=True``: correlations). Each member's handle and losses are stored as it finishes
+    (``cache_dir``): a killed run resumes at the next member, and new queries are scored from the handles
+    without fine-tuning.
 
     On a paid back end ``fit`` prints what it will start (``plan``: jobs, approximate training tokens,
     scoring requests) and refuses more than CONFIRM_JOBS jobs or CONFIRM_TOKENS tokens without
@@ -60,6 +61,7 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         num_models: int = 32,
         subsample_ratio: float = 0.3,
         seed: int = 0,
+        normalize: bool = False,
         confirm: bool = False,
         progress: bool | None = None,
     ):
@@ -69,7 +71,7 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         # the same checks as dg.Daunce's (the members are drawn the same way)
         DaunceOptions(num_models=num_models, subsample_ratio=subsample_ratio, seed=seed)
         self.backend, self.num_models, self.ratio, self.seed = backend, num_models, float(subsample_ratio), seed
-        self.confirm = bool(confirm)
+        self.confirm, self.normalize = bool(confirm), bool(normalize)
         self.store: SignalStore | None = None
         self._planned_queries: str | None = None
 
@@ -79,8 +81,13 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
             "num_models": self.num_models,
             "subsample_ratio": self.ratio,
             "seed": self.seed,
+            "normalize": self.normalize,
             "backend": self.backend.config(),
         }
+
+    @property
+    def _normalize(self) -> bool:
+        return self.normalize
 
     def fit(
         self, train: Any, *args: Any, queries: Any = None, cache_dir: str | os.PathLike | None = None
@@ -89,7 +96,9 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         queries, cache_dir = self._fit_args(args, queries, cache_dir, ("queries", "cache_dir"))
         data = _dataset(train)
         # K is not part of the key: member k is the same for any K, so a cache grows (each member is a paid job)
-        config = {**{k: v for k, v in self.describe().items() if k != "num_models"}, "data": data_fingerprint(data)}
+        # nor is normalize, which changes no member (scoring only)
+        config = {k: v for k, v in self.describe().items() if k not in ("num_models", "normalize")}
+        config["data"] = data_fingerprint(data)
         path = self._cache_dir(cache_dir)
         self.store = store = SignalStore(path, config, self.num_models, len(data), 1)
         self.train_data, self.n_train = data, len(data)
