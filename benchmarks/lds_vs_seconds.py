@@ -5,7 +5,8 @@ Tasks: the digits MLP, the MNIST-1D MLP and the digits BatchNorm CNN at their ``
 half the data) the other benchmarks cache under runs/bench-cache. Each method runs at a few budgets
 (members, chains × draws, projection sizes) and the budgets of one method are joined by a line:
 
-- Daunce (``if``, default recipe, vmapped members), K ∈ {8, 32, 128};
+- Daunce (``if``, default recipe, vmapped members), K ∈ {8, 32, 128}, and with correlations instead of
+  covariances (``normalize=True``), K ∈ {32, 128};
 - BayesianInfluence with devinterp's defaults (nβ = 10, γ = 1000, η = 1e-4), chains × draws ∈ {4 × 25,
   10 × 100, 20 × 250};
 - GraSS and block eFIM on SparseJL features, k ∈ {256, 1024, 4096}; FactGraSS and LoGra (defaults);
@@ -43,6 +44,10 @@ def runs(name: str, bt) -> list[tuple[str, str, object]]:
     """(method, budget, factory) for every point on the task's plot."""
     m, t = bt.model, bt.task
     out = [("Daunce", f"K={K}", lambda K=K: dg.Daunce(m, t, num_models=K)) for K in (8, 32, 128)]
+    out += [
+        ("Daunce (normalize=True)", f"K={K}", lambda K=K: dg.Daunce(m, t, num_models=K, normalize=True))
+        for K in (32, 128)
+    ]
     out += [
         ("BIF (devinterp defaults)", f"{c}x{d}", lambda c=c, d=d: dg.BayesianInfluence(m, t, chains=c, draws=d))
         for c, d in ((4, 25), (10, 100), (20, 250))

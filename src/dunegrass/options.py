@@ -16,6 +16,7 @@ is checked once, here, with an error that names it. The command line reads the s
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, TypeVar
@@ -39,6 +40,11 @@ def positive_int(value: Any, name: str) -> int:
 
 def _real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _boolean(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise DunegrassError(f"{name} must be True or False, got {value!r}")
 
 
 def choice(value: Any, allowed: tuple, name: str) -> Any:
@@ -172,6 +178,7 @@ class DaunceOptions:
             self.lora = LoraConfig()
         elif self.lora is False:
             self.lora = None
+        _boolean(self.normalize, "normalize")
         if self.lora is not None and self.trainer in ("ensemble", "newton"):
             raise DunegrassError(f"LoRA trains member by member; use trainer='finetune' (not {self.trainer!r})")
 
@@ -253,9 +260,12 @@ class BayesianInfluenceOptions:
             raise DunegrassError(f"burnin must be a non-negative integer, got {self.burnin!r}")
         if self.chains * self.draws < 2:
             raise DunegrassError("a covariance needs at least two draws: raise chains or draws")
-        if not all(map(_real, (self.nbeta, self.gamma, self.lr))) or not (self.nbeta > 0 and self.lr > 0):
+        finite = all(map(_real, (self.nbeta, self.gamma, self.lr))) and all(
+            map(math.isfinite, (self.nbeta, self.gamma, self.lr))
+        )
+        if not finite or not (self.nbeta > 0 and self.lr > 0):
             raise DunegrassError(
-                f"nbeta and lr must be positive numbers and gamma non-negative, got nbeta={self.nbeta!r}, "
+                f"nbeta and lr must be positive finite numbers and gamma non-negative, got nbeta={self.nbeta!r}, "
                 f"lr={self.lr!r}, gamma={self.gamma!r}"
             )
         if self.gamma < 0:
@@ -270,6 +280,7 @@ class BayesianInfluenceOptions:
             self.lora = LoraConfig()
         elif self.lora is False:
             self.lora = None
+        _boolean(self.normalize, "normalize")
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -95,7 +95,7 @@ def test_standard_errors_are_batch_means_over_chains_and_match_the_spread_over_r
     assert float(iid / empirical) < 0.7
 
 
-def test_chains_grow_in_a_cache_and_late_queries_replay_the_chains(tmp_path, device):
+def test_chains_grow_in_a_cache_and_late_queries_replay_the_chains(tmp_path, device, monkeypatch):
     model, task, train, queries = _logistic(80, 5, 3)
     model = model.to(device)
     kw = dict(draws=15, nbeta=80.0, gamma=50.0, lr=1e-3, batch_size=16)
@@ -109,6 +109,20 @@ def test_chains_grow_in_a_cache_and_late_queries_replay_the_chains(tmp_path, dev
     late = dg.BayesianInfluence(model, task, chains=3, **kw).fit(train)
     torch.testing.assert_close(late.signals(queries)[1], B3, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(late.score(queries).values, three.score(queries).values, rtol=1e-5, atol=1e-7)
+    # queries given to a later fit run the chains for the queries alone
+    sides = []
+    original = dg.BayesianInfluence._run
+    monkeypatch.setattr(
+        dg.BayesianInfluence, "_run", lambda self, c, s, st: sides.append(set(s)) or original(self, c, s, st)
+    )
+    extra = (queries[0] + 1.0, queries[1])
+    dg.BayesianInfluence(model, task, chains=3, **kw).fit(train, queries=extra, cache_dir=tmp_path)
+    assert sides == [{"query"}]
+    # the model changed since fit: its chains cannot be replayed
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    with pytest.raises(DunegrassError, match="weights changed since fit"):
+        late.score((queries[0] * 2, queries[1]))
     # another sampler setting is another cache
     other = dg.BayesianInfluence(model, task, chains=2, **{**kw, "gamma": 60.0})
     with pytest.raises(dg.ConfigMismatchError):
@@ -164,6 +178,10 @@ def test_bad_settings_get_clear_errors(tiny_classification):
         dg.BayesianInfluence(model, task, lr=-1.0)
     with pytest.raises(DunegrassError, match="gamma"):
         dg.BayesianInfluence(model, task, gamma=-1.0)
+    with pytest.raises(DunegrassError, match="finite"):
+        dg.BayesianInfluence(model, task, gamma=float("nan"))
+    with pytest.raises(DunegrassError, match="normalize must be True or False"):
+        dg.BayesianInfluence(model, task, normalize="no")
     with pytest.raises(DunegrassError, match="unexpected keyword"):
         dg.BayesianInfluence(model, task, num_models=4)
     with pytest.raises(DunegrassError, match="call fit"):

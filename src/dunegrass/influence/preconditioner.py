@@ -97,7 +97,9 @@ class BlockPreconditioner:
         check_fisher_memory(self.blocks, damping)
         halves = 2 if damping == "auto" else 1  # "auto" accumulates the even and the odd rows' Grams apart
         self.groups = _groups(self.blocks, self.memory, halves * torch.finfo(dtype).bits // 8)
-        self.chosen: dict[int, float] = {}  # block → relative damping, for the blocks "auto" chose in this fit
+        # block → relative damping "auto" chose, for the blocks this process factorised in its last fit (not
+        # those read back from a cache or factorised by another rank)
+        self.chosen: dict[int, float] = {}
         self.factors: BlockStore | None = None
         self._held: dict[int, Tensor] | None = None
         self.n = 0
@@ -109,7 +111,7 @@ class BlockPreconditioner:
         """Accumulate each block's Gram matrix from ``store``'s features and factorise it into ``factors``
         (default: RAM when every block fits in ``memory``, else a temporary directory). Blocks already
         in ``factors`` are kept, so an interrupted fit resumes."""
-        self.n = store.n
+        self.n, self.chosen = store.n, {}
         if self.damping is None:
             return self
         if factors is None:

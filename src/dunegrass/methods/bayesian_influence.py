@@ -77,7 +77,12 @@ class BayesianInfluence(CovarianceScoring, Attributor):
 
     @property
     def _stderr_blocks(self) -> int:
-        return self.options.chains if self.options.chains > 1 else min(SINGLE_CHAIN_BLOCKS, self.options.draws)
+        """Chains; with one chain, runs of its draws: the most (≤ 10) that split it evenly, else 10 near-equal."""
+        o = self.options
+        if o.chains > 1:
+            return o.chains
+        even = [b for b in range(2, SINGLE_CHAIN_BLOCKS + 1) if o.draws % b == 0]
+        return max(even) if even else min(SINGLE_CHAIN_BLOCKS, o.draws)
 
     def describe(self) -> dict:
         return {"method": self.method_name, **self.options.to_dict()}
@@ -106,18 +111,22 @@ class BayesianInfluence(CovarianceScoring, Attributor):
             "data": data_fingerprint(data),
             "weights": model_fingerprint(self.model),
             "trainable": sorted(n for n, p in self.model.named_parameters() if p.requires_grad),
+            # the chains' noise comes from a generator on the model's device: another device, other draws
+            "device": self._device.type,
         }
         self.store = SignalStore(cache, config, self.num_models, len(data), self.options.draws)
         self.train_data, self.n_train = data, len(data)
         query_store = None if queries is None else self._query_store(queries)
         todo = self._chains_missing(self.store.train)
-        if query_store is not None:
-            todo = sorted(set(todo) | set(self._chains_missing(query_store)))
         if todo:
             with eval_mode(self.model):
                 check_theta0(self.model, self.task, data, self._eval_batch(), self._device)
             sides = {"train": data} if query_store is None else {"train": data, "query": as_data(queries)}
             self._run(todo, sides, {"query": query_store})
+        if query_store is not None:  # chains whose training rows were stored earlier: the queries alone
+            late = self._chains_missing(query_store)
+            if late:
+                self._run(late, {"query": as_data(queries)}, {"query": query_store})
         distributed.barrier()  # every rank's chains are stored before any rank reads them
         return self
 
@@ -149,6 +158,11 @@ class BayesianInfluence(CovarianceScoring, Attributor):
         """Run ``chains`` and write each one's draws' signals on ``sides`` (``"train"`` into the store's training
         rows, ``"query"`` into ``stores["query"]``); the model is left exactly as it was."""
         o = self.options
+        if "train" not in sides and model_fingerprint(self.model) != self.store.config["weights"]:
+            raise DunegrassError(
+                "the model's weights changed since fit, so replaying its SGLD chains for these queries would give "
+                "other draws than the stored ones; score with the model as it was fitted, or fit again"
+            )
         vmapped = self._vmapped(sides)
         groups = [chains[i : i + o.max_chains] for i in range(0, len(chains), o.max_chains)] if vmapped else [
             [c] for c in chains

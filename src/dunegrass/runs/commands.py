@@ -109,7 +109,12 @@ def build_api(cfg: FitConfig) -> m.BlackBoxDaunce:
     )
     o = cfg.daunce
     return m.BlackBoxDaunce(
-        backend, num_models=o.num_models, subsample_ratio=o.subsample_ratio, seed=o.seed, confirm=cfg.yes
+        backend,
+        num_models=o.num_models,
+        subsample_ratio=o.subsample_ratio,
+        seed=o.seed,
+        normalize=o.normalize,
+        confirm=cfg.yes,
     )
 
 

@@ -187,12 +187,14 @@ def _line_search(objective, theta: Tensor, g: Tensor, step: Tensor, batches, aux
     (Armijo): a full Newton step can overshoot where the curvature changes fast (a logistic loss on nearly
     separable data with a strong perturbation), a damped one still converges; near the optimum α = 1."""
     f = objective(theta, batches, aux)
-    decrease = 1e-4 * (g * step).sum(1)  # the step is a descent direction: gᵀstep > 0 for a convex objective
+    slope = (g * step).sum(1)  # > 0 where the step descends (a positive definite Hessian)
+    decrease = 1e-4 * slope
     slack = 1e-12 * f.abs()  # rounding: near the optimum f changes by less than its last digits
     alpha = torch.ones_like(f)
     for _ in range(shrink):
         candidate = theta - alpha[:, None] * step
-        ok = objective(candidate, batches, aux) <= f - alpha * decrease + slack
+        # a member whose Hessian is indefinite here (efim's) gets no descent guarantee: it takes the full step
+        ok = (objective(candidate, batches, aux) <= f - alpha * decrease + slack) | (slope <= 0)
         if bool(ok.all()):
             return candidate
         alpha = torch.where(ok, alpha, alpha / 2)
