@@ -3,7 +3,8 @@
 For each built-in task (the digits MLP, the MNIST-1D MLP, the digits BatchNorm CNN, the docstring LM;
 ``--quick`` sizes, whose subset-retraining ground truths the other benchmarks cache under
 runs/bench-cache and runs/lm) and each gradient method with a damping knob (block eFIM on SparseJL
-features, FactGraSS, LoGra), LDS at λ = r · tr(F_l)/k_l for r on a grid, then with ``damping="auto"``
+features, FactGraSS with k = 1024 per layer, LoGra 32 × 32: blocks of at most 1024, whose eigendecompositions
+"auto" needs take a second each), LDS at λ = r · tr(F_l)/k_l for r on a grid, then with ``damping="auto"``
 (held-out log-likelihood per block, ``dunegrass.influence.auto_damping``). Features are computed once
 per method and task (the damping is not part of the feature cache); every row refits the Fisher and
 scores. Rows: ``{"task", "method", "damping", "lds", "lds_ci", "seconds", "chosen"}`` with ``chosen`` the
@@ -26,11 +27,11 @@ from dunegrass.bench.lm import lm_ground_truth, lm_task
 from common import Timer, ground_truth, print_table, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 METHODS = {
     "eFIM on SparseJL 1024": lambda m, t, d: dg.GradientInfluence(m, t, compressor="sjlt:1024", damping=d),
-    "FactGraSS": lambda m, t, d: dg.FactGraSS(m, t, damping=d),
-    "LoGra": lambda m, t, d: dg.LoGra(m, t, damping=d),
+    "FactGraSS k=1024": lambda m, t, d: dg.FactGraSS(m, t, k=1024, damping=d),
+    "LoGra 32x32": lambda m, t, d: dg.LoGra(m, t, k_in=32, k_out=32, damping=d),
 }
 
 
