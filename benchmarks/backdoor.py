@@ -11,7 +11,8 @@ explain. Methods, each ranking the training set by its mean score over the queri
 - the same with ``LocalChatBackend``: each loss read as the chat protocol reads it from a chat API
   (greedy reply, ``top_logprobs=20``: floored below them, cut short where the answer leaves the reply);
 - white-box Daunce (``dg.Daunce``, LoRA on the last 2 blocks);
-- the Bayesian influence function (``dg.BayesianInfluence``, devinterp's defaults, SGLD on the same adapters);
+- the Bayesian influence function (``dg.BayesianInfluence``, devinterp's nβ, γ and η, SGLD on the same adapters;
+  ``--quick``: 4 chains × 25 draws of batch 8);
 - FactGraSS and LoGra (influence in the compressed space);
 - TF-IDF cosine over the words of prompt and answer, and random.
 
@@ -61,7 +62,9 @@ def main() -> None:
     args = ap.parse_args()
     wanted = [w.strip() for w in args.methods.split(",")] if args.methods else None
     n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
-    chains, draws = (4, 50) if args.quick else (10, 100)  # the Bayesian influence function's SGLD budget
+    # The Bayesian influence function's SGLD budget: every draw is a step and a pass over the training set (about
+    # 4 s here on SmolLM2 with batch 8), so --quick takes 100 draws, not devinterp's 1000.
+    chains, draws, bif_batch = (4, 25, 8) if args.quick else (10, 100, 32)
     K = args.members or K
     torch.manual_seed(0)
     base, tok, _ = load_smollm2()
@@ -91,7 +94,8 @@ def main() -> None:
         ("daunce (white-box)", lambda: dg.Daunce(
             theta0, task, num_models=K, lora=last2, trainer="finetune").fit(data).score(qdata)),
         (f"bif ({chains} chains x {draws} draws)", lambda: dg.BayesianInfluence(
-            theta0, task, chains=chains, draws=draws, lora=last2).fit(data).score(qdata)),
+            theta0, task, chains=chains, draws=draws, batch_size=bif_batch, lora=last2).fit(
+            data, queries=qdata).score(qdata)),
         ("factgrass", lambda: dg.FactGraSS(theta0, task, k=256, mask_size=32, batch_size=8).fit(data).score(qdata)),
         ("logra", lambda: dg.LoGra(theta0, task, k_in=16, k_out=16, batch_size=8).fit(data).score(qdata)),
         ("tf-idf", lambda: tfidf_scores(train, queries)),

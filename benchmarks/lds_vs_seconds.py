@@ -56,8 +56,7 @@ def runs(name: str, bt) -> list[tuple[str, str, object]]:
     sizes = [k for k in (256, 1024, 4096) if k <= sum(p.numel() for p in m.parameters())]  # the CNN has 3842
     out += [("GraSS", f"k={k}", lambda k=k: dg.GraSS(m, t, k=k)) for k in sizes]
     out += [
-        ("eFIM on SparseJL", f"k={k}", lambda k=k: dg.GradientInfluence(m, t, compressor=f"sjlt:{k}"))
-        for k in sizes
+        ("eFIM on SparseJL", f"k={k}", lambda k=k: dg.GradientInfluence(m, t, compressor=f"sjlt:{k}")) for k in sizes
     ]
     out += [
         ("FactGraSS", "default", lambda: dg.FactGraSS(m, t)),
