@@ -12,7 +12,7 @@ explain. Methods, each ranking the training set by its mean score over the queri
   (greedy reply, ``top_logprobs=20``: floored below them, cut short where the answer leaves the reply);
 - white-box Daunce (``dg.Daunce``, LoRA on the last 2 blocks);
 - the Bayesian influence function (``dg.BayesianInfluence``, devinterp's nβ, γ and η, SGLD on the same adapters;
-  ``--quick``: 4 chains × 25 draws of batch 8);
+  ``--quick``: 4 chains × 10 draws of batch 8);
 - FactGraSS and LoGra (influence in the compressed space);
 - TF-IDF cosine over the words of prompt and answer, and random.
 
@@ -63,8 +63,8 @@ def main() -> None:
     wanted = [w.strip() for w in args.methods.split(",")] if args.methods else None
     n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
     # The Bayesian influence function's SGLD budget: every draw is a step and a pass over the training set (about
-    # 4 s here on SmolLM2 with batch 8), so --quick takes 100 draws, not devinterp's 1000.
-    chains, draws, bif_batch = (4, 25, 8) if args.quick else (10, 100, 32)
+    # 4 s here on SmolLM2 with batch 8), so --quick takes 40 draws, not devinterp's 1000, to stay under ten minutes.
+    chains, draws, bif_batch = (4, 10, 8) if args.quick else (10, 100, 32)
     K = args.members or K
     torch.manual_seed(0)
     base, tok, _ = load_smollm2()
