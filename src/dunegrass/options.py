@@ -47,6 +47,22 @@ def _boolean(value: Any, name: str) -> None:
         raise DunegrassError(f"{name} must be True or False, got {value!r}")
 
 
+def _check_covariance_options(o: Any) -> None:
+    """The fields Daunce and BayesianInfluence share: signals, evaluation batch, prefix cache, LoRA (True: the
+    default adapters), normalize."""
+    for name in ("train_signal", "query_signal"):
+        choice(getattr(o, name), ("loss", "measurement", "margin"), name)
+    if o.eval_batch_size is not None:
+        positive_int(o.eval_batch_size, "eval_batch_size")
+    if not (type(o.prefix_cache_mib) is int and o.prefix_cache_mib == 0):  # 0: off
+        positive_int(o.prefix_cache_mib, "prefix_cache_mib")
+    if o.lora is True:
+        o.lora = LoraConfig()
+    elif o.lora is False:
+        o.lora = None
+    _boolean(o.normalize, "normalize")
+
+
 def choice(value: Any, allowed: tuple, name: str) -> Any:
     if value not in allowed:
         raise DunegrassError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
@@ -164,21 +180,11 @@ class DaunceOptions:
         choice(self.variant, ("if", "efim", "blackbox"), "variant")
         if not _real(self.subsample_ratio) or not 0 < self.subsample_ratio <= 1:
             raise DunegrassError(f"subsample_ratio must be a number in (0, 1], got {self.subsample_ratio!r}")
-        for name in ("train_signal", "query_signal"):
-            choice(getattr(self, name), ("loss", "measurement", "margin"), name)
         choice(self.trainer, ("auto", "ensemble", "finetune", "newton"), "trainer")
         if not all(map(_real, (self.rho, self.gamma, self.l2))) or not (self.rho > 0 and self.gamma > 0) or self.l2 < 0:
             raise DunegrassError("rho and gamma must be positive and l2 non-negative")
         positive_int(self.max_members, "max_members")
-        if self.eval_batch_size is not None:
-            positive_int(self.eval_batch_size, "eval_batch_size")
-        if not (type(self.prefix_cache_mib) is int and self.prefix_cache_mib == 0):  # 0: off
-            positive_int(self.prefix_cache_mib, "prefix_cache_mib")
-        if self.lora is True:
-            self.lora = LoraConfig()
-        elif self.lora is False:
-            self.lora = None
-        _boolean(self.normalize, "normalize")
+        _check_covariance_options(self)
         if self.lora is not None and self.trainer in ("ensemble", "newton"):
             raise DunegrassError(f"LoRA trains member by member; use trainer='finetune' (not {self.trainer!r})")
 
@@ -270,17 +276,7 @@ class BayesianInfluenceOptions:
             )
         if self.gamma < 0:
             raise DunegrassError(f"gamma must be non-negative (0: no localisation), got {self.gamma!r}")
-        for name in ("train_signal", "query_signal"):
-            choice(getattr(self, name), ("loss", "measurement", "margin"), name)
-        if self.eval_batch_size is not None:
-            positive_int(self.eval_batch_size, "eval_batch_size")
-        if not (type(self.prefix_cache_mib) is int and self.prefix_cache_mib == 0):
-            positive_int(self.prefix_cache_mib, "prefix_cache_mib")
-        if self.lora is True:
-            self.lora = LoraConfig()
-        elif self.lora is False:
-            self.lora = None
-        _boolean(self.normalize, "normalize")
+        _check_covariance_options(self)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
