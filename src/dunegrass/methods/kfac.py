@@ -73,7 +73,10 @@ class KFAC(Attributor):
     ):
         super().__init__(model, task, progress=progress)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < math.inf:
-            raise DunegrassError(f"damping must be a positive finite number, got {damping!r}")
+            raise DunegrassError(
+                f"damping must be a positive finite number, got {damping!r} (damping='auto' is for the block-eFIM "
+                "methods: GradientInfluence, GraSS, FactGraSS, LoGra, TRAK)"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise DunegrassError(f"seed must be an integer, got {seed!r}")
         self.layers = factor_layers(model, modules)
