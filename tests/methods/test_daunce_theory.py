@@ -148,9 +148,10 @@ def test_with_weak_data_curvature_the_estimator_converges_to_the_subset_average(
     """Nearly separable data (breast cancer, 30 standardised features) and strong L2 (1e-2 against a mean data
     curvature of 0.02): each member's subset Hessian H_k = H_data,k + l2·I varies from subset to subset, and
     to first order in ρ the covariance converges to (ρ²/3m)·E_k[g_zᵀH_k⁻¹F_kH_k⁻¹g_i] — which exceeds the
-    full-data formula (H⁻¹FH⁻¹) by Jensen's inequality (the inverse is convex), here by a third. At ρ = 1 the
-    members move far enough for the loss's higher orders to matter (Pearson ≈ 0.85 with the same target,
-    K = 2048); at ρ = 0.1 the first-order theory holds. (benchmarks' notes: README "Daunce on a convex model".)
+    full-data formula (H⁻¹FH⁻¹) by Jensen's inequality (the inverse is convex), here by about 40 %. At ρ = 1
+    the members move far enough for the loss's higher orders to matter (Pearson ≈ 0.86 with the same target,
+    K = 2048); at ρ = 0.1 the first-order theory holds. (benchmarks/daunce_convex.py; README "Daunce on a
+    convex model".)
     """
     from sklearn.datasets import load_breast_cancer
 
