@@ -68,3 +68,22 @@ def test_top_k_scoring_keeps_no_dense_matrix(peak_rss_mb):
     dense = peak_rss_mb(SCORES.format(checkpoints=2, top_k=None, queries=600))
     top = peak_rss_mb(SCORES.format(checkpoints=2, top_k=10, queries=600))
     assert dense - top > 250, f"top_k saved only {dense - top:.0f} MiB"
+
+
+BIF = """
+import tempfile, torch, dunegrass as dg
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+n = 100_000
+x, y = torch.randn(n, 4), torch.randint(0, 3, (n,))
+with tempfile.TemporaryDirectory() as cache:
+    dg.BayesianInfluence(model, dg.ClassificationTask(), chains=2, draws={draws}, eval_batch_size=n).fit(
+        (x, y), cache_dir=cache)
+"""
+
+
+def test_bayesian_influence_stores_each_draw_as_it_is_drawn(peak_rss_mb):
+    """Bound: one draw's signals per chain (0.8 MB each here), written to the cache at once. Holding each chain's
+    40 draws until it ended would be 2 × 40 × n float64 = 64 MB, and as much again for the transfer."""
+    few, many = peak_rss_mb(BIF.format(draws=2)), peak_rss_mb(BIF.format(draws=40))
+    assert many - few < 30, f"40 draws per chain took {many - few:.0f} MiB more than 2"

@@ -45,15 +45,19 @@ def _fit_exactly(model, task, train, l2):
     return model
 
 
+def _gradients(model, task, data, names):
+    """Per-example loss gradients ``[n, p]`` (float64)."""
+    loss = lambda m, b: task.loss(task.outputs(m, b), b)  # noqa: E731
+    return per_sample_gradients(model, loss, data, names).double()
+
+
 @pytest.fixture(scope="module")
 def logreg():
     train, queries = _logistic_data(600, 20, 6)
     task = dg.ClassificationTask()
     model = _fit_exactly(logistic_regression(6, 2, seed=0), task, train, L2)
     names = select_parameters(model)
-    loss = lambda m, b: task.loss(task.outputs(m, b), b)  # noqa: E731
-    g = per_sample_gradients(model, loss, train, names).double()
-    gq = per_sample_gradients(model, loss, queries, names).double()
+    g, gq = _gradients(model, task, train, names), _gradients(model, task, queries, names)
     fisher = g.T @ g / g.shape[0]
     hinv = torch.linalg.inv(damped_hessian(model, task, train, names, L2))
     return {
@@ -164,9 +168,7 @@ def test_with_weak_data_curvature_the_estimator_converges_to_the_subset_average(
     task = dg.ClassificationTask()
     model = _fit_exactly(logistic_regression(30, 2, seed=0), task, train, L2)
     names = select_parameters(model)
-    loss = lambda m, b: task.loss(task.outputs(m, b), b)  # noqa: E731
-    g = per_sample_gradients(model, loss, train, names).double()
-    gq = per_sample_gradients(model, loss, queries, names).double()
+    g, gq = _gradients(model, task, train, names), _gradients(model, task, queries, names)
     n, p = g.shape
     rho, ratio, K = 0.1, 0.3, 768
     m = round(ratio * n)

@@ -11,8 +11,9 @@ the chains (over ten runs of draws with one chain).
 Each draw costs one SGLD step and one evaluation pass, instead of a member's fine-tune. Under a Laplace
 approximation the scores are g_zᵀ(nβH + γI)⁻¹g_i: damped influence with λ = γ/nβ, scaled by 1/nβ
 (tested on a convex model). Chains replay exactly, so queries unknown at fit time are scored by running
-the chains again (evaluating the queries only), and no draw's weights are ever kept. Memory: one
-chain's signals, draws × (n_train + n_query) numbers, on the model's device until the chain ends.
+the chains again (evaluating the queries only), and no draw's weights are ever kept. Memory: each draw's
+signals go to the store as they are drawn, so beyond the model it is one draw's rows, (n_train + n_query)
+numbers per chain sampled at once.
 Under ``torchrun`` rank r runs the chains c with c % world_size == r into the shared ``cache_dir``.
 """
 
@@ -175,31 +176,36 @@ class BayesianInfluence(CovarianceScoring, Attributor):
                 )
             try:
                 for group in tqdm(groups, desc="bif: chains", disable=not self.progress, unit="group"):
-                    rows = self._group(backend, group, sides)
-                    for j, c in enumerate(group):
-                        self._write(c, {side: v[j] for side, v in rows.items()}, stores)
+                    self._group(backend, group, sides, stores)
             finally:
                 if backend is not None:
                     backend.close()
 
-    def _write(self, chain: int, rows: dict[str, Tensor], stores: dict[str, Any]) -> None:
-        lo = chain * self.options.draws
-        queries = {} if "query" not in rows else {"q": (stores["query"], rows["query"])}
-        if "train" in rows:
-            self.store.write_group(lo, rows["train"], queries)
-        else:
-            for d in range(self.options.draws):
-                stores["query"].write(lo + d, {"signal": rows["query"][d : d + 1].numpy()})
+    def _write_draw(self, chains: list[int], draw: int, rows: dict[str, Tensor], stores: dict[str, Any]) -> None:
+        """Store draw ``draw`` of each of ``chains`` from ``rows {side: [len(chains), n_side]}`` (on the model's
+        device): one transfer per draw and side, then each draw's query row before its training row, which
+        marks it done. A non-finite signal means the chain diverged."""
+        o = self.options
+        host = {side: v.to(torch.float64).cpu() for side, v in rows.items()}
+        for v in host.values():
+            bad = (~torch.isfinite(v).all(dim=1)).nonzero()
+            if len(bad):
+                raise NonFiniteError(
+                    f"chain {chains[int(bad[0, 0])]} has NaN/inf signals at draw {draw}: the SGLD chain diverged; "
+                    f"lower lr (now {o.lr}) or nbeta (now {o.nbeta}), or raise gamma (now {o.gamma})"
+                )
+        for j, c in enumerate(chains):
+            k = c * o.draws + draw
+            if "query" in host:
+                stores["query"].write(k, {"signal": host["query"][j : j + 1].numpy()})
+            if "train" in host:
+                self.store.train.write(k, {"signal": host["train"][j : j + 1].numpy()})
 
-    def _group(self, backend: FinetuneBackend | None, chains: list[int], sides: dict[str, Any]) -> dict[str, Tensor]:
-        """The signals ``{side: [len(chains), draws, n_side]}`` (float64, on the host) of ``chains``: vmapped
-        together (``backend`` None) or one chain in the model itself."""
+    def _group(self, backend: FinetuneBackend | None, chains: list[int], sides: dict[str, Any], stores) -> None:
+        """Run ``chains`` — vmapped together (``backend`` None) or one chain in the model itself — storing every
+        draw's signals on ``sides`` as it is drawn (memory: one draw's rows, never a chain's)."""
         o = self.options
         device = self._device
-        out = {
-            side: torch.empty(len(chains), o.draws, len(d), dtype=torch.float64, device=device)
-            for side, d in sides.items()
-        }
         seeds = [derive_seed(o.seed, CHAIN_STREAM, c) for c in chains]
         if backend is None:
             names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -207,42 +213,37 @@ class BayesianInfluence(CovarianceScoring, Attributor):
                 raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
 
             def evaluate_all(draw: int, stacked: dict[str, Tensor]) -> None:
-                for side, data in sides.items():
-                    fn = self.signal_fns[side]
-                    values = ensemble_outputs(self.model, self.task, stacked, data, fn, self._eval_batch())
-                    out[side][:, draw] = values.to(torch.float64)
+                batch = self._eval_batch()
+                rows = {
+                    side: ensemble_outputs(self.model, self.task, stacked, data, self.signal_fns[side], batch)
+                    for side, data in sides.items()
+                }
+                self._write_draw(chains, draw, rows, stores)
 
             sgld_chains_vmapped(
                 self.model, self.task, self.train_data, names, self.sampler, seeds, o.draws, evaluate_all, self.progress
             )
-        else:
-            backend.reset(Member(torch.arange(0), o.seed))  # every chain starts at the same θ₀ (same adapters)
-            net = backend.net
-            params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-            if not params:
-                raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
+            return
+        backend.reset(Member(torch.arange(0), o.seed))  # every chain starts at the same θ₀ (same adapters)
+        net = backend.net
+        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        if not params:
+            raise DunegrassError("the model has no trainable parameters (requires_grad) to sample")
 
-            @torch.no_grad()
-            def evaluate(draw: int) -> None:
-                for side, data in sides.items():
-                    fn = self.signal_fns[side]
-                    for start, batch in iterate_batches(data, self._eval_batch()):
-                        batch = to_device(batch, device)
-                        values = fn(self.task.outputs(net, batch), batch).detach().to(torch.float64)
-                        out[side][0, draw, start : start + len(values)] = values
+        @torch.no_grad()
+        def evaluate(draw: int) -> None:
+            rows = {}
+            for side, data in sides.items():
+                fn = self.signal_fns[side]
+                parts = [
+                    fn(self.task.outputs(net, b), b).detach()
+                    for b in (to_device(batch, device) for _, batch in iterate_batches(data, self._eval_batch()))
+                ]
+                rows[side] = torch.cat(parts)[None]
+            self._write_draw(chains, draw, rows, stores)
 
-            train = self.train_data
-            sgld_chain(net, self.task, train, params, self.sampler, seeds[0], o.draws, evaluate, self.progress)
-        rows = {side: v.cpu() for side, v in out.items()}  # one transfer per group of chains and side
-        for v in rows.values():
-            bad = (~torch.isfinite(v).all(dim=2)).nonzero()
-            if len(bad):
-                chain, draw = chains[int(bad[0, 0])], int(bad[0, 1])
-                raise NonFiniteError(
-                    f"chain {chain} has NaN/inf signals from draw {draw} on: the SGLD chain diverged; "
-                    f"lower lr (now {o.lr}) or nbeta (now {o.nbeta}), or raise gamma (now {o.gamma})"
-                )
-        return rows
+        train = self.train_data
+        sgld_chain(net, self.task, train, params, self.sampler, seeds[0], o.draws, evaluate, self.progress)
 
     # ---- score (score, self_scores, signals: CovarianceScoring)
     def _query_signals(self, queries: Any) -> Tensor:
