@@ -3,9 +3,9 @@
 For each block l (a column range of the features): F_l = Φ_lᵀΦ_l / n, λ_l = damping · tr(F_l) / k_l,
 and the Cholesky factor of F_l + λ_l I computed in float64 (if that matrix is not positive definite in
 floating point, its eigenvalues are floored at λ_l first, with a warning); solves are two triangular
-solves. ``damping=None`` is the identity (plain inner products, TracIn-style); ``damping="auto"`` chooses
-each block's relative damping from the training features (``auto_damping``: held-out log-likelihood of
-the even rows under the odd rows' Fisher and back), recorded in ``chosen``.
+solves. ``damping=None`` is the identity (plain inner products, TracIn-style); ``damping="auto"`` sets
+each block's λ_l to the mean of its nonzero eigenvalues, tr(F_l)/min(n, k_l) (``auto_damping``), and
+records the relative damping this is in ``chosen``.
 
 Memory is one group of blocks, not all of them: blocks are accumulated and factorised a group at a time
 (as many consecutive blocks as fit in ``memory`` bytes, at least one), reading only those columns of
@@ -30,7 +30,7 @@ from .. import distributed
 from ..errors import DunegrassError
 from ..store.blocks import BlockStore
 from ..store.feature_store import FeatureStore
-from .auto_damping import choose_ratio
+from .auto_damping import auto_ratio
 
 FISHER_MEMORY = 1 << 30  # bytes of Gram/factor blocks held at once while fitting and solving
 MAX_BLOCK_BYTES = 4 << 30  # one float64 k × k block beyond this is a configuration mistake, not a workload
@@ -95,10 +95,8 @@ class BlockPreconditioner:
         self.damping, self.dtype, self.device = damping, dtype, torch.device(device)
         self.memory = FISHER_MEMORY if memory is None else int(memory)
         check_fisher_memory(self.blocks, damping)
-        halves = 2 if damping == "auto" else 1  # "auto" accumulates the even and the odd rows' Grams apart
-        self.groups = _groups(self.blocks, self.memory, halves * torch.finfo(dtype).bits // 8)
-        # block → relative damping "auto" chose, for the blocks this process factorised in its last fit (not
-        # those read back from a cache or factorised by another rank)
+        self.groups = _groups(self.blocks, self.memory, torch.finfo(dtype).bits // 8)
+        # block → the relative damping "auto" set, for every block once fitted (it depends on n and k only)
         self.chosen: dict[int, float] = {}
         self.factors: BlockStore | None = None
         self._held: dict[int, Tensor] | None = None
@@ -111,7 +109,10 @@ class BlockPreconditioner:
         """Accumulate each block's Gram matrix from ``store``'s features and factorise it into ``factors``
         (default: RAM when every block fits in ``memory``, else a temporary directory). Blocks already
         in ``factors`` are kept, so an interrupted fit resumes."""
-        self.n, self.chosen = store.n, {}
+        self.n = store.n
+        self.chosen = (
+            {i: auto_ratio(self.n, b - a) for i, (a, b) in enumerate(self.blocks)} if self.damping == "auto" else {}
+        )
         if self.damping is None:
             return self
         if factors is None:
@@ -128,33 +129,25 @@ class BlockPreconditioner:
         distributed.barrier()  # every rank reads every block next
         return self
 
-    def _grams(self, store: FeatureStore, todo: list[int]) -> list[tuple[Tensor, Tensor | None]]:
-        """Each block's Gram matrix ΦᵀΦ, as (even rows, odd rows) for "auto", else (all rows, None)."""
+    def _grams(self, store: FeatureStore, todo: list[int]) -> list[Tensor]:
+        """Each block's Gram matrix ΦᵀΦ."""
         lo, hi = self.blocks[todo[0]][0], self.blocks[todo[-1]][1]
-        halves = 2 if self.damping == "auto" else 1
         grams = [
-            [torch.zeros(b - a, b - a, dtype=self.dtype, device=self.device) for _ in range(halves)]
+            torch.zeros(b - a, b - a, dtype=self.dtype, device=self.device)
             for a, b in map(self.blocks.__getitem__, todo)
         ]
-        for first, chunk in store.columns(lo, hi):
+        for _, chunk in store.columns(lo, hi):
             f = torch.from_numpy(chunk).to(self.device, self.dtype)
-            parts = [f] if halves == 1 else [f[(first % 2) :: 2], f[1 - (first % 2) :: 2]]  # global row parity
-            for i, gs in zip(todo, grams):
+            for i, g in zip(todo, grams):
                 a, b = self.blocks[i]
-                for g, part in zip(gs, parts):
-                    cols = part[:, a - lo : b - lo]
-                    g.addmm_(cols.T, cols)
-        return [(gs[0], gs[1] if halves == 2 else None) for gs in grams]
+                cols = f[:, a - lo : b - lo]
+                g.addmm_(cols.T, cols)
+        return grams
 
-    def _factor(self, i: int, grams: tuple[Tensor, Tensor | None]) -> Tensor:
+    def _factor(self, i: int, gram: Tensor) -> Tensor:
         """The lower Cholesky factor of F_l + λ_l I (float64)."""
         a, b = self.blocks[i]
-        even, odd = grams
-        if odd is None:
-            ratio, gram = self.damping, even
-        else:
-            ratio = choose_ratio(even, (self.n + 1) // 2, odd, self.n // 2)
-            self.chosen[i], gram = ratio, even + odd
+        ratio = self.chosen[i] if self.damping == "auto" else self.damping
         fisher = gram.to(torch.float64) / self.n
         lam = ratio * torch.trace(fisher) / (b - a)
         if lam <= 0:  # an all-zero block (a layer the loss never reaches): absolute damping
