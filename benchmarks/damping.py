@@ -3,7 +3,8 @@
 For each built-in task (the digits MLP, the MNIST-1D MLP, the digits BatchNorm CNN, the docstring LM;
 ``--quick`` sizes, whose subset-retraining ground truths the other benchmarks cache under
 runs/bench-cache and runs/lm) and each gradient method with a damping knob (block eFIM on SparseJL
-features at k = 256, 1024 and 2048 — one block over the whole model, so k/n varies —, FactGraSS with
+features at k = 256, 1024 and 2048 — one block over the whole model, so k/n varies —, and one block per
+parameter tensor at k ≤ 1024 each, FactGraSS with
 k = 1024 per layer, LoGra 32 × 32), LDS at λ = r · tr(F_l)/k_l for r on a grid, with ``damping="auto"``
 (λ_l = tr(F_l)/min(n, k_l), ``dunegrass.influence.auto_damping``), and with the rule set aside before it:
 each block's r chosen by the held-out Gaussian log-likelihood of its features (the even rows under the odd
@@ -38,6 +39,9 @@ METHODS = {
     "eFIM on SparseJL 256": lambda m, t, d: dg.GradientInfluence(m, t, compressor="sjlt:256", damping=d),
     "eFIM on SparseJL 1024": lambda m, t, d: dg.GradientInfluence(m, t, compressor="sjlt:1024", damping=d),
     "eFIM on SparseJL 2048": lambda m, t, d: dg.GradientInfluence(m, t, compressor="sjlt:2048", damping=d),
+    "eFIM per tensor, SparseJL 1024": lambda m, t, d: dg.GradientInfluence(
+        m, t, compressor="sjlt:1024", per_parameter=True, damping=d
+    ),
     "FactGraSS k=1024": lambda m, t, d: dg.FactGraSS(m, t, k=1024, damping=d),
     "LoGra 32x32": lambda m, t, d: dg.LoGra(m, t, k_in=32, k_out=32, damping=d),
 }
