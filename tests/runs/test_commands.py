@@ -176,3 +176,28 @@ def test_the_bayesian_influence_function_from_the_command_line(tmp_path, capsys,
     assert score.returncode == 0, score.stderr[-3000:]
     top = dg.TopScores.load(tmp_path / "runs" / "default" / "top.npz")
     assert top.n_train == len(SENTENCES) and top.method == "bif"
+
+
+def test_score_takes_a_fits_settings_from_its_run_directory(tmp_path, capsys, monkeypatch):
+    """``dunegrass score --run DIR`` from another directory: the fit's flags are not repeated, its relative
+    paths still resolve, and the run's cache is found (a different k_in would be a config mismatch)."""
+    run = lambda *a, cwd=tmp_path: _call(*a, cwd=cwd, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    _tiny_lm_dir(tmp_path / "model", False)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    fit = run("fit", "--model", "model", "--data", "train.jsonl", "--method", "logra", "--name", "words",
+              "--method_options.k_in", "8", "--method_options.k_out", "8")  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "q.jsonl").write_text(json.dumps({"text": SENTENCES[5]}) + "\n")
+    score = run("score", "--run", "../runs/words", "--queries", "q.jsonl", "--top_k", "2", cwd=elsewhere)
+    assert score.returncode == 0, score.stderr[-3000:]
+    assert "with logra" in score.stdout
+    top = dg.TopScores.load(tmp_path / "runs" / "words" / "top.npz")
+    assert top.method == "logra" and top.n_train == len(SENTENCES) and top.top().indices[0, 0] == 5
+    changed = run("score", "--run=../runs/words", "--method_options.k_in", "4", "--queries", "q.jsonl", cwd=elsewhere)
+    assert changed.returncode == 1 and "proj_in.out_dim: cached 8, requested 4" in changed.stderr, changed.stderr[
+        -2000:
+    ]
+    missing = run("score", "--run", "nowhere", "--queries", "q.jsonl", cwd=elsewhere)
+    assert missing.returncode == 1 and "nowhere has no run.json" in missing.stderr

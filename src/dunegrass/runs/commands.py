@@ -1,7 +1,9 @@
 """``dunegrass fit CONFIG``, ``dunegrass score CONFIG --queries PATH`` and ``dunegrass inspect CACHE_DIR``.
 
-``fit`` builds the attributor the config names and fits it into ``cache_dir/name`` (resumable); ``score``
-builds the same one, finds that run's features or members (fitting whatever is missing) and writes, per
+``fit`` builds the attributor the config names and fits it into ``cache_dir/name`` (resumable) and records
+its settings in ``run.json``; ``score`` builds the same one — from the same config, or with ``--run
+CACHE_DIR/NAME`` from that record, flags overriding it —, finds the run's features or members (fitting
+whatever is missing) and writes, per
 query, the top proponents and opponents with their texts (``top.csv``, ``top.jsonl``), the scores
 (``top.npz``; ``scores.npz`` with ``--dense``) and ``report.html``.
 """
@@ -27,6 +29,7 @@ from .config import FitConfig, ScoreConfig
 from .loaders import Examples, Loaded, load_data, load_model, load_pairs
 
 jsonargparse.set_loader("toml", tomllib.loads)
+GROUPS = ("influence", "daunce", "bif", "method_options", "api")  # the configs' dataclass sections
 
 
 def parser(kind: type[FitConfig], prog: str, mode: str = "yaml") -> jsonargparse.ArgumentParser:
@@ -38,14 +41,65 @@ def parser(kind: type[FitConfig], prog: str, mode: str = "yaml") -> jsonargparse
 
 
 def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
-    """``kind`` from a YAML or TOML config file (by its extension) and flags."""
+    """``kind`` from a YAML or TOML config file (by its extension) and flags; for ``score``, ``--run DIR``
+    takes the settings a fit recorded in ``DIR/run.json`` as the defaults that the file and flags override."""
     if argv and not argv[0].startswith("-"):  # dunegrass fit CONFIG [--flags]
         argv = ["--config", argv[0], *argv[1:]]
     argv = _bare_flags(argv, ("--yes",))
+    run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
     mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
     p = parser(kind, prog, mode)
+    if kind is ScoreConfig:
+        p.add_argument("--run", help="a run directory (CACHE_DIR/NAME) whose recorded fit settings to use")
+    if run is not None:
+        p.set_defaults(recorded_settings(run))
     ns = p.instantiate(p.parse_args(argv))
     return kind(**{f.name: ns[f.name] for f in dataclasses.fields(kind)})
+
+
+def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """``flag``'s value (``--flag VALUE`` or ``--flag=VALUE``) and ``argv`` without it."""
+    value, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            if i + 1 >= len(argv):
+                raise DunegrassError(f"{flag} needs a value")
+            value, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith(flag + "="):
+            value = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return value, rest
+
+
+def recorded_settings(run: str) -> dict:
+    """The settings ``dunegrass fit`` recorded in ``run/run.json``, as parser defaults (dotted keys): the run's
+    own directory as ``cache_dir``/``name`` (wherever it now is), and paths relative to the directory the fit
+    ran in resolved against it when they exist there."""
+    path = os.path.join(run, "run.json")
+    if not os.path.isfile(path):
+        raise DunegrassError(
+            f"{run} has no run.json: --run takes the directory a `dunegrass fit` wrote (CACHE_DIR/NAME)"
+        )
+    with open(path) as f:
+        record = json.load(f)
+    config, cwd = dict(record["config"]), record.get("cwd")
+    if cwd:
+        for key in ("model", "data", "weights"):
+            value = config.get(key)
+            if value and not os.path.isabs(value) and os.path.exists(os.path.join(cwd, value)):
+                config[key] = os.path.join(cwd, value)
+    root = os.path.abspath(run)
+    config["cache_dir"], config["name"] = os.path.dirname(root), os.path.basename(root)
+    flat = {}
+    for key, value in config.items():
+        if key in GROUPS and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -127,7 +181,8 @@ def fit(cfg: FitConfig) -> tuple[m.Attributor, Loaded, Examples]:
     start = time.perf_counter()
     attr, loaded, (train,) = prepare(cfg, cfg.data)
     attr.fit(train.data, cache_dir=run_dir(cfg))
-    atomic_write_json(os.path.join(run_dir(cfg), "run.json"), {"command": "fit", "config": cfg.to_dict()})
+    record = {"command": "fit", "config": cfg.to_dict(), "cwd": os.getcwd()}  # cwd: for score --run elsewhere
+    atomic_write_json(os.path.join(run_dir(cfg), "run.json"), record)
     print(
         f"dunegrass fit: {attr.method_name} on {len(train.data)} training examples in "
         f"{time.perf_counter() - start:.1f} s; kept in {run_dir(cfg)}"

@@ -23,6 +23,7 @@ import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -283,11 +284,15 @@ class FeatureStore:
         return np.concatenate([a for _, a in self.iter_shards(name)])
 
 
-def _diff(old: Mapping, new: Mapping, prefix: str = "") -> str:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+def _diff(old: Any, new: Any, prefix: str = "") -> str:
+    """The first setting that differs, by its path (``featurizer.layers[0].proj_in.out_dim: cached 8, ...``)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        pairs = [(f"{prefix}{'.' if prefix else ''}{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = [(f"{prefix}[{i}]", a, b) for i, (a, b) in enumerate(zip(old, new))]
+    else:
+        return f"{prefix}: cached {old!r}, requested {new!r}"
+    for path, a, b in pairs:
         if a != b:
-            if isinstance(a, Mapping) and isinstance(b, Mapping):
-                return _diff(a, b, f"{prefix}{key}.")
-            return f"{prefix}{key}: cached {a!r}, requested {b!r}"
+            return _diff(a, b, path)
     return "layout differs"
