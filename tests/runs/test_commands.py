@@ -201,3 +201,22 @@ def test_score_takes_a_fits_settings_from_its_run_directory(tmp_path, capsys, mo
     ]
     missing = run("score", "--run", "nowhere", "--queries", "q.jsonl", cwd=elsewhere)
     assert missing.returncode == 1 and "nowhere has no run.json" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, daunce_rank, bif_rank",
+    [
+        (["--daunce.lora", "true"], 64, None),
+        (["--bif.lora", "--device", "cpu"], None, 64),
+        (["--daunce.lora", "false"], None, None),
+        (["--bif.lora.rank", "4"], None, 4),
+        (["--daunce.lora", "{rank: 8}", "--bif.lora", "True"], 8, 64),
+    ],
+)
+def test_lora_is_switched_on_by_a_bare_or_true_flag(flags, daunce_rank, bif_rank):
+    from dunegrass.runs.commands import parse
+    from dunegrass.runs.config import FitConfig
+
+    cfg = parse(FitConfig, ["--model", "m", "--data", "d.jsonl", *flags], "dunegrass fit")
+    assert (cfg.daunce.lora and cfg.daunce.lora.rank) == daunce_rank
+    assert (cfg.bif.lora and cfg.bif.lora.rank) == bif_rank

@@ -45,7 +45,7 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
     takes the settings a fit recorded in ``DIR/run.json`` as the defaults that the file and flags override."""
     if argv and not argv[0].startswith("-"):  # dunegrass fit CONFIG [--flags]
         argv = ["--config", argv[0], *argv[1:]]
-    argv = _bare_flags(argv, ("--yes",))
+    argv = _lora_switches(_bare_flags(argv, ("--yes",)), ("--daunce.lora", "--bif.lora"))
     run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
     mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
     p = parser(kind, prog, mode)
@@ -100,6 +100,23 @@ def recorded_settings(run: str) -> dict:
         else:
             flat[key] = value
     return flat
+
+
+def _lora_switches(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``--daunce.lora`` alone or ``true`` means LoRA with the default adapters (``{}``), ``false`` none (``null``);
+    a mapping or ``--daunce.lora.rank 8`` pass through."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] in flags:
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if following in ("true", "false"):
+                out.append("{}" if following == "true" else "null")
+                i += 1
+            elif not following or following.startswith("--"):
+                out.append("{}")
+        i += 1
+    return out
 
 
 def _bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
