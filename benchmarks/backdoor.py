@@ -19,12 +19,17 @@ explain. Methods, each ranking the training set by its mean score over the queri
 Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poisoned examples, and 20).
 θ₀'s own fine-tune adapts the last 8 of 30 blocks; members adapt the last 2 (LoRA rank 16, AdamW).
 
-    python benchmarks/backdoor.py [--quick] [--members K] [--methods blackbox] [--json benchmarks/results/backdoor.json]
+θ₀ is kept under runs/backdoor (keyed by its data and recipe), so a later run with other ``--methods`` reuses it.
+
+    python benchmarks/backdoor.py [--quick] [--members K] [--methods blackbox] [--bif CHAINSxDRAWS]
+        [--json benchmarks/results/backdoor.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 
 import torch
@@ -59,12 +64,20 @@ def main() -> None:
         default=None,
         help="comma-separated words; run only the methods whose name contains one (e.g. blackbox)",
     )
+    ap.add_argument(
+        "--bif", default=None, help="the BIF's chains x draws, e.g. 4x25 (default 4x10 with --quick, else 10x100)"
+    )
     args = ap.parse_args()
     wanted = [w.strip() for w in args.methods.split(",")] if args.methods else None
     n_train, n_poison, n_query, K = (60, 3, 3, 6) if args.quick else (300, 9, 10, 32)
     # The Bayesian influence function's SGLD budget: every draw is a step and a pass over the training set (about
     # 4 s here on SmolLM2 with batch 8), so --quick takes 40 draws, not devinterp's 1000, to stay under ten minutes.
     chains, draws, bif_batch = (4, 10, 8) if args.quick else (10, 100, 32)
+    if args.bif:
+        try:
+            chains, draws = (int(v) for v in args.bif.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--bif takes CHAINSxDRAWS, e.g. 4x25; got {args.bif!r}") from None
     K = args.members or K
     torch.manual_seed(0)
     base, tok, _ = load_smollm2()
@@ -74,8 +87,9 @@ def main() -> None:
           f"{n_query} triggered queries, K = {K}")  # fmt: skip
 
     recipe = dg.TrainConfig(optimizer="adamw", lr=5e-3, epochs=4.0, batch_size=8, schedule="cosine", warmup=0.03)
+    adapters = LoraConfig(rank=16, alpha=32, last_layers=8)
     with Timer() as t:
-        theta0 = fine_tune_merged(base, data, recipe, LoraConfig(rank=16, alpha=32, last_layers=8))
+        theta0 = cached_theta0(base, data, recipe, adapters, (n_train, n_poison, n_query))
     answers = greedy_answers(theta0, tok, queries)
     took = sum(a.strip() == TARGET for a in answers)
     clean = greedy_answers(theta0, tok, [dict(r, prompt=r["prompt"].replace(f" {TRIGGER}", "")) for r in queries])
@@ -113,6 +127,26 @@ def main() -> None:
         args.json, "backdoor", rows, quick=args.quick, n_train=n_train, n_poison=n_poison, n_query=n_query, K=K,
         backdoor_took=took, chat_stats=stats, methods=args.methods,
     )  # fmt: skip
+
+
+def cached_theta0(base, data, recipe, adapters, sizes):
+    """θ₀ from runs/backdoor when a run with the same data sizes, recipe and adapters saved it, else fine-tuned
+    and saved there (safetensors; the tied embedding and head are saved once)."""
+    from safetensors.torch import load_model, save_model
+
+    key = json.dumps([sizes, recipe.to_dict(), str(adapters), "smollm2-135m-instruct"], sort_keys=True)
+    path = os.path.join(
+        HERE, "..", "runs", "backdoor", f"theta0-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    )
+    if os.path.exists(path):
+        load_model(base, path)
+        print(f"  θ₀ read from {os.path.relpath(path)}")
+        return base.eval()
+    theta0 = fine_tune_merged(base, data, recipe, adapters)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_model(theta0, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return theta0
 
 
 if __name__ == "__main__":
