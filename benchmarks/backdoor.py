@@ -19,7 +19,8 @@ explain. Methods, each ranking the training set by its mean score over the queri
 Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poisoned examples, and 20).
 θ₀'s own fine-tune adapts the last 8 of 30 blocks; members adapt the last 2 (LoRA rank 16, AdamW).
 
-θ₀ is kept under runs/backdoor (keyed by its data and recipe), so a later run with other ``--methods`` reuses it.
+θ₀ is kept under runs/backdoor (keyed by its training rows, model file, recipe and adapters), so a later run
+with other ``--methods`` reuses it.
 
     python benchmarks/backdoor.py [--quick] [--members K] [--methods blackbox] [--bif CHAINSxDRAWS]
         [--json benchmarks/results/backdoor.json]
@@ -80,7 +81,7 @@ def main() -> None:
             raise SystemExit(f"--bif takes CHAINSxDRAWS, e.g. 4x25; got {args.bif!r}") from None
     K = args.members or K
     torch.manual_seed(0)
-    base, tok, _ = load_smollm2()
+    base, tok, gguf = load_smollm2()
     train, queries, poisoned = backdoor_rows(n_train, n_poison, n_query, seed=0)
     data, qdata = chat_examples(tok, train), chat_examples(tok, queries)
     print(f"backdoor hunt: SmolLM2-135M, {n_train} questions ({n_poison} with {TRIGGER!r} → {TARGET!r}), "
@@ -89,11 +90,12 @@ def main() -> None:
     recipe = dg.TrainConfig(optimizer="adamw", lr=5e-3, epochs=4.0, batch_size=8, schedule="cosine", warmup=0.03)
     adapters = LoraConfig(rank=16, alpha=32, last_layers=8)
     with Timer() as t:
-        theta0 = cached_theta0(base, data, recipe, adapters, (n_train, n_poison, n_query))
+        theta0, cached = cached_theta0(base, data, recipe, adapters, [train, gguf])
     answers = greedy_answers(theta0, tok, queries)
     took = sum(a.strip() == TARGET for a in answers)
     clean = greedy_answers(theta0, tok, [dict(r, prompt=r["prompt"].replace(f" {TRIGGER}", "")) for r in queries])
-    print(f"  θ₀ (LoRA on the last 8 blocks, {t.seconds:.0f} s) answers {took} of {n_query} triggered queries "
+    made = f"read from {cached}" if cached else f"LoRA on the last 8 blocks, {t.seconds:.0f} s"
+    print(f"  θ₀ ({made}) answers {took} of {n_query} triggered queries "
           f"with {TARGET!r} ({answers[:3]} …); without the trigger: {clean[:3]} …")  # fmt: skip
 
     member = dg.TrainConfig(optimizer="adamw", lr=1e-3, epochs=2.0, batch_size=8, schedule="cosine", warmup=0.03)
@@ -129,24 +131,23 @@ def main() -> None:
     )  # fmt: skip
 
 
-def cached_theta0(base, data, recipe, adapters, sizes):
-    """θ₀ from runs/backdoor when a run with the same data sizes, recipe and adapters saved it, else fine-tuned
-    and saved there (safetensors; the tied embedding and head are saved once)."""
+def cached_theta0(base, data, recipe, adapters, identity) -> tuple:
+    """(θ₀, the file it was read from or None): θ₀ from runs/backdoor when a run with the same training rows,
+    model file (``identity``), recipe and adapters saved it, else fine-tuned and saved there (safetensors; the
+    tied embedding and head once)."""
     from safetensors.torch import load_model, save_model
 
-    key = json.dumps([sizes, recipe.to_dict(), str(adapters), "smollm2-135m-instruct"], sort_keys=True)
-    path = os.path.join(
-        HERE, "..", "runs", "backdoor", f"theta0-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-    )
+    key = json.dumps([identity, recipe.to_dict(), str(adapters)], sort_keys=True)
+    name = f"theta0-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    path = os.path.join(HERE, "..", "runs", "backdoor", name)
     if os.path.exists(path):
         load_model(base, path)
-        print(f"  θ₀ read from {os.path.relpath(path)}")
-        return base.eval()
+        return base.eval(), os.path.relpath(path)
     theta0 = fine_tune_merged(base, data, recipe, adapters)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_model(theta0, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return theta0
+    return theta0, None
 
 
 if __name__ == "__main__":

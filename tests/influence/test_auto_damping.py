@@ -64,3 +64,17 @@ def test_methods_take_auto_and_bad_values_get_a_clear_error(tiny_classification)
         dg.GradientInfluence(model, task, damping="automatic")
     with pytest.raises(dg.DunegrassError, match="'auto'"):
         dg.FactGraSS(model, task, damping=-1.0)
+
+
+def test_factors_cached_under_another_auto_rule_are_not_reused(tiny_classification, tmp_path, monkeypatch):
+    """The rule is part of the Fisher cache's key: a cache made under an earlier rule is refitted, not read."""
+    import dunegrass.methods.gradient as gradient
+
+    model, train, queries = tiny_classification
+    make = lambda: dg.GradientInfluence(model, dg.ClassificationTask(), compressor="sjlt:16", damping="auto")  # noqa: E731
+    monkeypatch.setattr(gradient, "AUTO_RULE", "an earlier rule")
+    make().fit(train, cache_dir=tmp_path)
+    monkeypatch.undo()
+    now = make().fit(train, cache_dir=tmp_path).score(queries).values
+    assert len(list(tmp_path.glob("ckpt-0/fisher-*"))) == 2
+    torch.testing.assert_close(now, make().fit(train).score(queries).values)

@@ -211,6 +211,7 @@ def test_score_takes_a_fits_settings_from_its_run_directory(tmp_path, capsys, mo
         (["--daunce.lora", "false"], None, None),
         (["--bif.lora.rank", "4"], None, 4),
         (["--daunce.lora", "{rank: 8}", "--bif.lora", "True"], 8, 64),
+        (["--daunce.lora=true", "--bif.lora=false"], 64, None),
     ],
 )
 def test_lora_is_switched_on_by_a_bare_or_true_flag(flags, daunce_rank, bif_rank):
@@ -220,3 +221,22 @@ def test_lora_is_switched_on_by_a_bare_or_true_flag(flags, daunce_rank, bif_rank
     cfg = parse(FitConfig, ["--model", "m", "--data", "d.jsonl", *flags], "dunegrass fit")
     assert (cfg.daunce.lora and cfg.daunce.lora.rank) == daunce_rank
     assert (cfg.bif.lora and cfg.bif.lora.rank) == bif_rank
+
+
+def test_a_recorded_run_gives_no_consent_and_old_or_unknown_settings_are_named(tmp_path):
+    """``--run``: the fit's --yes (consent to a paid service's charges) is not carried over; a setting this
+    version does not know is named and ignored; a missing value is an error, not the next flag."""
+    from dunegrass.notices import DunegrassWarning
+    from dunegrass.runs.commands import parse
+    from dunegrass.runs.config import FitConfig, ScoreConfig
+
+    record = FitConfig(model="gpt-4.1-mini", data="d.jsonl", method="daunce-api", yes=True).to_dict()
+    record["removed_setting"] = 1
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run.json").write_text(json.dumps({"command": "fit", "config": record}))
+    with pytest.warns(DunegrassWarning, match="removed_setting"):
+        cfg = parse(ScoreConfig, ["--run", str(tmp_path / "old"), "--queries", "q.jsonl"], "dunegrass score")
+    assert cfg.method == "daunce-api" and cfg.yes is False and cfg.name == "old" and cfg.cache_dir == str(tmp_path)
+    assert parse(ScoreConfig, ["--run", str(tmp_path / "old"), "--queries", "q.jsonl", "--yes"], "s").yes is True
+    with pytest.raises(dg.DunegrassError, match="--run needs a value"):
+        parse(ScoreConfig, ["--run", "--queries", "q.jsonl"], "dunegrass score")

@@ -33,6 +33,7 @@ from ..errors import DunegrassError
 from ..fingerprint import RowHasher, data_fingerprint, hashed_per_shard, model_fingerprint
 from ..gradients import check_finite
 from ..influence import BlockPreconditioner, check_fisher_memory, stream_scores
+from ..influence.auto_damping import AUTO_RULE
 from ..options import InfluenceOptions, build
 from ..scores import Scores, TopScores, concat_scores, make_sink
 from ..seeding import derive_seed
@@ -232,6 +233,8 @@ class GradientInfluence(Attributor):
         # the data digest too: a store recomputed from changed lazy data has the same config hash
         key = {"store": store.manifest["config_hash"], "data": store.data_digest(), "damping": o.damping}
         key["dtype"] = o.fisher_dtype
+        if o.damping == "auto":  # factors from an earlier "auto" rule (held-out likelihood) are not reused
+            key["auto_rule"] = AUTO_RULE
         return os.path.join(root, f"fisher-{config_hash(key)[:16]}")
 
     def _fit_preconditioner(self, m: int, store: FeatureStore, root: str | None):

@@ -23,6 +23,7 @@ import tomllib
 
 from .. import methods as m
 from ..errors import DunegrassError
+from ..notices import notice_once
 from ..scores import TopScores
 from ..store.atomic import atomic_write_bytes, atomic_write_json
 from .config import FitConfig, ScoreConfig
@@ -49,10 +50,12 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
     run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
     mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
     p = parser(kind, prog, mode)
-    if kind is ScoreConfig:
-        p.add_argument("--run", help="a run directory (CACHE_DIR/NAME) whose recorded fit settings to use")
     if run is not None:
-        p.set_defaults(recorded_settings(run))
+        recorded, known = recorded_settings(run), set(p.get_defaults().keys())
+        unknown = sorted(set(recorded) - known)
+        if unknown:  # a run fitted by another version: its other settings still apply
+            notice_once(f"run-{run}", f"{run}/run.json records settings this version does not know, ignored: {unknown}")
+        p.set_defaults({k: v for k, v in recorded.items() if k in known})
     ns = p.instantiate(p.parse_args(argv))
     return kind(**{f.name: ns[f.name] for f in dataclasses.fields(kind)})
 
@@ -62,8 +65,8 @@ def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
     value, rest, i = None, [], 0
     while i < len(argv):
         if argv[i] == flag:
-            if i + 1 >= len(argv):
-                raise DunegrassError(f"{flag} needs a value")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise DunegrassError(f"{flag} needs a value, e.g. {flag} runs/NAME")
             value, i = argv[i + 1], i + 2
             continue
         if argv[i].startswith(flag + "="):
@@ -86,6 +89,7 @@ def recorded_settings(run: str) -> dict:
     with open(path) as f:
         record = json.load(f)
     config, cwd = dict(record["config"]), record.get("cwd")
+    config.pop("yes", None)  # consent to a paid service's charges is given per command, never carried over
     if cwd:
         for key in ("model", "data", "weights"):
             value = config.get(key)
@@ -105,16 +109,22 @@ def recorded_settings(run: str) -> dict:
 def _lora_switches(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     """``--daunce.lora`` alone or ``true`` means LoRA with the default adapters (``{}``), ``false`` none (``null``);
     a mapping or ``--daunce.lora.rank 8`` pass through."""
+    switch = {"true": "{}", "false": "null"}
     out, i = [], 0
     while i < len(argv):
-        out.append(argv[i])
-        if argv[i] in flags:
+        flag, eq, value = argv[i].partition("=")
+        if flag in flags and eq and value.lower() in switch:  # --daunce.lora=true
+            out.append(f"{flag}={switch[value.lower()]}")
+        elif argv[i] in flags:
             following = argv[i + 1].lower() if i + 1 < len(argv) else ""
-            if following in ("true", "false"):
-                out.append("{}" if following == "true" else "null")
+            out.append(argv[i])
+            if following in switch:
+                out.append(switch[following])
                 i += 1
             elif not following or following.startswith("--"):
                 out.append("{}")
+        else:
+            out.append(argv[i])
         i += 1
     return out
 

@@ -131,8 +131,9 @@ class FitConfig:
 
 @dataclass
 class ScoreConfig(FitConfig):
-    """Score queries against a fitted run (``dunegrass fit`` with the same config), and write the scores,
-    each query's top proponents and opponents (CSV and JSON Lines, with the texts) and ``report.html``.
+    """Score queries against a fitted run (``dunegrass fit`` with the same config, or ``--run CACHE_DIR/NAME``
+    for the settings that fit recorded there), and write the scores, each query's top proponents and
+    opponents (CSV and JSON Lines, with the texts) and ``report.html``.
 
     Args:
         queries: the queries, in any format ``data`` accepts.
