@@ -62,7 +62,7 @@ def test_unknown_compressor_and_measurement():
 def test_bad_options(tiny_classification):
     model, _, _ = tiny_classification
     task = dg.ClassificationTask()
-    with pytest.raises(dg.DunegrassError, match="damping must be a positive number"):
+    with pytest.raises(dg.DunegrassError, match="damping must be a positive finite number"):
         dg.GradientInfluence(model, task, damping=0.0)
     with pytest.raises(dg.DunegrassError, match="task must be a dunegrass Task"):
         dg.TracIn(model, object())
@@ -179,7 +179,7 @@ def test_messages_that_name_a_fix_that_works(tiny_classification, tmp_path):
     with pytest.raises(dg.DunegrassError, match="not dense ones; use TopScores.load"):
         dg.Scores.load(tmp_path / "top.npz")
     for build, match in (
-        (lambda: dg.GradientInfluence(model, task, damping="0.1"), "damping must be a positive number, 'auto'"),
+        (lambda: dg.GradientInfluence(model, task, damping="0.1"), "damping must be a positive finite number, 'auto'"),
         (lambda: dg.Daunce(model, task, subsample_ratio="0.3"), "subsample_ratio must be a number"),
         (lambda: dg.ExactInfluence(model, task, damping=None), "non-negative numbers"),
         (lambda: dg.GraSS(torch.nn.Linear(256, 256), task, k=32768, mask_size=65536), r"k=4096"),

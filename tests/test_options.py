@@ -38,7 +38,7 @@ def test_the_keywords_of_the_last_release_still_work_with_a_warning(tiny_classif
 
 def test_options_are_checked_where_they_are_made():
     for bad, match in (
-        ({"damping": -1.0}, "damping must be a positive number"),
+        ({"damping": -1.0}, "damping must be a positive finite number"),
         ({"store_dtype": "int8"}, "store_dtype must be one of"),
         ({"train_signal": "margin"}, "train_signal must be one of"),
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -26,6 +27,8 @@ def _outside_dunegrass() -> int:
     """The stacklevel of the first frame outside this package (the user's line)."""
     here = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+    while frame is not None and (
+        os.path.abspath(frame.f_code.co_filename).startswith(here) or frame.f_code.co_filename == contextlib.__file__
+    ):  # a context manager of ours warns from contextlib's frames
         frame, level = frame.f_back, level + 1
     return level

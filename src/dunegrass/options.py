@@ -98,6 +98,8 @@ class InfluenceOptions:
 
     def __post_init__(self):
         check_damping(self.damping)
+        if self.damping not in (None, "auto"):
+            self.damping = float(self.damping)  # a NumPy scalar too, kept as a float for the cache's JSON
         for name in ("train_signal", "query_signal"):
             choice(getattr(self, name), ("loss", "measurement"), name)
         for name in ("batch_size", "chunk_size", "shard_size"):

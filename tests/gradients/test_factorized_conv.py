@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+import dunegrass as dg
 from dunegrass.bench.models import cnn
 from dunegrass.compress.factorized import FactGraSSCompressor, LoGraCompressor
 from dunegrass.errors import DunegrassError
@@ -202,4 +205,18 @@ def test_frozen_layers_captured_when_named():
 def test_a_fully_frozen_model_says_how_to_choose():
     model = frozen_mlp().requires_grad_(False)
     with pytest.raises(DunegrassError, match=r"is frozen .*trainable parameters by default.*modules=\[\.\.\.\]"):
+        factor_layers(model)
+
+
+def test_trainable_parameters_no_layer_captures_are_named_once(monkeypatch):
+    """A BatchNorm's scale and shift are trainable but not captured by the factorised methods: said once."""
+    from dunegrass import notices
+
+    monkeypatch.setattr(notices, "_said", set())
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    with pytest.warns(dg.DunegrassWarning, match=r"16 trainable parameters in 2 other tensors \(1.weight, 1.bias\)"):
+        factor_layers(model)
+    model[1].requires_grad_(False)  # frozen: nothing is left out, nothing is said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         factor_layers(model)

@@ -64,6 +64,11 @@ def test_methods_take_auto_and_bad_values_get_a_clear_error(tiny_classification)
         dg.GradientInfluence(model, task, damping="automatic")
     with pytest.raises(dg.DunegrassError, match="'auto'"):
         dg.FactGraSS(model, task, damping=-1.0)
+    with pytest.raises(dg.DunegrassError, match="finite"):
+        dg.LoGra(model, task, damping=float("inf"))
+    with pytest.raises(dg.DunegrassError, match="did you mean 'auto'"):
+        dg.GradientInfluence(model, task, damping="AUTO")
+    assert dg.GradientInfluence(model, task, damping=np.float32(0.5)).options.damping == 0.5  # a NumPy scalar too
 
 
 def test_factors_cached_under_another_auto_rule_are_not_reused(tiny_classification, tmp_path, monkeypatch):

@@ -92,9 +92,9 @@ def _lm_data():
 
 
 @pytest.mark.parametrize("name", ["gradient", "grass", "daunce"])
-def test_default_sdpa_attention_works_and_is_restored(device, name):
+def test_default_sdpa_attention_works_and_is_restored(device, name, monkeypatch):
     """A Hugging Face model as from_pretrained gives it (SDPA) with padding: the per-example gradients run with
-    eager attention for the call, said once, and the model gets its SDPA back."""
+    eager attention for the call, said once (pointing at the user's line), and the model gets its SDPA back."""
     data, task = _lm_data(), dg.CausalLMTask()
     build = {
         "gradient": lambda m: dg.GradientInfluence(m, task, compressor="sjlt:64"),
@@ -104,9 +104,12 @@ def test_default_sdpa_attention_works_and_is_restored(device, name):
         ),  # vmapped
     }
     sdpa = tiny_gpt2(attn_implementation="sdpa").to(device)
-    with warnings.catch_warnings(record=True):
+    monkeypatch.setattr(notices, "_said", set())  # said once per process: make this the first time
+    with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         got = build[name](sdpa).fit(data).score(data).values
+    (switch,) = [w for w in said if "switches it to 'eager'" in str(w.message)]
+    assert switch.filename == __file__  # not contextlib's, through which the switch is made
     assert sdpa.config._attn_implementation == "sdpa"
     want = build[name](tiny_gpt2(attn_implementation="eager").to(device)).fit(data).score(data).values
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())

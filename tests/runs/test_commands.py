@@ -199,6 +199,9 @@ def test_score_takes_a_fits_settings_from_its_run_directory(tmp_path, capsys, mo
     assert changed.returncode == 1 and "proj_in.out_dim: cached 8, requested 4" in changed.stderr, changed.stderr[
         -2000:
     ]
+    assert "new run (dunegrass fit" in changed.stderr
+    other = run("score", "--run", "../runs/words", "--method", "grass", "--queries", "q.jsonl", cwd=elsewhere)
+    assert other.returncode == 1 and "is a logra run; --method grass needs its own fit" in other.stderr
     missing = run("score", "--run", "nowhere", "--queries", "q.jsonl", cwd=elsewhere)
     assert missing.returncode == 1 and "nowhere has no run.json" in missing.stderr
 
@@ -214,11 +217,18 @@ def test_score_takes_a_fits_settings_from_its_run_directory(tmp_path, capsys, mo
         (["--daunce.lora=true", "--bif.lora=false"], 64, None),
     ],
 )
-def test_lora_is_switched_on_by_a_bare_or_true_flag(flags, daunce_rank, bif_rank):
+@pytest.mark.parametrize("config", ["flags", "toml", "yaml"])
+def test_lora_is_switched_on_by_a_bare_or_true_flag(flags, daunce_rank, bif_rank, config, tmp_path):
     from dunegrass.runs.commands import parse
     from dunegrass.runs.config import FitConfig
 
-    cfg = parse(FitConfig, ["--model", "m", "--data", "d.jsonl", *flags], "dunegrass fit")
+    if config == "toml" and "{rank: 8}" in flags:
+        pytest.skip("a mapping as a flag's value is YAML; with a TOML config, --daunce.lora.rank 8 says it")
+    base = ["--model", "m", "--data", "d.jsonl"]
+    if config != "flags":  # a config file switches the parser's mode, and with it how values are read
+        (tmp_path / f"run.{config}").write_text('model = "m"\ndata = "d.jsonl"\n' if config == "toml" else "model: m\n")
+        base = [str(tmp_path / f"run.{config}"), "--data", "d.jsonl"]
+    cfg = parse(FitConfig, [*base, *flags], "dunegrass fit")
     assert (cfg.daunce.lora and cfg.daunce.lora.rank) == daunce_rank
     assert (cfg.bif.lora and cfg.bif.lora.rank) == bif_rank
 
@@ -240,3 +250,6 @@ def test_a_recorded_run_gives_no_consent_and_old_or_unknown_settings_are_named(t
     assert parse(ScoreConfig, ["--run", str(tmp_path / "old"), "--queries", "q.jsonl", "--yes"], "s").yes is True
     with pytest.raises(dg.DunegrassError, match="--run needs a value"):
         parse(ScoreConfig, ["--run", "--queries", "q.jsonl"], "dunegrass score")
+    (tmp_path / "score.yaml").write_text(f"run: {tmp_path / 'old'}\nmodel: m\ndata: d.jsonl\nqueries: q.jsonl\n")
+    with pytest.raises(dg.DunegrassError, match="command line only"):
+        parse(ScoreConfig, [str(tmp_path / "score.yaml")], "dunegrass score")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DunegrassError
+from ..notices import notice_once
 from .per_sample import check_finite
 
 ModuleSelection = str | type | Sequence[str | type] | None
@@ -235,7 +236,24 @@ def factor_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Fac
             layer = supported[name]
             layer.name = name
             layers.append(layer)
+    if default:
+        _say_what_is_left_out(model, layers)
     return layers
+
+
+def _say_what_is_left_out(model: nn.Module, layers: list[FactorLayer]) -> None:
+    """Trainable parameters that no selected layer captures (embeddings, norms, tied heads) are not attributed:
+    say so once, so that a user comparing with a materialised method knows why the gradients differ."""
+    covered = {id(layer.module.weight) for layer in layers}
+    covered |= {id(layer.module.bias) for layer in layers if layer.has_bias}
+    left = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if left:
+        notice_once(
+            f"factor-left-out:{type(model).__name__}:{len(left)}",
+            f"the factorised methods (LoGra, FactGraSS, K-FAC) capture {KINDS} only: {sum(c for _, c in left):,} "
+            f"trainable parameters in {len(left)} other tensors ({_preview(n for n, _ in left)}) are left out; "
+            f"{MATERIALISED}",
+        )
 
 
 linear_layers = factor_layers  # the former name (dunegrass.gradients exported it)

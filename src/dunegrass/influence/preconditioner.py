@@ -20,6 +20,8 @@ kronfluence does; float64 on request) on ``device``; each block is factorised in
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -39,10 +41,11 @@ MAX_BLOCK_BYTES = 4 << 30  # one float64 k × k block beyond this is a configura
 def check_damping(damping: float | str | None) -> None:
     if damping is None or damping == "auto":
         return
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 < damping < math.inf:
+        hint = " (did you mean 'auto'?)" if isinstance(damping, str) and damping.strip().lower() == "auto" else ""
         raise DunegrassError(
-            f"damping must be a positive number, 'auto' (chosen per block from the training data) or None (dot "
-            f"products); got {damping!r}"
+            f"damping must be a positive finite number, 'auto' (λ per block from the training features) or None "
+            f"(null in a config file or flag: plain dot products); got {damping!r}{hint}"
         )
 
 

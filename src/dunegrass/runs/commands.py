@@ -22,10 +22,11 @@ import jsonargparse
 import tomllib
 
 from .. import methods as m
-from ..errors import DunegrassError
+from ..errors import ConfigMismatchError, DunegrassError
 from ..notices import notice_once
 from ..scores import TopScores
 from ..store.atomic import atomic_write_bytes, atomic_write_json
+from ..train.lora import LoraConfig
 from .config import FitConfig, ScoreConfig
 from .loaders import Examples, Loaded, load_data, load_model, load_pairs
 
@@ -50,6 +51,8 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
     run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
     mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
     p = parser(kind, prog, mode)
+    if kind is ScoreConfig:
+        p.add_argument("--run", help="CACHE_DIR/NAME: score that fitted run with the settings its fit recorded")
     if run is not None:
         recorded, known = recorded_settings(run), set(p.get_defaults().keys())
         unknown = sorted(set(recorded) - known)
@@ -57,6 +60,8 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
             notice_once(f"run-{run}", f"{run}/run.json records settings this version does not know, ignored: {unknown}")
         p.set_defaults({k: v for k, v in recorded.items() if k in known})
     ns = p.instantiate(p.parse_args(argv))
+    if ns.get("run") is not None:  # --run was taken from argv above, so this came from a config file
+        raise DunegrassError("--run is read from the command line only, not from a config file")
     return kind(**{f.name: ns[f.name] for f in dataclasses.fields(kind)})
 
 
@@ -107,22 +112,20 @@ def recorded_settings(run: str) -> dict:
 
 
 def _lora_switches(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """``--daunce.lora`` alone or ``true`` means LoRA with the default adapters (``{}``), ``false`` none (``null``);
-    a mapping or ``--daunce.lora.rank 8`` pass through."""
-    switch = {"true": "{}", "false": "null"}
+    """``--daunce.lora`` alone or ``true`` means LoRA with the default adapters, ``false`` none (``null``); a
+    mapping or ``--daunce.lora.rank 8`` pass through."""
+    on = lambda flag: [f"{flag}.rank", str(LoraConfig().rank)]  # noqa: E731 (a mapping flag TOML mode cannot read)
     out, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
-        if flag in flags and eq and value.lower() in switch:  # --daunce.lora=true
-            out.append(f"{flag}={switch[value.lower()]}")
-        elif argv[i] in flags:
-            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
-            out.append(argv[i])
-            if following in switch:
-                out.append(switch[following])
-                i += 1
-            elif not following or following.startswith("--"):
-                out.append("{}")
+        following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+        if flag in flags and eq and value.lower() in ("true", "false"):  # --daunce.lora=true
+            out += on(flag) if value.lower() == "true" else [flag, "null"]
+        elif argv[i] in flags and following in ("true", "false"):
+            out += on(flag) if following == "true" else [flag, "null"]
+            i += 1
+        elif argv[i] in flags and (not following or following.startswith("--")):
+            out += on(flag)
         else:
             out.append(argv[i])
         i += 1
@@ -220,8 +223,23 @@ def fit(cfg: FitConfig) -> tuple[m.Attributor, Loaded, Examples]:
 def score(cfg: ScoreConfig) -> TopScores:
     """Score ``cfg.queries`` with the run's attributor and write the results; returns the top-k scores."""
     start = time.perf_counter()
+    recorded = os.path.join(run_dir(cfg), "run.json")
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            fitted = json.load(f)["config"].get("method")
+        if fitted != cfg.method:
+            raise DunegrassError(
+                f"{run_dir(cfg)} is a {fitted} run; --method {cfg.method} needs its own fit (dunegrass fit ... "
+                f"--method {cfg.method} --name ANOTHER_NAME)"
+            )
     attr, _, (train, queries) = prepare(cfg, cfg.data, cfg.queries)
-    attr.fit(train.data, queries=queries.data, cache_dir=run_dir(cfg))  # the run's cache: nothing to redo
+    try:
+        attr.fit(train.data, queries=queries.data, cache_dir=run_dir(cfg))  # the run's cache: nothing to redo
+    except ConfigMismatchError as e:
+        raise ConfigMismatchError(
+            f"{e}. To score with settings that change what was fitted, fit them as a new run (dunegrass fit ... "
+            "--name ANOTHER_NAME)"
+        ) from e
     out = cfg.out or run_dir(cfg)
     os.makedirs(out, exist_ok=True)
     if cfg.dense:

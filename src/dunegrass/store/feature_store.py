@@ -284,6 +284,11 @@ class FeatureStore:
         return np.concatenate([a for _, a in self.iter_shards(name)])
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> str:
     """The first setting that differs, by its path (``featurizer.layers[0].proj_in.out_dim: cached 8, ...``)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
@@ -291,7 +296,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> str:
     elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         pairs = [(f"{prefix}[{i}]", a, b) for i, (a, b) in enumerate(zip(old, new))]
     else:
-        return f"{prefix}: cached {old!r}, requested {new!r}"
+        return f"{prefix}: cached {_short(old)}, requested {_short(new)}"
     for path, a, b in pairs:
         if a != b:
             return _diff(a, b, path)
