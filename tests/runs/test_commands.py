@@ -77,6 +77,7 @@ def test_fit_score_and_inspect_from_a_config_file(tmp_path, chat, capsys, monkey
     assert "rose over the hills" in report and "positive score means" in report
     inspect = run("inspect", str(out))
     assert inspect.returncode == 0 and "every file checks out" in inspect.stdout, inspect.stdout + inspect.stderr
+    assert "factorised blocks, relative damping 0.1" in inspect.stdout
 
 
 def test_flags_override_the_config_and_bad_input_is_named(tmp_path, capsys, monkeypatch):

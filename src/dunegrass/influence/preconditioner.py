@@ -128,7 +128,8 @@ class BlockPreconditioner:
             todo = [i for i in group if not factors.has(i)]
             if todo:
                 for i, gram in zip(todo, self._grams(store, todo)):
-                    factors.write(i, self._factor(i, gram).to(self.dtype))
+                    factor, ratio = self._factor(i, gram)
+                    factors.write(i, factor.to(self.dtype), {"damping": ratio})
         distributed.barrier()  # every rank reads every block next
         return self
 
@@ -147,8 +148,8 @@ class BlockPreconditioner:
                 g.addmm_(cols.T, cols)
         return grams
 
-    def _factor(self, i: int, gram: Tensor) -> Tensor:
-        """The lower Cholesky factor of F_l + λ_l I (float64)."""
+    def _factor(self, i: int, gram: Tensor) -> tuple[Tensor, float]:
+        """The lower Cholesky factor of F_l + λ_l I (float64), and the relative damping λ_l/(tr(F_l)/k_l)."""
         a, b = self.blocks[i]
         ratio = self.chosen[i] if self.damping == "auto" else self.damping
         fisher = gram.to(torch.float64) / self.n
@@ -158,14 +159,14 @@ class BlockPreconditioner:
         mat = fisher + lam * torch.eye(b - a, dtype=torch.float64, device=fisher.device)
         chol, info = torch.linalg.cholesky_ex(mat)
         if int(info) == 0:
-            return chol
+            return chol, float(ratio)
         warnings.warn(
             f"block {a}:{b} of the damped Fisher is not positive definite in floating point; flooring its "
             "eigenvalues at the damping (increase damping to avoid this)",
             stacklevel=4,
         )
         evals, evecs = torch.linalg.eigh(mat)
-        return torch.linalg.cholesky((evecs * evals.clamp_min(float(lam))) @ evecs.T)
+        return torch.linalg.cholesky((evecs * evals.clamp_min(float(lam))) @ evecs.T), float(ratio)
 
     def _factor_of(self, i: int) -> Tensor:
         if self.factors is None:

@@ -8,6 +8,7 @@ checksum, and prints one line per store. Exit status 1 when anything is missing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -60,7 +61,13 @@ def _blocks(path: str, files: list[str]) -> dict:
     store = BlockStore(path)
     indices = sorted(int(f[6:11]) for f in files if f.startswith("block-") and f.endswith(".json"))
     problems = _check(store.read, indices)
-    return {"path": path, "kind": "Fisher blocks", "summary": f"{len(indices)} factorised blocks", "problems": problems}
+    summary = f"{len(indices)} factorised blocks"
+    with contextlib.suppress(OSError, ValueError):  # an unreadable record is already among the problems
+        ratios = sorted(r for i in indices if (r := store.info(i).get("damping")) is not None)
+        if ratios:
+            spread = f"{ratios[0]:.3g}" if ratios[0] == ratios[-1] else f"{ratios[0]:.3g}–{ratios[-1]:.3g}"
+            summary += f", relative damping {spread}"
+    return {"path": path, "kind": "Fisher blocks", "summary": summary, "problems": problems}
 
 
 def _members(path: str, files: list[str]) -> dict:

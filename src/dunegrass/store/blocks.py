@@ -48,16 +48,23 @@ class BlockStore:
     def has(self, index: int) -> bool:
         return index in self._memory if self.path is None else os.path.exists(self._files(index)[1])
 
-    def write(self, index: int, block: Tensor) -> None:
+    def write(self, index: int, block: Tensor, info: dict | None = None) -> None:
+        """``info``: what made the block (e.g. its damping), kept beside its checksum for ``dunegrass inspect``."""
         if self.path is None:
             self._memory[index] = block.detach().cpu()
             return
         data, meta = self._files(index)
         array = block.detach().cpu().numpy()
         digest = hashlib.sha256(atomic_save_npy(data, array)).hexdigest()
-        atomic_write_json(
-            meta, {"index": index, "shape": list(array.shape), "dtype": str(array.dtype), "sha256": digest}
-        )
+        record = {"index": index, "shape": list(array.shape), "dtype": str(array.dtype), "sha256": digest}
+        atomic_write_json(meta, {**record, **({"info": info} if info else {})})
+
+    def info(self, index: int) -> dict:
+        """What ``write`` recorded as ``info`` for a block on disk ({} for none, or for blocks in RAM)."""
+        if self.path is None:
+            return {}
+        with open(self._files(index)[1]) as f:
+            return json.load(f).get("info", {})
 
     def read(self, index: int, device: torch.device | str = "cpu") -> Tensor:
         """Block ``index`` on ``device``, checked against its checksum."""
