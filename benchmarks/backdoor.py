@@ -22,7 +22,7 @@ Rows ``{"method", "k", "recall_at_k", "auc", "seconds"}`` (k = the number of poi
 θ₀ is kept under runs/backdoor (keyed by its training rows, model file, recipe and adapters), so a later run
 with other ``--methods`` reuses it.
 
-    python benchmarks/backdoor.py [--quick] [--members K] [--methods blackbox] [--bif CHAINSxDRAWS]
+    python benchmarks/backdoor.py [--quick] [--members K] [--methods blackbox] [--bif CHAINSxDRAWS] [--damping auto]
         [--json benchmarks/results/backdoor.json]
 """
 
@@ -80,6 +80,7 @@ def main() -> None:
         except ValueError:
             raise SystemExit(f"--bif takes CHAINSxDRAWS, e.g. 4x25; got {args.bif!r}") from None
     K = args.members or K
+    damping = args.damping if args.damping == "auto" else float(args.damping)
     torch.manual_seed(0)
     base, tok, gguf = load_smollm2()
     train, queries, poisoned = backdoor_rows(n_train, n_poison, n_query, seed=0)
@@ -112,8 +113,10 @@ def main() -> None:
         (f"bif ({chains} chains x {draws} draws)", lambda: dg.BayesianInfluence(
             theta0, task, chains=chains, draws=draws, batch_size=bif_batch, lora=last2).fit(
             data, queries=qdata).score(qdata)),
-        ("factgrass", lambda: dg.FactGraSS(theta0, task, k=256, mask_size=32, batch_size=8).fit(data).score(qdata)),
-        ("logra", lambda: dg.LoGra(theta0, task, k_in=16, k_out=16, batch_size=8).fit(data).score(qdata)),
+        ("factgrass", lambda: dg.FactGraSS(
+            theta0, task, k=256, mask_size=32, batch_size=8, damping=damping).fit(data).score(qdata)),
+        ("logra", lambda: dg.LoGra(
+            theta0, task, k_in=16, k_out=16, batch_size=8, damping=damping).fit(data).score(qdata)),
         ("tf-idf", lambda: tfidf_scores(train, queries)),
         ("random", lambda: torch.rand(n_query, n_train, generator=torch.Generator().manual_seed(0))),
     ]  # fmt: skip
@@ -127,7 +130,7 @@ def main() -> None:
     print_table(rows, ["method", "k", "recall_at_k", "auc", "seconds"])
     write_json(
         args.json, "backdoor", rows, quick=args.quick, n_train=n_train, n_poison=n_poison, n_query=n_query, K=K,
-        backdoor_took=took, chat_stats=stats, methods=args.methods,
+        backdoor_took=took, chat_stats=stats, methods=args.methods, damping=damping,
     )  # fmt: skip
 
 
