@@ -65,6 +65,7 @@ def main() -> None:
         default=None,
         help="comma-separated words; run only the methods whose name contains one (e.g. blackbox)",
     )
+    ap.add_argument("--damping", default="0.1", help="FactGraSS's and LoGra's damping: a number or auto (default 0.1)")
     ap.add_argument(
         "--bif", default=None, help="the BIF's chains x draws, e.g. 4x25 (default 4x10 with --quick, else 10x100)"
     )
