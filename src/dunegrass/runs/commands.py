@@ -31,7 +31,6 @@ from .config import FitConfig, ScoreConfig
 from .loaders import Examples, Loaded, load_data, load_model, load_pairs
 
 jsonargparse.set_loader("toml", tomllib.loads)
-GROUPS = ("influence", "daunce", "bif", "method_options", "api")  # the configs' dataclass sections
 
 
 def parser(kind: type[FitConfig], prog: str, mode: str = "yaml") -> jsonargparse.ArgumentParser:
@@ -104,7 +103,7 @@ def recorded_settings(run: str) -> dict:
     config["cache_dir"], config["name"] = os.path.dirname(root), os.path.basename(root)
     flat = {}
     for key, value in config.items():
-        if key in GROUPS and isinstance(value, dict):
+        if isinstance(value, dict):  # a section (influence, daunce, ...): its fields are the parser's keys
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
