@@ -6,10 +6,12 @@ runs/bench-cache and runs/lm) and each gradient method with a damping knob (bloc
 features at k = 256, 1024 and 2048 — one block over the whole model, so k/n varies —, and one block per
 parameter tensor at k ≤ 1024 each, FactGraSS with
 k = 1024 per layer, LoGra 32 × 32), LDS at λ = r · tr(F_l)/k_l for r on a grid, with ``damping="auto"``
-(λ_l = tr(F_l)/min(n, k_l), ``dunegrass.influence.auto_damping``), and with the rule set aside before it:
-each block's r chosen by the held-out Gaussian log-likelihood of its features (the even rows under the odd
-rows' damped Fisher and back; scored here from the method's own features, which the script first checks
-against the library's scores at a fixed damping). Features are computed once per method and task (the
+(one r = Σ_l k_l / Σ_l min(n, k_l) for all blocks, ``dunegrass.influence.auto_damping``), and with two rules
+set aside, scored here from the method's own features (which the script first checks against the library's
+scores at a fixed damping): ``likelihood``, each block's r chosen by the held-out Gaussian log-likelihood of
+its features (the even rows under the odd rows' damped Fisher and back), and ``dof``, one r for all blocks
+under which the damped Fisher's effective degrees of freedom Σ μ/(μ + λ) are 1/8 of its rank Σ min(n, k_l).
+Features are computed once per method and task (the
 damping is not part of the feature cache); every row refits the Fisher and scores. Rows: ``{"task",
 "method", "damping", "lds", "lds_ci", "seconds", "chosen"}``, ``chosen`` the median relative damping
 the rule set over the blocks (and its range).
@@ -34,7 +36,7 @@ from dunegrass.bench.lm import lm_ground_truth, lm_task
 from common import Timer, ground_truth, print_table, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 METHODS = {
     "eFIM on SparseJL 256": lambda m, t, d: dg.GradientInfluence(m, t, compressor="sjlt:256", damping=d),
     "eFIM on SparseJL 1024": lambda m, t, d: dg.GradientInfluence(m, t, compressor="sjlt:1024", damping=d),
@@ -47,6 +49,8 @@ METHODS = {
 }
 # the held-out likelihood's candidates: λ / (tr(F)/k) from 1e-4 to 10, five per decade
 LIKELIHOOD_RATIOS = torch.logspace(-4, 1, 26, dtype=torch.float64)
+# the degrees-of-freedom rule's target: the damped Fisher keeps this fraction of its rank
+DOF_FRACTION = 1 / 8
 
 
 def held_out_log_likelihood(fit: torch.Tensor, held: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
@@ -69,16 +73,34 @@ def likelihood_ratio(phi: torch.Tensor) -> float:
     return float(LIKELIHOOD_RATIOS[int(score.argmax())])
 
 
+def per_block(rule):
+    """A rule over all blocks' features from one that looks at each block alone."""
+    return lambda phis: [rule(phi) for phi in phis]
+
+
+def dof_ratio(phis: list[torch.Tensor], fraction: float = DOF_FRACTION) -> list[float]:
+    """One relative damping r for all blocks such that the damped Fisher's effective degrees of freedom,
+    Σ_l Σ_j μ_lj/(μ_lj + r·mean(μ_l)), are ``fraction`` of the rank Σ_l min(n, k_l) (bisection in log r)."""
+    n = len(phis[0])
+    scaled = torch.cat([mu / mu.mean() for mu in (torch.linalg.eigvalsh(p.T @ p / n).clamp_min(0) for p in phis)])
+    target = fraction * sum(min(n, p.shape[1]) for p in phis)
+    lo, hi = 1e-8, 1e8
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if float((scaled / (scaled + mid)).sum()) > target else (lo, mid)
+    return [(lo * hi) ** 0.5] * len(phis)
+
+
 def scores_with(attr, queries, rule) -> tuple[torch.Tensor, list[float]]:
-    """Scores ``[n_query, n_train]`` from a fitted method's own features, each block damped by ``rule(features)``
-    (a relative damping), and the ratios it chose."""
+    """Scores ``[n_query, n_train]`` from a fitted method's own features, block l damped by the relative damping
+    ``rule(blocks' features)[l]``, and the ratios it chose."""
     store, blocks = attr.stores[0], attr.preconditioners[0].blocks
     train = torch.from_numpy(np.concatenate([c for _, c in store.columns(0, blocks[-1][1])])).double()
     query = attr.query_features(queries).double().cpu()
     out, chosen = torch.zeros(len(query), len(train), dtype=torch.float64), []
-    for a, b in blocks:
+    ratios = rule([train[:, a:b] for a, b in blocks])
+    for (a, b), ratio in zip(blocks, ratios):
         phi = train[:, a:b]
-        ratio = rule(phi)
         fisher = phi.T @ phi / len(phi)
         lam = ratio * torch.trace(fisher) / (b - a)
         out += torch.linalg.solve(fisher + lam * torch.eye(b - a, dtype=torch.float64), query[:, a:b].T).T @ phi.T
@@ -124,13 +146,14 @@ def sweep(name, model, task, train, queries, gt, method, make) -> list[dict]:
             chosen = list(attr.preconditioners[0].chosen.values()) if damping == "auto" else []
             record(damping, dg.lds(scores, gt), t.seconds, chosen)
         # the scoring below reproduces the library's at a fixed damping before it judges the likelihood rule
-        mine, _ = scores_with(attr, queries, lambda phi: 0.1)
+        mine, _ = scores_with(attr, queries, per_block(lambda phi: 0.1))
         fixed = next(r for r in rows if r["damping"] == 0.1)
         if abs(dg.lds(mine, gt).mean - fixed["lds"]) > 2e-3:
             raise SystemExit(f"{name} {method}: the script's scores do not reproduce the library's at damping 0.1")
-        with Timer() as t:
-            scores, chosen = scores_with(attr, queries, likelihood_ratio)
-        record("likelihood", dg.lds(scores, gt), t.seconds, chosen)
+        for label, rule in (("likelihood", per_block(likelihood_ratio)), ("dof", dof_ratio)):
+            with Timer() as t:
+                scores, chosen = scores_with(attr, queries, rule)
+            record(label, dg.lds(scores, gt), t.seconds, chosen)
     return rows
 
 
@@ -140,17 +163,19 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for key in sorted({(r["task"], r["method"]) for r in rows}):
         mine = [r for r in rows if (r["task"], r["method"]) == key]
-        fixed = [r for r in mine if r["damping"] not in ("auto", "likelihood")]
+        fixed = [r for r in mine if isinstance(r["damping"], float)]
         best = max(fixed, key=lambda r: r["lds"])
         default = next(r for r in fixed if r["damping"] == 0.1)
         auto = next(r for r in mine if r["damping"] == "auto")
         held = next(r for r in mine if r["damping"] == "likelihood")
+        dof = next(r for r in mine if r["damping"] == "dof")
         out.append({
             "task": key[0], "method": key[1], "best_damping": best["damping"], "best_lds": best["lds"],
             "default_lds": default["lds"], "auto_lds": auto["lds"], "auto_chose": auto["chosen"]["median"],
             "likelihood_lds": held["lds"], "likelihood_chose": held["chosen"]["median"],
             "auto_gap": best["lds"] - auto["lds"], "default_gap": best["lds"] - default["lds"],
-            "likelihood_gap": best["lds"] - held["lds"],
+            "likelihood_gap": best["lds"] - held["lds"], "dof_lds": dof["lds"], "dof_chose": dof["chosen"]["median"],
+            "dof_gap": best["lds"] - dof["lds"],
         })  # fmt: skip
     return out
 
@@ -166,9 +191,11 @@ def main() -> None:
     table = summary(rows)
     print()
     print_table(table, ["task", "method", "best_damping", "best_lds", "default_lds", "auto_lds", "auto_chose",
-                        "likelihood_lds", "likelihood_chose"])  # fmt: skip
-    within = sum(r["auto_gap"] <= 0.01 for r in table)
-    print(f"auto within 0.01 of the best fixed damping on {within} of {len(table)} pairs")
+                        "likelihood_lds", "likelihood_chose", "dof_lds", "dof_chose"])  # fmt: skip
+    for rule in ("auto", "likelihood", "dof"):
+        within = sum(r[f"{rule}_gap"] <= 0.01 for r in table)
+        worst = max(r[f"{rule}_gap"] for r in table)
+        print(f"{rule}: within 0.01 of the best fixed damping on {within} of {len(table)} pairs, worst gap {worst:.3f}")
     write_json(args.json, "damping", rows, summary=table, grid=list(GRID), command="python benchmarks/damping.py")
 
 

@@ -73,8 +73,9 @@ def choice(value: Any, allowed: tuple, name: str) -> Any:
 class InfluenceOptions:
     """Settings of the gradient engine.
 
-    damping: relative damping of the block Fisher (λ = damping · tr(F)/k); ``"auto"`` for λ = tr(F)/min(n, k) per
-        block, the mean of its nonzero eigenvalues (``influence.auto_damping``); None for plain dot products.
+    damping: relative damping of the block Fisher (λ = damping · tr(F)/k); ``"auto"`` for one relative damping
+        Σ k / Σ min(n, k) over the blocks (one block: the mean of its nonzero eigenvalues,
+        ``influence.auto_damping``); None for plain dot products.
     train_signal / query_signal: what is differentiated on each side: ``"loss"`` (the training loss) or
         ``"measurement"`` (the task's measurement in loss-like form).
     batch_size: examples per featurisation pass; chunk_size: per-example gradients materialised at once

@@ -1,4 +1,4 @@
-"""damping="auto": each block's damping is the mean of its Fisher's nonzero eigenvalues, tr(F)/min(n, k)."""
+"""damping="auto": one relative damping for all blocks, r = Σ k / Σ min(n, k) (one block: mean nonzero eigenvalue)."""
 
 import numpy as np
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 import dunegrass as dg
 from dunegrass.influence import BlockPreconditioner
+from dunegrass.influence.auto_damping import auto_ratio
 from dunegrass.store import FeatureStore
 
 BLOCKS = [(0, 5), (5, 12), (12, 20)]
@@ -25,24 +26,43 @@ def _store(features: np.ndarray, shard: int):
 
 
 @pytest.mark.parametrize("n", [6, 9, 40])
-def test_auto_damps_each_block_by_the_mean_of_its_nonzero_eigenvalues(n):
-    """Fewer examples than a block has dimensions leave eigenvalues at zero; λ averages the others only."""
+def test_auto_is_one_ratio_for_all_blocks_the_dimensions_over_the_rank_the_examples_span(n):
+    """Fewer examples than a block has dimensions leave eigenvalues at zero; r = Σ k / Σ (nonzero eigenvalues)."""
     x = _gaussian(n, 20, seed=n)
     pre = BlockPreconditioner(BLOCKS, "auto", dtype=torch.float64).fit(_store(x.numpy().astype(np.float32), 4))
     phi = torch.from_numpy(x.numpy().astype(np.float32)).double()
-    for i, (a, b) in enumerate(BLOCKS):
+    rank = 0
+    for a, b in BLOCKS:
         evals = torch.linalg.eigvalsh(phi[:, a:b].T @ phi[:, a:b] / n)
-        nonzero = evals[evals > 1e-9 * evals.max()]
-        assert len(nonzero) == min(n, b - a)
-        lam = pre.chosen[i] * evals.sum() / (b - a)
-        torch.testing.assert_close(lam, nonzero.mean(), rtol=1e-9, atol=0)
+        rank += int((evals > 1e-9 * evals.max()).sum())
+    assert set(pre.chosen.values()) == {20 / rank}
+    assert len(pre.chosen) == len(BLOCKS)
+
+
+def test_with_one_block_auto_damps_by_the_mean_of_the_nonzero_eigenvalues():
+    n = 7
+    x = _gaussian(n, 20, seed=1)
+    pre = BlockPreconditioner([(0, 20)], "auto", dtype=torch.float64).fit(_store(x.numpy().astype(np.float32), 3))
+    phi = torch.from_numpy(x.numpy().astype(np.float32)).double()
+    evals = torch.linalg.eigvalsh(phi.T @ phi / n)
+    nonzero = evals[evals > 1e-9 * evals.max()]
+    assert len(nonzero) == n
+    torch.testing.assert_close(pre.chosen[0] * evals.sum() / 20, nonzero.mean(), rtol=1e-9, atol=0)
+
+
+def test_auto_ratio_checks_its_input():
+    assert auto_ratio(500, [64, 1024, 10]) == (64 + 1024 + 10) / (64 + 500 + 10)
+    with pytest.raises(dg.DunegrassError, match="k >= 1"):
+        auto_ratio(10, [])
+    with pytest.raises(dg.DunegrassError, match="n >= 1"):
+        auto_ratio(0, [3])
 
 
 def test_auto_solves_with_the_damping_it_chose_whatever_the_shards():
     x = _gaussian(6, 20, seed=3)
     feats = x.numpy().astype(np.float32)
     pres = [BlockPreconditioner(BLOCKS, "auto", dtype=torch.float64).fit(_store(feats, s)) for s in (4, 6)]
-    assert pres[0].chosen == pres[1].chosen == {0: 5 / 5, 1: 7 / 6, 2: 8 / 6}  # k / min(n, k)
+    assert pres[0].chosen == pres[1].chosen == dict.fromkeys(range(3), 20 / (5 + 6 + 6))  # Σ k / Σ min(n, k)
     queries = torch.randn(3, 20, dtype=torch.float64)
     phi = torch.from_numpy(feats).double()
     want = torch.empty_like(queries)

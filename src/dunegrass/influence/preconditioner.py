@@ -4,8 +4,8 @@ For each block l (a column range of the features): F_l = Φ_lᵀΦ_l / n, λ_l =
 and the Cholesky factor of F_l + λ_l I computed in float64 (if that matrix is not positive definite in
 floating point, its eigenvalues are floored at λ_l first, with a warning); solves are two triangular
 solves. ``damping=None`` is the identity (plain inner products, TracIn-style); ``damping="auto"`` sets
-each block's λ_l to the mean of its nonzero eigenvalues, tr(F_l)/min(n, k_l) (``auto_damping``), and
-records the relative damping this is in ``chosen``.
+one relative damping for every block, Σ_l k_l / Σ_l min(n, k_l) (``auto_damping``), and records it in
+``chosen``.
 
 Memory is one group of blocks, not all of them: blocks are accumulated and factorised a group at a time
 (as many consecutive blocks as fit in ``memory`` bytes, at least one), reading only those columns of
@@ -99,7 +99,7 @@ class BlockPreconditioner:
         self.memory = FISHER_MEMORY if memory is None else int(memory)
         check_fisher_memory(self.blocks, damping)
         self.groups = _groups(self.blocks, self.memory, torch.finfo(dtype).bits // 8)
-        # block → the relative damping "auto" set, for every block once fitted (it depends on n and k only)
+        # block → the relative damping "auto" set, for every block once fitted (one for all: it depends on n and the ks)
         self.chosen: dict[int, float] = {}
         self.factors: BlockStore | None = None
         self._held: dict[int, Tensor] | None = None
@@ -113,9 +113,11 @@ class BlockPreconditioner:
         (default: RAM when every block fits in ``memory``, else a temporary directory). Blocks already
         in ``factors`` are kept, so an interrupted fit resumes."""
         self.n = store.n
-        self.chosen = (
-            {i: auto_ratio(self.n, b - a) for i, (a, b) in enumerate(self.blocks)} if self.damping == "auto" else {}
-        )
+        if self.damping == "auto":
+            ratio = auto_ratio(self.n, [b - a for a, b in self.blocks])
+            self.chosen = dict.fromkeys(range(len(self.blocks)), ratio)
+        else:
+            self.chosen = {}
         if self.damping is None:
             return self
         if factors is None:
