@@ -17,6 +17,10 @@ damping is not part of the feature cache); every row refits the Fisher and score
 the rule set over the blocks (and its range).
 
     python benchmarks/damping.py [--json benchmarks/results/damping.json]
+    python benchmarks/damping.py --tasks lm --lm-epochs 32 --json benchmarks/results/damping_lm_e32.json
+
+The second: the LM task with a fine-tune four times as long (θ₀ and its ground truth), to see whether the
+LM's large best damping is its short fine-tune's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 
 import numpy as np
@@ -108,21 +113,27 @@ def scores_with(attr, queries, rule) -> tuple[torch.Tensor, list[float]]:
     return out, chosen
 
 
-def tasks():
-    """(name, model, task, train, queries, ground truth): the quick tasks whose ground truth is cached."""
+def tasks(lm_epochs: float = 8.0, words: tuple[str, ...] = ("",)):
+    """(name, model, task, train, queries, ground truth): the quick tasks whose ground truth is cached and whose
+    name contains one of ``words``; the LM fine-tuned for ``lm_epochs``."""
     for name, make in (
         ("digits-mlp", lambda: digits_mlp(n_train=500, hidden=64)),
         ("mnist1d-mlp", lambda: mnist1d_mlp(n_train=1000, epochs=20.0)),
         ("digits-cnn", lambda: digits_cnn(n_train=500)),
     ):
+        if not any(w in name for w in words):
+            continue
         bt = make()
         queries = (bt.test[0][:50], bt.test[1][:50])
         gt, _ = ground_truth(bt, queries, num_subsets=50, num_seeds=1)
         yield name, bt.model, bt.task, bt.train, queries, gt
+    if not any(w in "lm-docstrings" for w in words):
+        return
     cache = os.path.join(HERE, "..", "runs", "lm")
-    bench = lm_task(quick=True, cache_dir=cache)
-    gt = lm_ground_truth(bench, num_subsets=50, cache_path=os.path.join(cache, "gt-quick-50.npz"))
-    yield "lm-docstrings", bench.model, bench.task, bench.train, bench.queries, gt
+    bench = lm_task(quick=True, cache_dir=cache, finetune_epochs=lm_epochs)
+    suffix = "" if lm_epochs == 8.0 else f"-e{lm_epochs:g}"
+    gt = lm_ground_truth(bench, num_subsets=50, cache_path=os.path.join(cache, f"gt-quick-50{suffix}.npz"))
+    yield "lm-docstrings" + suffix, bench.model, bench.task, bench.train, bench.queries, gt
 
 
 def sweep(name, model, task, train, queries, gt, method, make) -> list[dict]:
@@ -183,9 +194,13 @@ def summary(rows: list[dict]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=os.path.join(HERE, "results", "damping.json"))
+    ap.add_argument("--tasks", help="comma-separated words; run only the tasks whose name contains one (e.g. lm)")
+    ap.add_argument("--lm-epochs", type=float, default=8.0, help="the LM task's fine-tune length (default 8)")
     args = ap.parse_args()
     rows = []
-    for name, model, task, train, queries, gt in tasks():
+    for name, model, task, train, queries, gt in tasks(
+        args.lm_epochs, tuple(args.tasks.split(",")) if args.tasks else ("",)
+    ):
         for method, make in METHODS.items():
             rows += sweep(name, model, task, train, queries, gt, method, make)
     table = summary(rows)
@@ -196,7 +211,7 @@ def main() -> None:
         within = sum(r[f"{rule}_gap"] <= 0.01 for r in table)
         worst = max(r[f"{rule}_gap"] for r in table)
         print(f"{rule}: within 0.01 of the best fixed damping on {within} of {len(table)} pairs, worst gap {worst:.3f}")
-    write_json(args.json, "damping", rows, summary=table, grid=list(GRID), command="python benchmarks/damping.py")
+    write_json(args.json, "damping", rows, summary=table, grid=list(GRID), command=" ".join(["python", *sys.argv]))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import importlib
 import inspect
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigMismatchError
+from ..errors import ConfigMismatchError, DunegrassError
 from ..eval import GroundTruth, subset_retraining
 from ..fingerprint import state_fingerprint
 from ..seeding import derive_seed
@@ -96,11 +97,19 @@ def stdlib_docstrings(modules: tuple[str, ...] = STDLIB_MODULES) -> list[tuple[s
                 if inspect.isclass(obj):
                     add(f"{mod_name}.{attr}", obj)
                     for meth, member in sorted(vars(obj).items()):
-                        if not meth.startswith("_") and callable(member):
+                        # a method another package attached (transformers adds logging.Logger.warning_once when
+                        # imported) would make the corpus depend on what the process imported before
+                        if not meth.startswith("_") and callable(member) and _from_stdlib(member):
                             add(f"{mod_name}.{attr}.{meth}", member)
                 elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
                     add(f"{mod_name}.{attr}", obj)
     return sorted(docs.items())
+
+
+def _from_stdlib(member: object) -> bool:
+    """Whether a class member comes from the standard library (C methods name no module)."""
+    owner = getattr(member, "__module__", None)
+    return not isinstance(owner, str) or owner.split(".")[0].lstrip("_") in sys.stdlib_module_names
 
 
 def _is_pretraining(name: str) -> bool:
@@ -144,14 +153,22 @@ def _settings(quick: bool) -> dict:
     return {"n_train": 256, "n_query": 48, "seq_len": 64, "n_embd": 64, "n_layer": 2, "pretrain_steps": 600}
 
 
-def lm_task(quick: bool = False, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> LMBenchmarkTask:
+def lm_task(
+    quick: bool = False,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    finetune_epochs: float = 8.0,
+) -> LMBenchmarkTask:
     """Build the benchmark (see the module docstring). ``quick``: a smaller model and data (seconds).
+    ``finetune_epochs``: the length of the fine-tune (θ₀'s and the ground truth's; 8 by default).
 
     With ``cache_dir`` the pretrained and the fine-tuned weights are saved there (``.npz``, each keyed
     by a hash of every setting it depends on, the corpus included) and reused.
     """
     from ..hf import tiny_gpt2
 
+    if not finetune_epochs > 0:
+        raise DunegrassError(f"finetune_epochs must be a positive number of epochs, got {finetune_epochs!r}")
     s = _settings(quick)
     tok = CharTokenizer()
     docs = stdlib_docstrings()
@@ -168,7 +185,7 @@ def lm_task(quick: bool = False, seed: int = 0, cache_dir: str | os.PathLike | N
     # Adam from the pretrained weights: a small learning rate and several epochs, so each training window
     # leaves a mark (LDS against half-subset fine-tunes: ~0.6 for LoGra/FactGraSS at 20 subsets in trials).
     pretrain = TrainConfig(optimizer="adam", lr=3e-3, steps=s["pretrain_steps"], batch_size=64, schedule="cosine")
-    finetune = TrainConfig(optimizer="adam", lr=1e-4, epochs=8.0, batch_size=s["n_train"] // 8)
+    finetune = TrainConfig(optimizer="adam", lr=1e-4, epochs=float(finetune_epochs), batch_size=s["n_train"] // 8)
     model = tiny_gpt2(tok.vocab_size, s["seq_len"], s["n_embd"], s["n_layer"], n_head=2, seed=seed)
     base_key = {
         "benchmark": "stdlib-docstrings-gpt2",
