@@ -442,7 +442,7 @@ def test_the_command_line_runs_black_box_daunce_and_asks_before_paying(server, t
     assert commands.main("score", [*args, "--yes"]) == 0
     assert len(_Fake.jobs) == jobs + 24
     rows = [json.loads(line) for line in (tmp_path / "runs" / "api" / "top.jsonl").read_text().splitlines()]
-    tops = [r for r in rows if r["kind"] == "proponent"]
+    tops = [r for r in rows if r["list"] == "top"]
     assert [r["train_text"].split(" → ")[1] for r in tops] == [q["completion"] for q in queries]
     assert all(r["stderr"] is not None for r in tops)
     for path in (tmp_path / "runs").rglob("*"):  # nothing secret written: not the key, not its value

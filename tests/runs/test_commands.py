@@ -65,12 +65,16 @@ def test_fit_score_and_inspect_from_a_config_file(tmp_path, chat, capsys, monkey
     out = tmp_path / "runs" / "words"
     with open(out / "top.csv") as f:
         table = list(csv.DictReader(f))
-    best = [r for r in table if r["kind"] == "proponent" and r["rank"] == "1"]
+    best = [r for r in table if r["list"] == "top" and r["rank"] == "1"]
     # a query that copies a training example has that example as its top proponent
     assert [int(r["train_index"]) for r in best] == [3, 7]
     assert best[0]["train_text"] == best[0]["query_text"] == "the sun → rose over the hills"
     lines = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
     assert len(lines) == len(table) == 2 * 2 * 3
+    # the label is what the score says, whichever end of the ranking the row comes from
+    sign = {"proponent": 1, "opponent": -1, "neither": 0}
+    assert all(sign[r["kind"]] == (r["score"] > 0) - (r["score"] < 0) for r in lines)
+    assert {r["list"] for r in lines} == {"top", "bottom"}
     top = dg.TopScores.load(out / "top.npz")
     assert top.top().indices[:, 0].tolist() == [3, 7] and top.n_train == 12
     report = (out / "report.html").read_text()
@@ -138,7 +142,7 @@ def test_the_readme_example_runs_as_written(tmp_path):
     score = _run("score", "run.toml", "--queries", "queries.jsonl", cwd=ex)
     assert score.returncode == 0, score.stderr[-2000:]
     with open(ex / "runs" / "words" / "top.csv") as f:
-        best = [r for r in csv.DictReader(f) if r["kind"] == "proponent" and r["rank"] == "1"]
+        best = [r for r in csv.DictReader(f) if r["list"] == "top" and r["rank"] == "1"]
     assert [int(r["train_index"]) for r in best] == [3, 7]
     inspect = _run("inspect", "runs/words", cwd=ex)
     assert inspect.returncode == 0 and "every file checks out" in inspect.stdout
@@ -255,3 +259,15 @@ def test_a_recorded_run_gives_no_consent_and_old_or_unknown_settings_are_named(t
     (tmp_path / "score.yaml").write_text(f"run: {tmp_path / 'old'}\nmodel: m\ndata: d.jsonl\nqueries: q.jsonl\n")
     with pytest.raises(dg.DunegrassError, match="command line only"):
         parse(ScoreConfig, [str(tmp_path / "score.yaml")], "dunegrass score")
+
+
+def test_rows_are_labelled_by_the_sign_of_their_score_not_by_their_end_of_the_ranking():
+    """A query every training example helps has positive scores at the bottom too: they are not opponents."""
+    from dunegrass.runs.commands import ranked_rows
+
+    scores = dg.Scores(torch.tensor([[3.0, 2.0, 1.0, 0.5], [2.0, 0.0, -1.0, -4.0]]))
+    rows = ranked_rows(dg.TopScores.from_scores(scores, 2), None, None)
+    got = {(r["query"], r["list"], r["rank"]): (r["train_index"], r["kind"]) for r in rows}
+    assert got[(0, "top", 1)] == (0, "proponent") and got[(0, "bottom", 1)] == (3, "proponent")
+    assert got[(1, "bottom", 1)] == (3, "opponent") and got[(1, "bottom", 2)] == (2, "opponent")
+    assert got[(1, "top", 2)] == (1, "neither")

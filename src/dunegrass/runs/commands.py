@@ -262,24 +262,27 @@ def score(cfg: ScoreConfig) -> TopScores:
 
 
 def ranked_rows(top: TopScores, train_texts: list[str] | None, query_texts: list[str] | None) -> list[dict]:
-    """One row per (query, kind, rank): the training example, its text and its score (and standard error)."""
+    """One row per (query, list, rank): the training example, its text and its score (and standard error).
+
+    ``list`` is the ranking the row comes from (``top``: highest scores first, ``bottom``: lowest first);
+    ``kind`` is what the score says: ``proponent`` (> 0), ``opponent`` (< 0) or ``neither`` — the bottom of a
+    small training set, or of a query most examples help, can hold positive scores.
+    """
     rows = []
-    for kind, (idx, vals), errs in (
-        ("proponent", top.top(), top.top_stderr),
-        ("opponent", top.bottom(), top.bottom_stderr),
-    ):
+    for ranking, (idx, vals), errs in (("top", top.top(), top.top_stderr), ("bottom", top.bottom(), top.bottom_stderr)):
         for q in range(idx.shape[0]):
             for r in range(idx.shape[1]):
-                i = int(idx[q, r])
+                i, score = int(idx[q, r]), float(vals[q, r])
                 rows.append(
                     {
                         "query": q,
                         "query_text": None if query_texts is None else query_texts[q],
-                        "kind": kind,
+                        "list": ranking,
+                        "kind": "proponent" if score > 0 else "opponent" if score < 0 else "neither",
                         "rank": r + 1,
                         "train_index": i,
                         "train_text": None if train_texts is None else train_texts[i],
-                        "score": float(vals[q, r]),
+                        "score": score,
                         "stderr": None if errs is None else float(errs[q, r]),
                     }
                 )
