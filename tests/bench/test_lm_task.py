@@ -6,7 +6,7 @@ import dunegrass as dg
 from dunegrass.bench.lm import lm_task, stdlib_docstrings
 
 
-@pytest.mark.parametrize("epochs", [0, -1.0, float("nan")])
+@pytest.mark.parametrize("epochs", [0, -1.0, float("nan"), float("inf")])
 def test_a_fine_tune_of_no_length_is_refused(epochs):
     with pytest.raises(dg.DunegrassError, match="finetune_epochs"):
         lm_task(quick=True, finetune_epochs=epochs)
@@ -37,4 +37,9 @@ def test_the_corpus_ignores_methods_other_packages_attach_to_stdlib_classes(monk
 
     warning_twice.__module__ = "someones_package.utils.logging"
     monkeypatch.setattr(logging.Logger, "warning_twice", warning_twice, raising=False)
-    assert stdlib_docstrings() == before
+    after = dict(stdlib_docstrings())
+    assert after == dict(before)
+    # members of the standard library stay, those from C modules (no __module__) and from another stdlib
+    # module (logging.Formatter.converter is time.localtime) included
+    kept = {"logging.Logger.warning", "logging.Formatter.converter", "collections.OrderedDict.move_to_end"}
+    assert kept <= set(after)

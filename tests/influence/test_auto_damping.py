@@ -25,9 +25,9 @@ def _store(features: np.ndarray, shard: int):
     return store
 
 
-@pytest.mark.parametrize("n", [6, 9, 40])
+@pytest.mark.parametrize("n", [3, 6, 40])  # every block wider than n, some, none
 def test_auto_is_one_ratio_for_all_blocks_the_dimensions_over_the_rank_the_examples_span(n):
-    """Fewer examples than a block has dimensions leave eigenvalues at zero; r = Σ k / Σ (nonzero eigenvalues)."""
+    """A block wider than n has eigenvalues at zero; r = Σ k / Σ (nonzero eigenvalues), one r for all blocks."""
     x = _gaussian(n, 20, seed=n)
     pre = BlockPreconditioner(BLOCKS, "auto", dtype=torch.float64).fit(_store(x.numpy().astype(np.float32), 4))
     phi = torch.from_numpy(x.numpy().astype(np.float32)).double()
@@ -35,7 +35,8 @@ def test_auto_is_one_ratio_for_all_blocks_the_dimensions_over_the_rank_the_examp
     for a, b in BLOCKS:
         evals = torch.linalg.eigvalsh(phi[:, a:b].T @ phi[:, a:b] / n)
         rank += int((evals > 1e-9 * evals.max()).sum())
-    assert set(pre.chosen.values()) == {20 / rank}
+    assert rank == sum(min(n, b - a) for a, b in BLOCKS)
+    assert list(pre.chosen.values()) == pytest.approx([20 / rank] * len(BLOCKS), rel=1e-12)
     assert len(pre.chosen) == len(BLOCKS)
 
 
@@ -56,6 +57,8 @@ def test_auto_ratio_checks_its_input():
         auto_ratio(10, [])
     with pytest.raises(dg.DunegrassError, match="n >= 1"):
         auto_ratio(0, [3])
+    with pytest.raises(dg.DunegrassError, match="k >= 1"):
+        auto_ratio(10, [3, 0])
 
 
 def test_auto_solves_with_the_damping_it_chose_whatever_the_shards():

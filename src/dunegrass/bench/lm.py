@@ -28,6 +28,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import math
 import os
 import sys
 import warnings
@@ -109,7 +110,7 @@ def stdlib_docstrings(modules: tuple[str, ...] = STDLIB_MODULES) -> list[tuple[s
 def _from_stdlib(member: object) -> bool:
     """Whether a class member comes from the standard library (C methods name no module)."""
     owner = getattr(member, "__module__", None)
-    return not isinstance(owner, str) or owner.split(".")[0].lstrip("_") in sys.stdlib_module_names
+    return not isinstance(owner, str) or owner.split(".")[0] in sys.stdlib_module_names
 
 
 def _is_pretraining(name: str) -> bool:
@@ -167,7 +168,7 @@ def lm_task(
     """
     from ..hf import tiny_gpt2
 
-    if not finetune_epochs > 0:
+    if not (math.isfinite(finetune_epochs) and finetune_epochs > 0):
         raise DunegrassError(f"finetune_epochs must be a positive number of epochs, got {finetune_epochs!r}")
     s = _settings(quick)
     tok = CharTokenizer()

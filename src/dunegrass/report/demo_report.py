@@ -59,8 +59,9 @@ def write_report(
             _scatter_section(results, scores, ground_truth),
             scores_note(list(methods), any(s.stderr is not None for s in scores.values())),
             "<h2>Most influential training examples</h2>",
-            f"<p>For each of the first {len(shown)} test digits, every method's {k} top proponents (training on "
-            f"them helped it most) and {k} top opponents (they hurt it most), with their scores.</p>",
+            f"<p>For each of the first {len(shown)} test digits, every method's {k} highest scores (training on "
+            f"them helped it most: proponents when positive) and {k} lowest (they hurt it most: opponents when "
+            "negative), with their scores.</p>",
             image_grid(rankings, shown, query_view, train_view, k),
         ]
     )

@@ -18,11 +18,12 @@ Ranked = list[tuple[int, float, float | None]]  # (train index, score, stderr or
 
 
 def _ranked(top: TopScores, q: int, k: int) -> list[tuple[str, Ranked]]:
-    """``[("proponents (+)", ranked), ("opponents (−)", ranked)]`` of query ``q``, at most ``k`` of each."""
+    """``[("highest scores", ranked), ("lowest scores", ranked)]`` of query ``q``, at most ``k`` of each (the
+    lowest can be positive: the list is named by its end of the ranking, each score carries its sign)."""
     out = []
     for kind, (idx, vals), errs in (
-        ("proponents (+)", top.top(), top.top_stderr),
-        ("opponents (−)", top.bottom(), top.bottom_stderr),
+        ("highest scores", top.top(), top.top_stderr),
+        ("lowest scores", top.bottom(), top.bottom_stderr),
     ):
         err = (lambda r: None) if errs is None else (lambda r, errs=errs: float(errs[q, r]))
         out.append((kind, [(int(idx[q, r]), float(vals[q, r]), err(r)) for r in range(min(k, idx.shape[1]))]))
@@ -42,7 +43,10 @@ def image_grid(
                 cells += [f'<td class="cell">{train_view(i)}{score_html(v, e)}</td>' for i, v, e in ranked]
                 cells += ["<td></td>"] * (k - len(ranked))
             rows.append(f"<tr>{''.join(cells)}</tr>")
-        head = f'<tr><th>method</th><th colspan="{k}">proponents (+)</th><th colspan="{k}">opponents (−)</th></tr>'
+        head = (
+            f'<tr><th>method</th><th colspan="{k}">highest scores (+: proponents)</th>'
+            f'<th colspan="{k}">lowest scores (−: opponents)</th></tr>'
+        )
         blocks.append(f"<h3>Query {q}</h3>{query_view(q)}<table class='grid'>{head}{''.join(rows)}</table>")
     return "".join(blocks)
 

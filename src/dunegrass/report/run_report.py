@@ -52,11 +52,11 @@ def write_run_report(
         [
             f"<h1>dunegrass: {esc(method)} on {esc(config.get('data', ''))}</h1>",
             f"<p>Model {esc(config.get('model', ''))}; {len(top)} queries from {esc(config.get('queries', ''))}, "
-            f"each with its {kept} top proponents and opponents among {top.n_train} training examples. No LDS "
+            f"each with its {kept} highest- and lowest-scoring of {top.n_train} training examples. No LDS "
             "here: that needs retraining ground truth (<code>dunegrass demo</code> has it).</p>",
             scores_note([method], top.top_stderr is not None),
-            f"<h2>Most influential training examples</h2><p>Per query{more}: its top {min(k, kept)} proponents "
-            "and opponents, with their scores.</p>",
+            f"<h2>Most influential training examples</h2><p>Per query{more}: its {min(k, kept)} highest and "
+            "lowest scores (proponents when positive, opponents when negative).</p>",
             text_lists({method: top}, shown, query_view, train_view, k),
         ]
     )

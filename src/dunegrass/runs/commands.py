@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -265,8 +266,8 @@ def ranked_rows(top: TopScores, train_texts: list[str] | None, query_texts: list
     """One row per (query, list, rank): the training example, its text and its score (and standard error).
 
     ``list`` is the ranking the row comes from (``top``: highest scores first, ``bottom``: lowest first);
-    ``kind`` is what the score says: ``proponent`` (> 0), ``opponent`` (< 0) or ``neither`` — the bottom of a
-    small training set, or of a query most examples help, can hold positive scores.
+    ``kind`` is what the score says: ``proponent`` (> 0), ``opponent`` (< 0), ``neither`` (0) or ``nan`` — the
+    bottom of a small training set, or of a query most examples help, can hold positive scores.
     """
     rows = []
     for ranking, (idx, vals), errs in (("top", top.top(), top.top_stderr), ("bottom", top.bottom(), top.bottom_stderr)):
@@ -278,7 +279,7 @@ def ranked_rows(top: TopScores, train_texts: list[str] | None, query_texts: list
                         "query": q,
                         "query_text": None if query_texts is None else query_texts[q],
                         "list": ranking,
-                        "kind": "proponent" if score > 0 else "opponent" if score < 0 else "neither",
+                        "kind": _kind(score),
                         "rank": r + 1,
                         "train_index": i,
                         "train_text": None if train_texts is None else train_texts[i],
@@ -287,6 +288,13 @@ def ranked_rows(top: TopScores, train_texts: list[str] | None, query_texts: list
                     }
                 )
     return rows
+
+
+def _kind(score: float) -> str:
+    """What a score says about its training example (a diverged NaN score says nothing, and is named)."""
+    if math.isnan(score):
+        return "nan"
+    return "proponent" if score > 0 else "opponent" if score < 0 else "neither"
 
 
 def write_rows(out: str, rows: list[dict]) -> None:
