@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # Benchmarks live in their own modules, imported only when asked for; each has
 # ``add_arguments(parser)`` and ``main(args) -> int``.
@@ -49,7 +50,25 @@ def _parser() -> argparse.ArgumentParser:
 RUN_COMMANDS = ("fit", "score")  # parsed from their config dataclasses (dunegrass.runs.config)
 
 
+def _plain_notices() -> None:
+    """On the command line there is no user's line for a notice to point at (it pointed at the console
+    script's ``sys.exit(main())``): say dunegrass's notices as one plain line each; other warnings as usual."""
+    from .notices import DunegrassWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DunegrassWarning):
+            print(f"dunegrass: note: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script (a Python caller passes its arguments and keeps its warnings)
+        _plain_notices()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in RUN_COMMANDS:
         from .runs.commands import main as run_main
