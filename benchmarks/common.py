@@ -11,6 +11,7 @@ import torch
 
 import dunegrass as dg
 from dunegrass.bench.table import print_table  # noqa: F401  (the benchmarks import it from here)
+from dunegrass.store import config_hash
 from dunegrass.store.atomic import atomic_write_json
 
 CACHE = os.environ.get("DUNEGRASS_BENCH_CACHE", os.path.join(os.path.dirname(__file__), "..", "runs", "bench-cache"))
@@ -42,9 +43,11 @@ def write_json(path: str, benchmark: str, rows: list[dict], **extra) -> None:
 
 
 def ground_truth(bt, queries, num_subsets: int, num_seeds: int, seed: int = 0, tag: str = "") -> tuple:
-    """Subset-retraining ground truth for a benchmark task, cached on disk by its settings."""
+    """Subset-retraining ground truth for a benchmark task, cached on disk by its settings — the training
+    recipe included, so a task trained for another number of epochs does not read this one's."""
     os.makedirs(CACHE, exist_ok=True)
-    key = f"{bt.name}-{len(bt.train[0])}-{len(queries[0])}-{num_subsets}-{num_seeds}-{seed}{tag}"
+    recipe = config_hash(bt.train_config.to_dict())[:8]
+    key = f"{bt.name}-{len(bt.train[0])}-{len(queries[0])}-{num_subsets}-{num_seeds}-{seed}-{recipe}{tag}"
     path = os.path.join(CACHE, f"gt-{key}.npz")
     if os.path.exists(path):
         gt = dg.GroundTruth.load(path)

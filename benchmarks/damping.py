@@ -19,8 +19,11 @@ the rule set over the blocks (and its range).
     python benchmarks/damping.py [--json benchmarks/results/damping.json]
     python benchmarks/damping.py --tasks lm --lm-epochs 32 --json benchmarks/results/damping_lm_e32.json
 
+    python benchmarks/damping.py --tasks mnist1d --mnist1d-epochs 5 --json benchmarks/results/damping_mnist1d_e5.json
+
 The second: the LM task with a fine-tune four times as long (θ₀ and its ground truth), to see whether the
-LM's large best damping is its short fine-tune's.
+LM's large best damping is its short fine-tune's; the third: the MNIST-1D MLP trained a quarter as long
+(from random weights), the same question for a model not fine-tuned.
 """
 
 from __future__ import annotations
@@ -113,12 +116,14 @@ def scores_with(attr, queries, rule) -> tuple[torch.Tensor, list[float]]:
     return out, chosen
 
 
-def tasks(lm_epochs: float = 8.0, words: tuple[str, ...] = ("",)):
+def tasks(lm_epochs: float = 8.0, words: tuple[str, ...] = ("",), mnist1d_epochs: float = 20.0):
     """(name, model, task, train, queries, ground truth): the quick tasks whose ground truth is cached and whose
-    name contains one of ``words``; the LM fine-tuned for ``lm_epochs``."""
+    name contains one of ``words``; the LM fine-tuned for ``lm_epochs``, the MNIST-1D MLP trained for
+    ``mnist1d_epochs``."""
+    m1d = "mnist1d-mlp" + ("" if mnist1d_epochs == 20.0 else f"-e{mnist1d_epochs:g}")
     for name, make in (
         ("digits-mlp", lambda: digits_mlp(n_train=500, hidden=64)),
-        ("mnist1d-mlp", lambda: mnist1d_mlp(n_train=1000, epochs=20.0)),
+        (m1d, lambda: mnist1d_mlp(n_train=1000, epochs=mnist1d_epochs)),
         ("digits-cnn", lambda: digits_cnn(n_train=500)),
     ):
         if not any(w in name for w in words):
@@ -196,11 +201,11 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(HERE, "results", "damping.json"))
     ap.add_argument("--tasks", help="comma-separated words; run only the tasks whose name contains one (e.g. lm)")
     ap.add_argument("--lm-epochs", type=float, default=8.0, help="the LM task's fine-tune length (default 8)")
+    ap.add_argument("--mnist1d-epochs", type=float, default=20.0, help="the MNIST-1D MLP's training (default 20)")
     args = ap.parse_args()
     rows = []
-    for name, model, task, train, queries, gt in tasks(
-        args.lm_epochs, tuple(args.tasks.split(",")) if args.tasks else ("",)
-    ):
+    words = tuple(args.tasks.split(",")) if args.tasks else ("",)
+    for name, model, task, train, queries, gt in tasks(args.lm_epochs, words, args.mnist1d_epochs):
         for method, make in METHODS.items():
             rows += sweep(name, model, task, train, queries, gt, method, make)
     table = summary(rows)
