@@ -22,8 +22,8 @@ not show: fine-tuned four times as long, the LM's best r falls 2–7× while its
 auto is within 0.01 on 5 of its 6 layouts (0.012 on the sixth). (21 of 24 is on the pairs the rule was
 chosen on.) Out of sample it fails the other way: the MNIST-1D MLP trained 5 epochs instead of 20 wants
 2.5–10× more damping and auto (which depends on n and k only) falls 0.03–0.08 below the best on 5 of 6
-layouts — the damping that predicts retraining is set by how far training went, which the features at θ₀
-do not record.
+layouts — the damping that predicts retraining is set by how far training went, which no rule tried here
+reads from the features at θ₀.
 Rules measured and set aside: the held-out Gaussian log-likelihood of the features (r ≈ 10⁻⁴–0.4: it sees
 how well F is estimated, not how far retraining moves), and r set so that the damped Fisher keeps 1/8 of its
 rank in effective degrees of freedom, Σ μ/(μ + λ) = Σ min(n, k_l)/8 (right on the LM's single block,
