@@ -69,6 +69,18 @@ def ground_truth(bt, queries, num_subsets: int, num_seeds: int, seed: int = 0, t
     return gt, t.seconds
 
 
+def quick_lm(finetune_epochs: float = 8.0) -> tuple:
+    """The quick docstring-LM task fine-tuned for ``finetune_epochs``, its 50-subset ground truth (both cached
+    under runs/lm), and the suffix that names a non-default fine-tune length (``""`` or ``"-e32"``)."""
+    from dunegrass.bench.lm import lm_ground_truth, lm_task
+
+    cache = os.path.join(os.path.dirname(__file__), "..", "runs", "lm")
+    bench = lm_task(quick=True, cache_dir=cache, finetune_epochs=finetune_epochs)
+    suffix = "" if finetune_epochs == 8.0 else f"-e{finetune_epochs:g}"
+    gt = lm_ground_truth(bench, num_subsets=50, cache_path=os.path.join(cache, f"gt-quick-50{suffix}.npz"))
+    return bench, gt, suffix
+
+
 def load_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)

@@ -39,9 +39,8 @@ import torch
 
 import dunegrass as dg
 from dunegrass.bench import digits_cnn, digits_mlp, mnist1d_mlp
-from dunegrass.bench.lm import lm_ground_truth, lm_task
 
-from common import Timer, ground_truth, print_table, write_json
+from common import Timer, ground_truth, print_table, quick_lm, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
@@ -134,10 +133,7 @@ def tasks(lm_epochs: float = 8.0, words: tuple[str, ...] = ("",), mnist1d_epochs
         yield name, bt.model, bt.task, bt.train, queries, gt
     if not any(w in "lm-docstrings" for w in words):
         return
-    cache = os.path.join(HERE, "..", "runs", "lm")
-    bench = lm_task(quick=True, cache_dir=cache, finetune_epochs=lm_epochs)
-    suffix = "" if lm_epochs == 8.0 else f"-e{lm_epochs:g}"
-    gt = lm_ground_truth(bench, num_subsets=50, cache_path=os.path.join(cache, f"gt-quick-50{suffix}.npz"))
+    bench, gt, suffix = quick_lm(lm_epochs)
     yield "lm-docstrings" + suffix, bench.model, bench.task, bench.train, bench.queries, gt
 
 

@@ -22,11 +22,10 @@ import sys
 import torch
 
 import dunegrass as dg
-from dunegrass.bench.lm import lm_ground_truth, lm_task
 from dunegrass.eval.metrics import mean_ci
 from dunegrass.train import TrainConfig
 
-from common import Timer, print_table, write_json
+from common import Timer, print_table, quick_lm, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K = 64
@@ -45,13 +44,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=os.path.join(HERE, "results", "daunce_member_length.json"))
     args = ap.parse_args()
-    cache = os.path.join(HERE, "..", "runs", "lm")
     rows, paired, per_query = [], [], {}
     for epochs in (8.0, 32.0):
         torch.manual_seed(0)
-        bench = lm_task(quick=True, cache_dir=cache, finetune_epochs=epochs)
-        suffix = "" if epochs == 8.0 else f"-e{epochs:g}"
-        gt = lm_ground_truth(bench, num_subsets=50, cache_path=os.path.join(cache, f"gt-quick-50{suffix}.npz"))
+        bench, gt, suffix = quick_lm(epochs)
         for name, recipe in recipes(bench.finetune.batch_size).items():
             with Timer() as t:
                 daunce = dg.Daunce(bench.model, bench.task, num_models=K, train=recipe, trainer="ensemble")

@@ -13,17 +13,17 @@ damp small blocks (biases, norms) less than large ones, which cost 0.010–0.022
 parameter tensor.
 
 Why this scale (benchmarks/damping.py, LDS against subset retraining on the built-in tasks): the best fixed
-relative damping moves with k/n — on the digits MLP and CNN (500 examples) from r ≈ 1 at k = 256 to r ≈ 3–5
-at k = 2048, on the MNIST-1D MLP (1000) from 0.5 to 2, and to r ≈ 10–50 on the 128-example LM task — and
-this rule follows it, within 0.01 of the sweep's best on 21 of 24 task × method pairs. It under-damps a
-single block over the whole LM (0.04–0.05 below the best), consistent with the LM's short fine-tune (64 Adam
-steps from pretrained weights, which leave its flat directions unlearnt) setting a damping the features do
-not show: fine-tuned four times as long, the LM's best r falls 2–7× while its features barely change, and
-auto is within 0.01 on 5 of its 6 layouts (0.012 on the sixth). (21 of 24 is on the pairs the rule was
-chosen on.) Out of sample it fails the other way: the MNIST-1D MLP trained 5 epochs instead of 20 wants
-2.5–10× more damping and auto (which depends on n and k only) falls 0.03–0.08 below the best on 5 of 6
-layouts — the damping that predicts retraining is set by how far training went, which no rule tried here
-reads from the features at θ₀.
+relative damping moves with k/n — on the digits MLP and CNN (500 examples) from r ≈ 1 at k = 256 to r ≈ 3–5 at
+k = 2048, on the MNIST-1D MLP (1000) from 0.5 to 2, and to r ≈ 10–50 on the 128-example LM task — and this
+rule follows it, within 0.01 of the sweep's best on 21 of 24 task × method pairs. It under-damps a single
+block over the whole LM (0.04–0.05 below the best), consistent with the LM's short fine-tune (64 Adam steps
+from pretrained weights, which leave its flat directions unlearnt) setting a damping that no rule tried here
+reads from the features: fine-tuned four times as long, the LM's best r falls 2–7× while its features barely
+change, and auto is within 0.01 on 5 of its 6 layouts (0.012 on the sixth). (21 of 24 is on the pairs the rule
+was chosen on.) Out of sample it fails the other way: the MNIST-1D MLP trained 5 epochs instead of 20 wants
+2.5–10× more damping and auto (which depends on n and k only) falls 0.03–0.08 below the best on 5 of 6 layouts
+— the damping that predicts retraining is set by how far training went, which no rule tried here reads from
+the features at θ₀.
 Rules measured and set aside: the held-out Gaussian log-likelihood of the features (r ≈ 10⁻⁴–0.4: it sees
 how well F is estimated, not how far retraining moves), and r set so that the damped Fisher keeps 1/8 of its
 rank in effective degrees of freedom, Σ μ/(μ + λ) = Σ min(n, k_l)/8 (right on the LM's single block,
