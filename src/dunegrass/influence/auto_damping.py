@@ -28,7 +28,10 @@ Rules measured and set aside: the held-out Gaussian log-likelihood of the featur
 how well F is estimated, not how far retraining moves), and r set so that the damped Fisher keeps 1/8 of its
 rank in effective degrees of freedom, Σ μ/(μ + λ) = Σ min(n, k_l)/8 (right on the LM's single block,
 0.012–0.051 below the best on three of the MNIST-1D MLP's six layouts and 0.011 on the CNN's per-tensor
-blocks, and over-damping the LM fine-tuned four times as long). (E)K-FAC keep a numeric damping: their
+blocks, and over-damping the LM fine-tuned four times as long), and r set so that the mean predicted
+leave-one-out loss rise, Σ μ/(μ + λ)/n, equals the held-out minus training loss at θ₀ (it moves with training
+the right way, but the r it implies does not follow the compression: 4 of 36 pairs,
+benchmarks/damping_gap.py). (E)K-FAC keep a numeric damping: their
 Kronecker eigenvalues fill every direction, so the premise does not hold.
 """
 
