@@ -126,6 +126,23 @@ def test_frozen_parameters_are_left_out_by_every_materialised_method(device, tin
     assert chosen.featurizers[0].params == ["0.weight"]
 
 
+@pytest.mark.parametrize("trainer", ["ensemble", "newton"])
+def test_daunce_trains_the_trainable_parameters_only(device, tiny_classification, trainer):
+    """Every Daunce trainer leaves a frozen layer at θ₀ (Newton's method minimised over all parameters), and a
+    model with nothing to train is refused with the fix instead of failing inside the trainer."""
+    model, train, test = tiny_classification
+    model[0].requires_grad_(False)
+    task = dg.ClassificationTask()
+    opts = {"trainer": trainer, "l2": 1e-2} if trainer == "newton" else {"trainer": trainer, "steps": 3}
+    daunce = dg.Daunce(model, task, num_models=2, keep_members=True, **opts).fit(train)
+    for j in range(2):
+        assert sorted(daunce.store.load_weights(j)) == ["2.bias", "2.weight"]
+    assert torch.isfinite(daunce.score(test).values).all()
+    model.requires_grad_(False)
+    with pytest.raises(dg.DunegrassError, match=r"no trainable parameters.*requires_grad_\(True\)"):
+        dg.Daunce(model, task, num_models=2, **opts).fit(train)
+
+
 def test_default_k_fits_a_small_model(device, tiny_classification, monkeypatch):
     model, train, test = tiny_classification  # 83 parameters
     task = dg.ClassificationTask()

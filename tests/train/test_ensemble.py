@@ -164,3 +164,26 @@ def test_submodule_modes_are_kept_by_default_and_restored(device):
     for train_mode in (True, False):
         EnsembleTrainer(model, dg.ClassificationTask(), config, train_mode=train_mode).train(train, members[:1])
         assert [m.training for m in model] == [True, False, True, True, True, True, True, True]
+
+
+def test_train_mode_dropout_draws_a_mask_per_member_from_the_members_seeds(tiny_classification, device):
+    """Dropout in train mode (a model as built): members with the same data and seed still differ (each draws
+    its own masks), the result does not depend on the global generator, which is left as it was, and
+    eval mode trains without dropout (identical members)."""
+    _, train, _ = tiny_classification
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    model = model.to(device)
+    twins = [Member(torch.arange(40), 7), Member(torch.arange(40), 7)]
+    config = TrainConfig(lr=1e-2, steps=4, batch_size=8)
+    trainer = EnsembleTrainer(model, dg.ClassificationTask(), config)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = trainer.train(train, twins)
+    assert not torch.equal(first["0.weight"][0], first["0.weight"][1])
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    torch.manual_seed(2)
+    again = trainer.train(train, twins)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    plain = EnsembleTrainer(model, dg.ClassificationTask(), config, train_mode=False).train(train, twins)
+    assert torch.equal(plain["0.weight"][0], plain["0.weight"][1])

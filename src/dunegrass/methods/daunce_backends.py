@@ -34,7 +34,7 @@ from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, memb
 from ..train.finetune import finetune
 from ..train.frozen_prefix import FrozenPrefix
 from ..train.lora import LoraConfig, add_lora, load_state, lora_state, remove_lora, reset_lora
-from ..train.newton import newton_minimize
+from ..train.newton import newton_minimize, trainable_names
 from .daunce_objectives import Terms, anchored_objective, theta0_anchors
 
 Signal = Callable[[Tensor, Any], Tensor]
@@ -94,7 +94,7 @@ class NewtonBackend:
 
     def __init__(self, model: nn.Module, task: Task, terms: Terms, l2: float, anchored: bool):
         self.model, self.task, self.terms, self.l2 = model, task, terms, l2
-        self.names = [n for n, _ in model.named_parameters()]
+        self.names = trainable_names(model)
         self.flat, self.unflatten = flat_parameters(model, self.names)
         self.center = self.flat.detach().to(torch.float64) if anchored else None
         self.model64 = copy.deepcopy(model).to(torch.float64)

@@ -105,8 +105,8 @@ class EnsembleTrainer:
     BatchNorm normalises with batch statistics and updates each member's running statistics. False:
     eval mode, BatchNorm uses the running statistics and leaves them as they are. Either way the
     caller's model keeps its own modes and buffers, and models with running statistics get theirs
-    back per member beside the parameters. Train-mode layers must be deterministic (no dropout: vmap
-    draws no per-member randomness here).
+    back per member beside the parameters. A dropout layer in train mode draws a different mask per member,
+    from a generator seeded by the members' seeds (the global generator is left as it was).
     """
 
     def __init__(
@@ -121,6 +121,11 @@ class EnsembleTrainer:
         self.model, self.task, self.config, self.objective = model, task, config, objective
         self.progress, self.train_mode = progress, train_mode
         names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not names:
+            raise DunegrassError(
+                "the model has no trainable parameters (requires_grad) to train; unfreeze the ones to attribute "
+                "over with p.requires_grad_(True)"
+            )
         self.names = names
         self.stats = running_stat_names(model)  # per-member state beside the parameters
         self.consts = frozen_tensors(model, [*names, *self.stats])
@@ -193,10 +198,18 @@ class EnsembleTrainer:
         steps = max(cfg.num_steps(len(m.indices)) for m in members)
         sched = torch.stack([batch_schedule(m, steps, cfg.batch_size) for m in members], dim=1)  # [T, M, B]
         opt = FunctionalOptimizer(params, cfg)
-        member_grad = vmap(grad(self._member_loss, has_aux=True), in_dims=(0, 0, 0, 0))
+        # "different": a train-mode dropout draws its own mask per member, from a generator seeded by the
+        # members' seeds (so the draws depend on which members train together, max_members).
+        member_grad = vmap(grad(self._member_loss, has_aux=True), in_dims=(0, 0, 0, 0), randomness="different")
         rows = torch.arange(len(members))[:, None]
         device = next(iter(params.values())).device  # data and anchors may live on the CPU, the members not
-        with module_mode(self.model, self.train_mode), vmap_safe_attention(self.model):
+        seed = derive_seed(0x64726F70, *(m.seed for m in members))
+        with (
+            module_mode(self.model, self.train_mode),
+            vmap_safe_attention(self.model),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        ):
+            torch.manual_seed(seed)
             self._check_modes()
             for t in tqdm(range(steps), desc="train ensemble", disable=not self.progress, leave=False):
                 idx = sched[t]  # [M, B]

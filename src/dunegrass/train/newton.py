@@ -68,6 +68,17 @@ def newton_fit(
     return theta
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """The names of the parameters Newton's method minimises over: those with requires_grad."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise DunegrassError(
+            "the model has no trainable parameters (requires_grad) to train; unfreeze the ones to attribute "
+            "over with p.requires_grad_(True)"
+        )
+    return names
+
+
 def _as_double(model: nn.Module) -> nn.Module:
     import copy
 
@@ -102,7 +113,7 @@ def newton_minimize(
     aux) -> [m]`` are per-example terms that depend on example i's outputs only; ``aux`` holds
     ``shared [n, ...]`` and ``per_member [M, n, ...]`` tensors gathered at S_k. ``center`` is a flat
     parameter vector (default 0: ordinary L2). Starts from the model's weights; float64; returns flat
-    parameters ``[M, p]`` (order of ``model.named_parameters()``).
+    trainable parameters ``[M, p]`` (``trainable_names`` order; frozen ones stay as they are).
 
     Built for models whose outputs are linear in the parameters (linear and logistic regression):
     the Hessian mean_i J_iᵀ ∇²_o terms_i J_i + l2·I uses the output Jacobians J_i taken once, which
@@ -113,7 +124,7 @@ def newton_minimize(
     data = as_data(data)
     if not isinstance(data, TensorData):
         raise DunegrassError("newton_minimize needs in-memory tensors: pass the data as a tuple (X, y)")
-    names = [n for n, _ in model.named_parameters()]
+    names = trainable_names(model)
     model64 = _as_double(model)
     flat, unflatten = flat_parameters(model64, names)
     device = flat.device  # data and anchors may live on the CPU
