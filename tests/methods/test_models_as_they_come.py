@@ -126,6 +126,37 @@ def test_frozen_parameters_are_left_out_by_every_materialised_method(device, tin
     assert chosen.featurizers[0].params == ["0.weight"]
 
 
+class _Rows(torch.utils.data.Dataset):
+    """Examples as a Hugging Face dataset holds them: a dict per row, a plain-int label and a string id."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"inputs": self.x[i], "labels": int(self.y[i]), "id": f"row-{i}"}
+
+
+@pytest.mark.parametrize("name", ["grass", "gradient", "tracin", "trak", "exact", "logra"])
+def test_dict_rows_with_non_tensor_fields_score_as_tensors_do(device, tiny_classification, name):
+    """A field that is not a tensor (an id, a text) rides along whole; it failed inside vmap before."""
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    build = {
+        "grass": lambda: dg.GraSS(model, task, k=16),
+        "gradient": lambda: dg.GradientInfluence(model, task, compressor="sjlt:16"),
+        "tracin": lambda: dg.TracIn(model, task),
+        "trak": lambda: dg.TRAK(model, task, k=16),
+        "exact": lambda: dg.ExactInfluence(model, task),
+        "logra": lambda: dg.LoGra(model, task, k_in=4, k_out=2),
+    }[name]
+    got = build().fit(_Rows(*train)).score(_Rows(*test)).values
+    want = build().fit(train).score(test).values
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("trainer", ["ensemble", "newton"])
 def test_daunce_trains_the_trainable_parameters_only(device, tiny_classification, trainer):
     """Every Daunce trainer leaves a frozen layer at θ₀ (Newton's method minimised over all parameters), and a

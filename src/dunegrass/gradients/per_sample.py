@@ -65,6 +65,12 @@ def frozen_tensors(model: nn.Module, exclude: Collection[str]) -> dict[str, Tens
     return out
 
 
+def example_dims(batch: Any) -> Any:
+    """vmap's ``in_dims`` for a batch split into examples: 0 for its tensors; anything else it carries (ids,
+    texts of a Hugging Face dataset) is passed to every example whole."""
+    return tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
+
+
 def iter_per_sample_gradients(
     model: nn.Module,
     objective_fn: Callable[[nn.Module | FunctionalModel, Any], Tensor],
@@ -90,7 +96,7 @@ def iter_per_sample_gradients(
         values = objective_fn(FunctionalModel(model, {**consts, **theta_}), one)
         return values.sum()
 
-    per_example_grad = vmap(grad(single), in_dims=(None, 0))
+    per_example_grad = vmap(grad(single), in_dims=(None, example_dims(batch)))
     with vmap_safe_attention(model):
         for lo in range(0, _leading(batch), chunk_size):
             chunk = tree_map(lambda t, lo=lo: t[lo : lo + chunk_size] if isinstance(t, Tensor) else t, batch)

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_map
 from ..data import iterate_batches, to_device
 from ..errors import DunegrassError
 from ..gradients.attention import vmap_safe_attention
-from ..gradients.per_sample import FunctionalModel, frozen_tensors
+from ..gradients.per_sample import FunctionalModel, example_dims, frozen_tensors
 from ..task import Task
 
 MAX_PARAMS = 20_000  # a p × p float64 matrix of 3.2 GB; beyond that use a compressed method
@@ -78,20 +78,24 @@ def damped_hessian(
     return total / n + l2 * torch.eye(p, dtype=torch.float64, device=device)
 
 
+def _as_batch(example: Any) -> Any:
+    """One example as a batch of one (its non-tensor fields as they are)."""
+    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+
+
 def _gauss_newton(task: Task, proxy, flat: Tensor, batch: Any) -> Tensor:
     """Σ_i J_iᵀ (∂²ℓ_i/∂o²) J_i with J_i the Jacobian of example i's outputs."""
 
     def outputs_one(v, example):
-        one = tree_map(lambda t: t.unsqueeze(0), example)
-        return task.outputs(proxy(v), one)[0]
+        return task.outputs(proxy(v), _as_batch(example))[0]
 
     def loss_of_outputs(o, example):
-        one = tree_map(lambda t: t.unsqueeze(0), example)
-        return task.loss(o.unsqueeze(0), one)[0]
+        return task.loss(o.unsqueeze(0), _as_batch(example))[0]
 
-    jac = vmap(jacrev(outputs_one), in_dims=(None, 0))(flat, batch)  # [B, *o, p]
-    outs = vmap(outputs_one, in_dims=(None, 0))(flat, batch)
-    h_out = vmap(hessian(loss_of_outputs))(outs, batch)  # [B, *o, *o]
+    dims = example_dims(batch)
+    jac = vmap(jacrev(outputs_one), in_dims=(None, dims))(flat, batch)  # [B, *o, p]
+    outs = vmap(outputs_one, in_dims=(None, dims))(flat, batch)
+    h_out = vmap(hessian(loss_of_outputs), in_dims=(0, dims))(outs, batch)  # [B, *o, *o]
     b = jac.shape[0]
     j = jac.reshape(b, -1, flat.numel()).to(torch.float32)
     h = h_out.reshape(b, j.shape[1], j.shape[1]).to(torch.float32)
