@@ -34,6 +34,12 @@ def test_padded_sequences_are_batched_with_their_attention_mask():
         Padded(_Sequences(2, 0), side="middle")
 
 
+def test_sequences_of_different_lengths_without_padding_name_the_fix():
+    with pytest.raises(dg.DunegrassError, match=r"batch from example 4 holds tensors of different lengths.*Padded"):
+        list(iterate_batches(_Sequences(8, 0), 4, start=4))
+    assert len(list(iterate_batches(Padded(_Sequences(8, 0)), 4))) == 2
+
+
 @pytest.mark.parametrize("name", ["logra", "gradient"])
 def test_scores_of_padded_sequences_do_not_depend_on_the_batch_size(device, name):
     """Without a collate that pads, such a dataset failed with a raw 'stack expects each tensor to be equal size'."""

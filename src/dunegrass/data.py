@@ -87,7 +87,18 @@ def iterate_batches(
         return
     collate_fn = collate_fn or getattr(data, "collate_fn", None)  # a dataset may say how to batch itself
     loader = DataLoader(Subset(data, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    for i, batch in enumerate(loader):
+    batches = iter(loader)
+    for i in range(len(loader)):
+        try:
+            batch = next(batches)
+        except RuntimeError as e:
+            if "stack expects each tensor to be equal size" not in str(e):
+                raise
+            raise DunegrassError(
+                f"the batch from example {start + i * batch_size} holds tensors of different lengths, which torch's "
+                "default batching cannot stack: wrap token sequences in dg.data.Padded(dataset, pad_id=...) (pads "
+                "each batch and adds attention_mask), or give the dataset a collate_fn"
+            ) from e
         yield start + i * batch_size, batch
 
 
