@@ -75,15 +75,20 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(argv[0], argv[1:])
     args = _parser().parse_args(argv)
+    from .errors import DunegrassError
+
+    try:
+        return _command(args)
+    except DunegrassError as e:
+        print(f"dunegrass {args.command}{' --llm' if getattr(args, 'llm', False) else ''}: {e}", file=sys.stderr)
+        return 1
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "demo" and args.llm:
         from .demo_llm import run_llm_demo
-        from .errors import DunegrassError
 
-        try:
-            run_llm_demo(out=args.out if args.out != "dunegrass-demo" else "dunegrass-demo-llm")
-        except DunegrassError as e:
-            print(f"dunegrass demo --llm: {e}", file=sys.stderr)
-            return 1
+        run_llm_demo(out=args.out if args.out != "dunegrass-demo" else "dunegrass-demo-llm")
         return 0
     if args.command == "demo":
         from .demo import run_demo

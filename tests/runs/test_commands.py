@@ -92,8 +92,18 @@ def test_flags_override_the_config_and_bad_input_is_named(tmp_path, capsys, monk
     fit = run("fit", "run.yaml", "--method", "gradient", "--method_options.compressor", "sjlt:64")
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert json.loads((tmp_path / "runs" / "default" / "run.json").read_text())["config"]["method"] == "gradient"
-    bad = run("fit", "run.yaml", "--data", "missing.csv")
-    assert bad.returncode == 1 and "cannot read data from missing.csv" in bad.stderr
+    (tmp_path / "table.csv").write_text("a,b\n")
+    bad = run("fit", "run.yaml", "--data", "table.csv")
+    assert bad.returncode == 1 and "cannot read data from table.csv" in bad.stderr
+    # a missing file, a missing config and an unusable device are named, with no traceback
+    for args, said in [
+        (("fit", "run.yaml", "--data", "missing.jsonl"), "missing.jsonl does not exist"),
+        (("fit", "nothere.toml"), "the config file nothere.toml does not exist"),
+        (("fit", "run.yaml", "--device", "nodevice"), "device 'nodevice' is not usable here"),
+        (("example", "."), "already holds model, train.jsonl, which the example would overwrite"),
+    ]:
+        done = run(*args)
+        assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert "--influence.batch_size" in run("fit", "--help").stdout
 
 
@@ -163,8 +173,9 @@ def test_a_sequence_classifier_from_a_directory(tmp_path, capsys, monkeypatch):
     (tmp_path / "q.jsonl").write_text(json.dumps(rows[0]) + "\n")
     run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
     args = ["--model", "model", "--data", "train.jsonl", "--method", "grass", "--method_options.k", "32"]
-    done = run("score", *args, "--queries", "q.jsonl", "--top_k", "2")
+    done = run("score", *args, "--queries", "q.jsonl", "--top_k", "2", "--dense")  # a bare boolean flag
     assert done.returncode == 0, done.stderr
+    assert dg.Scores.load(tmp_path / "runs" / "default" / "scores.npz").shape == (1, 12)
     table = list(csv.DictReader(open(tmp_path / "runs" / "default" / "top.csv")))
     assert len(table) == 4 and table[0]["query_text"] == SENTENCES[0]
     top = dg.TopScores.load(tmp_path / "runs" / "default" / "top.npz")

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import typing
 
 import jsonargparse
 import tomllib
@@ -47,7 +48,10 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
     takes the settings a fit recorded in ``DIR/run.json`` as the defaults that the file and flags override."""
     if argv and not argv[0].startswith("-"):  # dunegrass fit CONFIG [--flags]
         argv = ["--config", argv[0], *argv[1:]]
-    argv = _lora_switches(_bare_flags(argv, ("--yes",)), ("--daunce.lora", "--bif.lora"))
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--config" and not os.path.isfile(value):  # else jsonargparse reads the name as TOML text
+            raise DunegrassError(f"the config file {value} does not exist (from {os.getcwd()})")
+    argv = _lora_switches(_bare_flags(argv, boolean_flags(kind)), ("--daunce.lora", "--bif.lora"))
     run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
     mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
     p = parser(kind, prog, mode)
@@ -132,8 +136,20 @@ def _lora_switches(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return out
 
 
+def boolean_flags(kind: type) -> tuple[str, ...]:
+    """The flags of ``kind``'s boolean fields, its sections' included (``--dense``, ``--daunce.normalize``)."""
+    flags = []
+    for f in dataclasses.fields(kind):
+        hint = typing.get_type_hints(kind)[f.name]
+        if hint is bool:
+            flags.append(f"--{f.name}")
+        elif dataclasses.is_dataclass(hint):
+            flags += [flag.replace("--", f"--{f.name}.", 1) for flag in boolean_flags(hint)]
+    return tuple(flags)
+
+
 def _bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """``--yes`` alone means ``--yes true`` (jsonargparse wants a value for every boolean)."""
+    """``--dense`` alone means ``--dense true`` (jsonargparse wants a value for every boolean)."""
     out = []
     for i, a in enumerate(argv):
         out.append(a)

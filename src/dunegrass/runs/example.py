@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import DunegrassError
 from ..hf import require_transformers, tiny_gpt2
 
 SENTENCES = [
@@ -46,6 +47,9 @@ k_out = 8
 """
 
 
+FILES = ("model", "train.jsonl", "queries.jsonl", "run.toml")
+
+
 def pairs() -> list[dict]:
     """Prompt/completion pairs: a sentence's first two words ask, the rest answers."""
     return [{"prompt": " ".join(s.split()[:2]), "completion": " ".join(s.split()[2:])} for s in SENTENCES]
@@ -69,7 +73,12 @@ def save_tiny_lm(path: str, texts: list[str], chat: bool = True, seed: int = 1) 
 
 
 def write_example(directory: str) -> None:
-    """The example's model, data and config under ``directory``."""
+    """The example's model, data and config under ``directory``; refuses to overwrite any of them."""
+    there = [name for name in FILES if os.path.exists(os.path.join(directory, name))]
+    if there:
+        raise DunegrassError(
+            f"{directory} already holds {', '.join(there)}, which the example would overwrite; name a new directory"
+        )
     os.makedirs(directory, exist_ok=True)
     rows = pairs()
     save_tiny_lm(os.path.join(directory, "model"), SENTENCES)

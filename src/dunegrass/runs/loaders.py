@@ -53,6 +53,10 @@ class Loaded:
 
 def load_model(spec: str, weights: str | None = None, task: str = "auto", device: str = "cpu") -> Loaded:
     """The model named by ``spec`` (a local Hugging Face directory or ``package.module:factory``)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
+        raise DunegrassError(f"device {device!r} is not usable here ({e}); pass --device cpu") from e
     if os.path.isdir(spec):
         loaded = _from_directory(spec, task)
     elif ":" in spec:
@@ -125,6 +129,7 @@ class Examples:
 
 def load_data(path: str, loaded: Loaded, max_length: int = 512) -> Examples:
     """The examples in ``path`` (JSON Lines, a saved Hugging Face dataset, ``.npz`` or ``.safetensors``)."""
+    _exists(path)
     if os.path.isdir(path):
         rows = _hf_rows(path)
     elif path.endswith((".jsonl", ".json")):
@@ -147,8 +152,14 @@ def load_data(path: str, loaded: Loaded, max_length: int = 512) -> Examples:
     return _tokenised(rows, loaded, max_length, path)
 
 
+def _exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise DunegrassError(f"{path} does not exist (from {os.getcwd()}); check the --data / --queries path")
+
+
 def load_pairs(path: str) -> Examples:
     """``{"prompt", "completion"}`` rows (``"system"`` optional) as they are, for a fine-tuning service."""
+    _exists(path)
     rows = _hf_rows(path) if os.path.isdir(path) else _jsonl_rows(path) if path.endswith((".jsonl", ".json")) else None
     if rows is None:
         raise DunegrassError(f"cannot read {path}: a fine-tuning service takes JSON Lines or a saved dataset of text")
