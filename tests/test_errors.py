@@ -186,3 +186,18 @@ def test_messages_that_name_a_fix_that_works(tiny_classification, tmp_path):
     ):
         with pytest.raises(dg.DunegrassError, match=match):
             build()
+
+
+def test_a_backward_hook_and_token_ids_past_the_vocabulary_are_named(tiny_classification):
+    """Both failed with torch's own text (the hook's blamed the data's shape); LoGra works with the hook."""
+    from dunegrass.hf import tiny_gpt2
+
+    model, train, _ = tiny_classification
+    model[2].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    with pytest.raises(dg.DunegrassError, match="backward hook on one of the model's modules.*remove it"):
+        dg.GraSS(model, dg.ClassificationTask(), k=16).fit(train)
+    assert dg.LoGra(model, dg.ClassificationTask(), k_in=2, k_out=2).fit(train).score(train).shape == (40, 40)
+    lm = tiny_gpt2()
+    ids = torch.full((2, 8), lm.config.vocab_size + 5)
+    with pytest.raises(dg.DunegrassError, match=r"token ids must lie in \[0, 96\).*another model's tokenizer"):
+        dg.GraSS(lm, dg.CausalLMTask(), k=16).fit({"input_ids": ids})

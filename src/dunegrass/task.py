@@ -174,9 +174,9 @@ class ClassificationTask(Task):
         try:
             logits = model_logits(model(inputs), model)
         except RuntimeError as e:
+            hint = _transform_hint(e) or "Check that the data matches the model's expected input shape and dtype."
             raise DunegrassError(
-                f"the model failed on inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {e}. "
-                "Check that the data matches the model's expected input shape and dtype."
+                f"the model failed on inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: {e}. {hint}"
             ) from e
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
             raise DunegrassError(
@@ -322,7 +322,15 @@ class CausalLMTask(Task):
         try:
             out = model(**kwargs)
         except RuntimeError as e:
-            raise DunegrassError(f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}") from e
+            hint = _transform_hint(e)
+            raise DunegrassError(f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}. {hint}") from e
+        except IndexError as e:  # an embedding lookup past the vocabulary (cannot be checked inside vmap)
+            embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+            rows = f"[0, {embeddings.num_embeddings})" if hasattr(embeddings, "num_embeddings") else "the vocabulary"
+            raise DunegrassError(
+                f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}; token ids must lie in {rows} — "
+                "was the data tokenised with another model's tokenizer?"
+            ) from e
         return model_logits(out, model)
 
     def _token_logprobs(self, outputs: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
@@ -359,6 +367,20 @@ class CausalLMTask(Task):
         if self.measurement_name == "loss":
             return self.loss(outputs, batch)
         return self._token_logprobs(outputs, batch)[0].sum(1)
+
+
+def _transform_hint(error: RuntimeError) -> str:
+    """What to do when the model fails under torch.func (vmap/grad), which the gradient methods and Daunce's
+    trainers run it through; empty when the error is not one of those."""
+    text = str(error)
+    if "setup_context" in text:
+        return (
+            "A backward hook on one of the model's modules (register_full_backward_hook or _pre_hook) cannot run "
+            "under torch.func's vmap/grad: remove it while attributing (LoGra and FactGraSS work with it)."
+        )
+    if "randomness" in text:
+        return "A random layer (e.g. dropout) runs in train mode here: call model.eval() first."
+    return ""
 
 
 def _takes_position_ids(model: Any) -> bool:
