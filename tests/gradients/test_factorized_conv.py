@@ -220,3 +220,19 @@ def test_trainable_parameters_no_layer_captures_are_named_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         factor_layers(model)
+
+
+def test_a_bias_beside_a_frozen_weight_is_named_as_such(monkeypatch):
+    """It was reported as a layer the factorised methods do not know (an nn.Linear is one)."""
+    from dunegrass import notices
+
+    monkeypatch.setattr(notices, "_said", set())
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model[2].weight.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert [layer.name for layer in factor_layers(model)] == ["0"]
+    (note,) = [str(w.message) for w in said]
+    assert (
+        note.startswith("1 trainable bias whose layer's weight is frozen (2.bias) is left out") and "modules=" in note
+    )

@@ -247,6 +247,17 @@ def _say_what_is_left_out(model: nn.Module, layers: list[FactorLayer]) -> None:
     covered = {id(layer.module.weight) for layer in layers}
     covered |= {id(layer.module.bias) for layer in layers if layer.has_bias}
     left = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    frozen = [n for n, _ in left if _weight_is_frozen(model, n)]
+    if frozen:  # a trainable bias beside a frozen weight: the layer is one factorised capture knows
+        notice_once(
+            f"factor-frozen-weight:{type(model).__name__}:{len(frozen)}",
+            f"{len(frozen)} trainable bias{'es' if len(frozen) > 1 else ''} whose layer's weight is frozen "
+            f"({_preview(frozen)}) {'are' if len(frozen) > 1 else 'is'} left out by the "
+            "factorised methods (LoGra, FactGraSS, K-FAC), which capture a layer by its weight; name the layer in "
+            "modules= to capture it whole (its frozen weight too), or attribute the biases with dg.GradientInfluence "
+            "/ GraSS (materialised gradients)",
+        )
+        left = [(n, c) for n, c in left if n not in frozen]
     if left:
         notice_once(
             f"factor-left-out:{type(model).__name__}:{len(left)}",
@@ -254,6 +265,12 @@ def _say_what_is_left_out(model: nn.Module, layers: list[FactorLayer]) -> None:
             f"trainable parameters in {len(left)} other tensors ({_preview(n for n, _ in left)}) are left out; "
             f"{MATERIALISED}",
         )
+
+
+def _weight_is_frozen(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    weight = getattr(model.get_submodule(owner), "weight", None)
+    return leaf == "bias" and isinstance(weight, nn.Parameter) and not weight.requires_grad
 
 
 linear_layers = factor_layers  # the former name (dunegrass.gradients exported it)
