@@ -176,6 +176,11 @@ def test_a_sequence_classifier_from_a_directory(tmp_path, capsys, monkeypatch):
     done = run("score", *args, "--queries", "q.jsonl", "--top_k", "2", "--dense")  # a bare boolean flag
     assert done.returncode == 0, done.stderr
     assert dg.Scores.load(tmp_path / "runs" / "default" / "scores.npz").shape == (1, 12)
+    # a score with no fit before it fitted the run: it records the fit, so --run finds its settings
+    recorded = json.loads((tmp_path / "runs" / "default" / "run.json").read_text())["config"]
+    assert recorded["method"] == "grass" and "queries" not in recorded
+    again = run("score", "--run", "runs/default", "--queries", "q.jsonl", "--out", "again")
+    assert again.returncode == 0 and (tmp_path / "again" / "top.npz").exists(), again.stderr
     table = list(csv.DictReader(open(tmp_path / "runs" / "default" / "top.csv")))
     assert len(table) == 4 and table[0]["query_text"] == SENTENCES[0]
     top = dg.TopScores.load(tmp_path / "runs" / "default" / "top.npz")

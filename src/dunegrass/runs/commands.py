@@ -227,8 +227,7 @@ def fit(cfg: FitConfig) -> tuple[m.Attributor, Loaded, Examples]:
     start = time.perf_counter()
     attr, loaded, (train,) = prepare(cfg, cfg.data)
     attr.fit(train.data, cache_dir=run_dir(cfg))
-    record = {"command": "fit", "config": cfg.to_dict(), "cwd": os.getcwd()}  # cwd: for score --run elsewhere
-    atomic_write_json(os.path.join(run_dir(cfg), "run.json"), record)
+    record_fit(cfg)
     print(
         f"dunegrass fit: {attr.method_name} on {len(train.data)} training examples in "
         f"{time.perf_counter() - start:.1f} s; kept in {run_dir(cfg)}"
@@ -236,11 +235,20 @@ def fit(cfg: FitConfig) -> tuple[m.Attributor, Loaded, Examples]:
     return attr, loaded, train
 
 
+def record_fit(cfg: FitConfig) -> None:
+    """``run.json``: the fit's settings (a score's own fields left out), for ``score --run`` from anywhere."""
+    fields = {f.name for f in dataclasses.fields(FitConfig)}
+    config = {k: v for k, v in cfg.to_dict().items() if k in fields}
+    record = {"command": "fit", "config": config, "cwd": os.getcwd()}  # cwd: resolves relative paths elsewhere
+    atomic_write_json(os.path.join(run_dir(cfg), "run.json"), record)
+
+
 def score(cfg: ScoreConfig) -> TopScores:
     """Score ``cfg.queries`` with the run's attributor and write the results; returns the top-k scores."""
     start = time.perf_counter()
     recorded = os.path.join(run_dir(cfg), "run.json")
-    if os.path.isfile(recorded):
+    fitted_here = not os.path.isfile(recorded)  # then the fit below is this run's: record it as `fit` does
+    if not fitted_here:
         with open(recorded) as f:
             fitted = json.load(f)["config"].get("method")
         if fitted != cfg.method:
@@ -256,6 +264,8 @@ def score(cfg: ScoreConfig) -> TopScores:
             f"{e}. To score with settings that change what was fitted, fit them as a new run (dunegrass fit ... "
             "--name ANOTHER_NAME)"
         ) from e
+    if fitted_here:
+        record_fit(cfg)
     out = cfg.out or run_dir(cfg)
     os.makedirs(out, exist_ok=True)
     if cfg.dense:
