@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,20 @@ def test_bad_batches_and_measurements_get_clear_errors(model):
         dg.CausalLMTask("margin")
     with pytest.raises(DunegrassError, match="expects dict batches with 'input_ids'"):
         dg.CausalLMTask().outputs(model, (torch.zeros(2, 3, dtype=torch.long),))
+
+
+def test_an_example_with_no_token_to_score_is_named(monkeypatch):
+    """Its gradient is 0, so it scores 0 against everything: said instead of silent zeros."""
+    from dunegrass import notices
+
+    monkeypatch.setattr(notices, "_said", set())
+    ids = torch.randint(0, 90, (3, 6), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, 1:] = -100  # only the first label is set, and the first token is never predicted
+    task = dg.CausalLMTask()
+    with pytest.warns(dg.DunegrassWarning, match=r"1 example\(s\) of a batch have no token with a loss"):
+        task.check_batch({"input_ids": ids, "labels": labels}, torch.Size([6, 96]))
+    monkeypatch.setattr(notices, "_said", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.check_batch({"input_ids": ids}, torch.Size([6, 96]))

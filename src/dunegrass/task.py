@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DunegrassError, NonFiniteError
+from .notices import notice_once
 
 
 class Task(ABC):
@@ -332,6 +333,21 @@ class CausalLMTask(Task):
                 "was the data tokenised with another model's tokenizer?"
             ) from e
         return model_logits(out, model)
+
+    def check_batch(self, batch: Any, output_shape: torch.Size) -> None:
+        """Say when an example has no token with a loss: its gradient is 0 and every score of it is 0."""
+        _, mask, labels = self._fields(batch)
+        counted = labels[:, 1:] != -100
+        if mask is not None:
+            counted = counted & (mask[:, :-1] != 0)
+        empty = int((~counted.any(1)).sum())
+        if empty:
+            notice_once(
+                "causal-lm-no-loss-tokens",
+                f"{empty} example(s) of a batch have no token with a loss (every next-token label is -100 or "
+                "padding), so their gradients are 0 and they score 0 against everything; the loss covers the labels "
+                "that are not -100 from the second token on",
+            )
 
     def _token_logprobs(self, outputs: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
         """Log-probabilities of each next-token label ``[B, T-1]`` and the mask of counted tokens."""
