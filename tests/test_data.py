@@ -53,3 +53,17 @@ def test_scores_of_padded_sequences_do_not_depend_on_the_batch_size(device, name
     a = build(7).fit(train).score(queries).values
     b = build(3).fit(train).score(queries).values
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+
+def test_a_list_of_examples_is_a_dataset(tiny_classification):
+    """(x, y) pairs or dicts in a list, as users often hold them, score as the stacked tensors do (the list was
+    read as columns and refused)."""
+    model, (x, y), (xq, yq) = tiny_classification
+    task = dg.ClassificationTask()
+    want = dg.GraSS(model, task, k=16).fit((x, y)).score((xq, yq)).values
+    pairs = [(x[i], int(y[i])) for i in range(len(y))]
+    dicts = [{"inputs": xq[i], "labels": yq[i]} for i in range(len(yq))]
+    got = dg.GraSS(model, task, k=16).fit(pairs).score(dicts).values
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(dg.DunegrassError, match="the dataset is empty"):
+        dg.GraSS(model, task, k=16).fit([])

@@ -45,7 +45,8 @@ class TensorData:
 
 
 def as_data(data: Any) -> TensorData | Dataset:
-    """Accept a tuple/list/dict of tensors, a TensorData or a map-style Dataset; reject empty data."""
+    """Accept a tuple/list/dict of tensors, a list of examples, a TensorData or a map-style Dataset; reject
+    empty data."""
     if isinstance(data, TensorData):
         out: Any = data
     elif isinstance(data, Tensor):
@@ -55,6 +56,10 @@ def as_data(data: Any) -> TensorData | Dataset:
             f"got {type(data).__name__} {str(data)[:60]!r} as a dataset; pass the data itself (a tuple (X, y), a "
             "dict of tensors or a torch Dataset), not its name or path"
         )
+    elif isinstance(data, (tuple, list)) and not data:
+        raise DunegrassError("the dataset is empty; attribution needs at least one example")
+    elif isinstance(data, list) and isinstance(data[0], (tuple, list, Mapping)):
+        out = data  # a list of examples ((x, y) pairs, dicts): batched as a map-style Dataset is
     elif isinstance(data, (tuple, list, Mapping)):
         out = TensorData(data)
     elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
