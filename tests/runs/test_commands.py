@@ -290,3 +290,20 @@ def test_rows_are_labelled_by_the_sign_of_their_score_not_by_their_end_of_the_ra
     assert got[(0, "top", 1)] == (0, "proponent") and got[(0, "bottom", 1)] == (3, "proponent")
     assert got[(1, "bottom", 1)] == (3, "opponent") and got[(1, "bottom", 2)] == (2, "opponent")
     assert got[(1, "top", 2)] == (1, "neither")
+
+
+def test_method_options_the_method_does_not_read_are_named(monkeypatch):
+    """The README's run.toml sets LoGra's k_in/k_out: with --method factgrass they were dropped without a word."""
+    import warnings
+
+    from dunegrass import notices
+    from dunegrass.runs.commands import say_ignored_options
+    from dunegrass.runs.config import FitConfig, MethodOptions
+
+    monkeypatch.setattr(notices, "_said", set())
+    options = MethodOptions(k_in=8, k_out=8, k=128)
+    with pytest.warns(dg.DunegrassWarning, match=r"k_in, k_out do not apply to --method factgrass"):
+        say_ignored_options(FitConfig(model="m", data="d", method="factgrass", method_options=options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        say_ignored_options(FitConfig(model="m", data="d", method="logra", method_options=MethodOptions(k_in=8)))

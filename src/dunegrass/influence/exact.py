@@ -57,7 +57,7 @@ def damped_hessian(
     if p > MAX_PARAMS:
         raise DunegrassError(
             f"exact influence needs a {p} x {p} Hessian; that is too large (limit {MAX_PARAMS} parameters). "
-            "Restrict params=[...] to a few layers or use a compressed method (GraSS, TRAK)"
+            "Restrict params=[...] to a few layers or use a compressed method (GraSS, FactGraSS, LoGra)"
         )
     device = flat.device
     total = torch.zeros(p, p, dtype=torch.float64, device=device)

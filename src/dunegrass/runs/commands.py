@@ -29,7 +29,7 @@ from ..notices import notice_once
 from ..scores import TopScores
 from ..store.atomic import atomic_write_bytes, atomic_write_json
 from ..train.lora import LoraConfig
-from .config import FitConfig, ScoreConfig
+from .config import FitConfig, MethodOptions, ScoreConfig
 from .loaders import Examples, Loaded, load_data, load_model, load_pairs
 
 jsonargparse.set_loader("toml", tomllib.loads)
@@ -159,8 +159,38 @@ def _bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return out
 
 
+# the method_options each method reads (build below); a setting given for another method is named, not dropped
+METHOD_OPTIONS = {
+    "grass": ("k", "mask", "mask_size", "params"),
+    "factgrass": ("k", "mask", "mask_size", "modules"),
+    "logra": ("k_in", "k_out", "modules"),
+    "trak": ("k", "params"),
+    "tracin": ("compressor", "params"),
+    "gradient": ("compressor", "params"),
+    "exact": ("l2", "hessian_damping", "hessian", "params"),
+}
+
+
+def say_ignored_options(cfg: FitConfig) -> None:
+    """A notice naming the method_options set away from their defaults that ``cfg.method`` does not read."""
+    default = MethodOptions()
+    used = METHOD_OPTIONS.get(cfg.method, ())
+    ignored = [
+        f.name
+        for f in dataclasses.fields(MethodOptions)
+        if f.name not in used and getattr(cfg.method_options, f.name) != getattr(default, f.name)
+    ]
+    if ignored:
+        notice_once(
+            f"ignored-options:{cfg.method}:{ignored}",
+            f"method_options {', '.join(ignored)} do not apply to --method {cfg.method} and are ignored "
+            f"({cfg.method} reads {', '.join(used) or 'none of them'})",
+        )
+
+
 def build(cfg: FitConfig, loaded: Loaded) -> m.Attributor:
     """The attributor ``cfg.method`` names, with the config's settings."""
+    say_ignored_options(cfg)
     model, task, o = loaded.model, loaded.task, cfg.method_options
     params = o.params or None
     modules = o.modules or None
