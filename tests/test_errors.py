@@ -14,10 +14,14 @@ def test_empty_dataset(tiny_classification):
 
 
 def test_shape_mismatch_between_model_and_batch(tiny_classification):
-    model, _, _ = tiny_classification
+    model, train, _ = tiny_classification
     bad = (torch.zeros(5, 7), torch.zeros(5, dtype=torch.long))
     with pytest.raises(dg.DunegrassError, match=r"inputs of shape \(2, 7\).*expected input shape"):
         dg.TracIn(model, dg.ClassificationTask()).fit(bad)
+    # queries too: the shape was one example's (inside vmap) before they got the plain pass
+    fitted = dg.GraSS(model, dg.ClassificationTask(), k=16).fit(train)
+    with pytest.raises(dg.DunegrassError, match=r"inputs of shape \(2, 7\).*expected input shape"):
+        fitted.score(bad)
 
 
 def test_dtype_mismatch_between_model_and_batch(tiny_classification):

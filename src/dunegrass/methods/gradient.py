@@ -167,12 +167,16 @@ class GradientInfluence(Attributor):
         (GraSS's and FactGraSS's selective masks); ``fingerprints`` name the data and the weights, ``root``
         is the checkpoint's cache directory. Nothing by default."""
 
-    def _preflight(self, data: Any) -> None:
-        """One plain forward pass on two examples: shape/dtype errors surface with the real shapes."""
+    def _preflight(self, data: Any, queries: bool = False) -> None:
+        """One plain forward pass on two examples: shape/dtype errors surface with the real shapes (inside vmap
+        they show one example's). For the training set, also the per-example output shape that every batch is
+        checked against, and a finite loss; queries' labels are checked batch by batch as they are scored."""
         _, batch = next(iterate_batches(data, 2))
         batch = to_device(batch, self._device())
         with torch.no_grad():
             outputs = self.task.outputs(self.model, batch)
+            if queries:
+                return
             self._output_shape = outputs.shape[1:]
             self.task.check_batch(batch, self._output_shape)
             values = self.task.loss(outputs, batch)
@@ -248,6 +252,8 @@ class GradientInfluence(Attributor):
         """``[n_query, k]`` features of queries ``[start, stop)`` under checkpoint ``m``, on the model's device."""
         self._require_fit()
         with eval_mode(self.model), load_weights(self.model, self.checkpoints[m]):
+            if start == 0:
+                self._preflight(queries, queries=True)
             rows = [
                 self._arrays(m, batch, self.options.query_signal, extras=False)["features"].detach()
                 for _, batch in iterate_batches(queries, self.options.batch_size, start, stop)
