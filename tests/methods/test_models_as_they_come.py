@@ -188,3 +188,21 @@ def test_default_k_fits_a_small_model(device, tiny_classification, monkeypatch):
     for bad in (1.5, True, "16", 0):
         with pytest.raises(dg.DunegrassError, match="k must be a positive integer"):
             dg.GraSS(model, task, k=bad)
+
+
+@pytest.mark.parametrize("name", ["logra", "factgrass", "ekfac"])
+def test_a_model_that_is_one_linear_layer(device, tiny_classification, name):
+    """The root module was never a candidate layer: a bare nn.Linear (logistic regression) was refused as having
+    no nn.Linear. It scores as the same layer wrapped in a Sequential does."""
+    _, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    build = {
+        "logra": lambda m: dg.LoGra(m, task, k_in=4, k_out=3),
+        "factgrass": lambda m: dg.FactGraSS(m, task, k=8, mask_size=4),
+        "ekfac": lambda m: dg.EKFAC(m, task),
+    }[name]
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 3).to(device)
+    got = build(linear).fit(train).score(test).values
+    want = build(torch.nn.Sequential(linear)).fit(train).score(test).values
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

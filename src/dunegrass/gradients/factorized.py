@@ -196,7 +196,7 @@ def factor_layers(model: nn.Module, modules: ModuleSelection = None) -> list[Fac
     """
     named = dict(model.named_modules())
     default = modules is None
-    supported = {n: layer for n, m in named.items() if n and (layer := _describe(m, default)) is not None}
+    supported = {n: layer for n, m in named.items() if (layer := _describe(m, default)) is not None}
     if default:
         shared = _shared_weights(model)
         # nn.MultiheadAttention calls F.linear on out_proj.weight, never the module: hooks cannot see it.
