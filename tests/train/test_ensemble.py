@@ -187,3 +187,27 @@ def test_train_mode_dropout_draws_a_mask_per_member_from_the_members_seeds(tiny_
     assert all(torch.equal(first[n], again[n]) for n in first)
     plain = EnsembleTrainer(model, dg.ClassificationTask(), config, train_mode=False).train(train, twins)
     assert torch.equal(plain["0.weight"][0], plain["0.weight"][1])
+
+
+def test_reinitialising_reaches_every_trainable_parameter_or_refuses():
+    """transformers' Conv1D (no reset_parameters) kept θ₀'s trained weights in a 'from scratch' retraining, and
+    so did a module's own nn.Parameter; now the first is drawn by the model's _init_weights, the second refused."""
+    from dunegrass.hf import tiny_gpt2
+
+    model = tiny_gpt2()
+    theta0 = {n: p.detach() for n, p in model.named_parameters()}
+    first, again, other = reinitialize(model, 1), reinitialize(model, 1), reinitialize(model, 2)
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.wte.weight"):
+        assert not torch.equal(first[name], theta0[name]) and not torch.equal(first[name], other[name])
+        assert torch.equal(first[name], again[name])
+
+    class OwnWeights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 6))
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    with pytest.raises(dg.DunegrassError, match=r"cannot re-initialise w: .*from_scratch=False"):
+        reinitialize(OwnWeights(), 0)

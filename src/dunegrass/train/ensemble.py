@@ -76,14 +76,34 @@ def running_stats(model: nn.Module) -> dict[str, Tensor]:
 
 
 def reinitialize(model: nn.Module, seed: int) -> dict[str, Tensor]:
-    """Fresh parameters (and reset running statistics) as the model's own ``reset_parameters`` draws them,
-    under ``seed``."""
+    """Fresh parameters (and reset running statistics) under ``seed``, as the modules' own ``reset_parameters``
+    draw them, then, for a Hugging Face model, as its ``_init_weights`` does (transformers' ``Conv1D`` has no
+    ``reset_parameters``). A trainable parameter that neither reaches is refused, never left at its trained value."""
     clone = copy.deepcopy(model)
+    hf_init = getattr(clone, "_init_weights", None)
+    if not callable(hf_init):
+        left = [
+            f"{prefix}.{name}" if prefix else name
+            for prefix, mod in clone.named_modules()
+            if not hasattr(mod, "reset_parameters")
+            for name, p in mod.named_parameters(recurse=False)
+            if p.requires_grad
+        ]
+        if left:
+            raise DunegrassError(
+                f"cannot re-initialise {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}: their modules have no "
+                "reset_parameters(); give those modules one, or retrain from the model's weights (from_scratch=False)"
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, 0x696E6974))
         for mod in clone.modules():
             if hasattr(mod, "reset_parameters"):
                 mod.reset_parameters()
+        if callable(hf_init):
+            for obj in (*clone.modules(), *clone.parameters()):  # a loaded model's are marked done: init skips them
+                if getattr(obj, "_is_hf_initialized", False):
+                    obj._is_hf_initialized = False
+            clone.apply(hf_init)
     return {**trainable_state(clone), **running_stats(clone)}
 
 
