@@ -45,7 +45,8 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
     ``[n_query, n_train]`` are the covariance across members, positive = proponent, with standard
     errors (``normalize=True``: correlations). Each member's handle and losses are stored as it finishes
     (``cache_dir``): a killed run resumes at the next member, and new queries are scored from the handles
-    without fine-tuning.
+    without fine-tuning — on a service; a member the back end no longer has (LocalBackend's live as long as
+    its process) is fine-tuned again with its subset and seed, and must reproduce its stored training losses.
 
     On a paid back end ``fit`` prints what it will start (``plan``: jobs, approximate training tokens,
     scoring requests) and refuses more than CONFIRM_JOBS jobs or CONFIRM_TOKENS tokens without
@@ -202,5 +203,24 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
             plan = {"jobs": 0, "training_examples": 0, "training_tokens_approx": None, "scoring_requests": requests}
             self._confirm(plan, "score")
         for index in missing:
-            qstore.write(index, {"signal": self._losses(self.store.load_handle(index), q, index)[None].numpy()})
+            handle = self.store.load_handle(index)
+            if not self.backend.has_model(handle):
+                handle = self._fine_tune_again(index)
+            qstore.write(index, {"signal": self._losses(handle, q, index)[None].numpy()})
         return torch.from_numpy(qstore.load("signal"))
+
+    def _fine_tune_again(self, index: int) -> str:
+        """Member ``index`` fine-tuned again, for a back end that no longer has it (LocalBackend's members live
+        as long as its process): the same subset and seed, checked against the training losses stored for it,
+        so that new queries are scored against the members the training signals came from."""
+        member = draw_members(self.n_train, self.num_models, self.ratio, self.seed)[index]
+        handle = self._fine_tune(self.train_data, member, index)
+        again, stored = self._losses(handle, self.train_data, index), self.store.train_signals()[index]
+        if not torch.allclose(again, stored, rtol=1e-5, atol=1e-6):
+            worst = float((again - stored).abs().max())
+            raise DunegrassError(
+                f"member {index} is gone from the back end ({type(self.backend).__name__}), and fine-tuned again it "
+                f"does not reproduce its stored training losses (largest difference {worst:.3g}), so new queries "
+                "cannot be scored against this cache's members; fit into a new cache_dir"
+            )
+        return handle
