@@ -70,15 +70,15 @@ class Scores:
         return self.values.shape[0]
 
     def top(self, k: int = 10) -> Ranked:
-        """Most helpful training examples per query, best first: ``Ranked(indices, values)``."""
+        """Most helpful training examples per query, best first: ``Ranked(indices, values)`` (NaN scores last)."""
         k = min(_rank_count(k), self.values.shape[1])
-        vals, idx = torch.topk(self.values, k, dim=1)
+        vals, idx = topk_nan_last(self.values, k, largest=True)
         return Ranked(idx, vals)
 
     def bottom(self, k: int = 10) -> Ranked:
-        """Most harmful training examples (opponents) per query, most negative first."""
+        """Most harmful training examples (opponents) per query, most negative first (NaN scores last)."""
         k = min(_rank_count(k), self.values.shape[1])
-        vals, idx = torch.topk(self.values, k, dim=1, largest=False)
+        vals, idx = topk_nan_last(self.values, k, largest=False)
         return Ranked(idx, vals)
 
     def z_scores(self) -> Tensor:
@@ -194,6 +194,14 @@ class DenseSink:
         return Scores(self.values, self.stderr, method, meta)
 
 
+def topk_nan_last(values: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """``torch.topk`` along dim 1 with NaN ranked after every number (torch ranks it above +inf): a diverged
+    score is never a query's top proponent or opponent. Returns (values, positions)."""
+    key = values.nan_to_num(nan=float("-inf") if largest else float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    _, pos = torch.topk(key, k, dim=1, largest=largest)
+    return values.gather(1, pos), pos
+
+
 class TopKSink:
     """Keeps each query's ``k`` largest and ``k`` smallest scores as chunks arrive; ``O(n_query · k)``
     memory on the chunks' device."""
@@ -220,7 +228,7 @@ class TopKSink:
                 )
             )
             k = min(self.k, vals.shape[1])
-            v, pos = torch.topk(vals, k, dim=1, largest=largest)
+            v, pos = topk_nan_last(vals, k, largest)
             self.best[largest] = (v, idx.gather(1, pos), errs.gather(1, pos))
 
     def result(self, method: str, meta: dict) -> TopScores:

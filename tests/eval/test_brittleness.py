@@ -1,3 +1,6 @@
+import pytest
+import torch
+
 import dunegrass as dg
 from dunegrass.eval import brittleness
 
@@ -14,3 +17,12 @@ def test_removing_true_proponents_hurts_more_than_random(tiny_classification):
     assert all(0 <= r <= 1 for r in out["flip_rate"] + out["random_flip_rate"])
     assert out["loss_increase"][1] > out["random_loss_increase"][1]
     assert out["loss_increase"][1] > out["loss_increase"][0] > 0
+
+
+def test_scores_with_nan_are_refused(tiny_classification):
+    """A NaN was removed as a 'top proponent' (argsort ranks it first)."""
+    model, (x, y), _ = tiny_classification
+    values = torch.randn(2, len(y))
+    values[0, 3] = float("nan")
+    with pytest.raises(dg.DunegrassError, match="scores hold NaN or inf"):
+        brittleness(model, dg.ClassificationTask(), (x, y), (x[:2], y[:2]), dg.Scores(values), dg.TrainConfig(steps=1))

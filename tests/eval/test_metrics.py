@@ -59,6 +59,31 @@ def test_lds_rejects_mismatched_shapes():
         dg.lds(torch.zeros(3, 11), gt)
 
 
+def test_metrics_refuse_top_k_scores_by_name():
+    """They failed with torch's 'Could not infer dtype of TopScores'."""
+    gt = GroundTruth(random_subsets(10, 5, 0.5, 0), torch.zeros(5, 3))
+    top = dg.Scores(torch.randn(3, 10)).top(2)
+    for call in (lambda: dg.lds(top, gt), lambda: dg.mislabel_auc(top, torch.zeros(10, dtype=torch.bool))):
+        with pytest.raises(dg.DunegrassError, match="metrics take the scores of every training example"):
+            call()
+
+
+def test_a_nan_score_is_ranked_last_not_first():
+    """torch.topk ranks NaN above everything: a diverged score was the query's top proponent (and opponent)."""
+    from dunegrass.scores import TopKSink
+
+    values = torch.tensor([[0.5, float("nan"), -2.0, 1.0], [float("nan"), float("nan"), 3.0, -1.0]])
+    scores = dg.Scores(values)
+    assert scores.top(2).indices.tolist() == [[3, 0], [2, 3]]
+    assert scores.bottom(2).indices.tolist() == [[2, 0], [3, 2]]
+    sink = TopKSink(2, 4, 3)
+    sink.add(0, values[:, :2])
+    sink.add(2, values[:, 2:])
+    top = sink.result("m", {})
+    assert top.top().indices[0].tolist() == [3, 0, 2] and top.top().indices[1, :2].tolist() == [2, 3]
+    assert top.bottom().indices[0].tolist() == [2, 0, 3] and torch.isnan(top.top().values[1, 2])
+
+
 def test_subsets_have_the_requested_size_and_differ():
     masks = random_subsets(100, 50, 0.5, seed=0)
     assert masks.shape == (50, 100) and (masks.sum(1) == 50).all()

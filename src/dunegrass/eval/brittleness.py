@@ -46,6 +46,11 @@ def brittleness(
     n, nq = len(train), len(queries)
     if scores.values.shape != (nq, n):
         raise DunegrassError(f"scores {tuple(scores.values.shape)} do not match {nq} queries × {n} training examples")
+    if not torch.isfinite(scores.values).all():
+        raise DunegrassError(
+            "scores hold NaN or inf (a diverged method?); brittleness removes each query's top proponents, which "
+            "such scores do not rank"
+        )
     if max(ks) >= n:
         raise DunegrassError(f"k = {max(ks)} must be smaller than the training set ({n})")
     gen = torch.Generator().manual_seed(derive_seed(seed, 0x627274))

@@ -49,7 +49,14 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> MeanCI:
 
 
 def _values(scores: Scores | Tensor) -> Tensor:
-    return (scores.values if isinstance(scores, Scores) else torch.as_tensor(scores)).to(torch.float64)
+    if isinstance(scores, Scores):
+        return scores.values.to(torch.float64)
+    if isinstance(scores, (Tensor, np.ndarray)):
+        return torch.as_tensor(scores).to(torch.float64)
+    raise DunegrassError(
+        f"metrics take the scores of every training example (dg.Scores or a tensor), got {type(scores).__name__}"
+        + ("; score without top_k for them" if type(scores).__name__ == "TopScores" else "")
+    )
 
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -87,7 +94,8 @@ def lds(scores: Scores | Tensor, ground_truth: GroundTruth) -> MeanCI:
     if degenerate.all():
         raise DunegrassError(
             f"LDS is undefined: for all {len(per_query)} queries the scores' subset sums or the retrained "
-            "measurements are constant (or NaN) across the subsets; check the scores (all zero?) and the ground truth"
+            "measurements are constant (or NaN/inf) across the subsets; check the scores (all zero? infinite?) and the "
+            "ground truth"
         )
     # A constant ranking carries no information: it counts as 0 rather than being dropped, which would
     # let a method that scores most queries with zeros report the LDS of the few it got right.
@@ -120,8 +128,7 @@ def mislabel_auc(self_scores: Scores | Tensor, is_mislabeled: Tensor) -> float:
     (``Scores [1, n_train]``) or a ``[n_train]`` tensor."""
     from sklearn.metrics import roc_auc_score  # imported here: it costs a second at start-up
 
-    values = self_scores.values.reshape(-1) if isinstance(self_scores, Scores) else self_scores
-    s = torch.as_tensor(values, dtype=torch.float64).numpy()
+    s = _values(self_scores).reshape(-1).numpy()
     y = torch.as_tensor(is_mislabeled).bool().numpy()
     if s.shape != y.shape:
         raise DunegrassError(f"self_scores {s.shape} and labels {y.shape} must have the same shape")
