@@ -46,3 +46,15 @@ def test_defaults_are_the_setting_that_works_on_a_network(tiny_classification):
     assert torch.isfinite(default.fit(train).score(test).values).all()
     with pytest.raises(dg.DunegrassError, match="not positive definite.*hessian='gauss_newton'.*damping"):
         dg.ExactInfluence(model, task, hessian="exact", damping=0.0).fit(train).score(test)
+
+
+def test_leave_one_out_names_a_singular_or_non_convex_objective():
+    """A softmax without L2 failed with torch's LinAlgError; a network returned unconverged refits silently."""
+    (x, y), (xq, yq) = breast_cancer(n_train=60, n_test=3)
+    task = dg.ClassificationTask()
+    with pytest.raises(dg.DunegrassError, match=r"Hessian is singular.*l2 > 0"):
+        dg.leave_one_out(logistic_regression(30, 2), task, (x, y), (xq, yq), 0.0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    with pytest.raises(dg.DunegrassError, match="did not converge.*convex models"):
+        dg.leave_one_out(net, task, (x, y), (xq, yq), 1e-3)

@@ -114,7 +114,8 @@ def damped_cholesky(h: Tensor, damping: float = 0.0) -> Tensor:
         low = float(torch.linalg.eigvalsh(mat)[0])
         raise DunegrassError(
             f"the damped Hessian is not positive definite (smallest eigenvalue {low:.3g}): the model is not convex "
-            "around θ₀. Use hessian='gauss_newton' (positive semi-definite), more damping (e.g. damping=0.1), or "
+            f"around θ₀. Use hessian='gauss_newton' (positive semi-definite), more damping than {damping:g} (e.g. "
+            f"damping={max(10 * damping, 0.1):g}), or "
             "the L2 coefficient the model was trained with (l2=...)"
         )
     return chol

@@ -61,11 +61,21 @@ def newton_fit(
     h_fn = vmap(hessian(objective))
     theta = flat.unsqueeze(0).repeat(w.shape[0], 1)
     for _ in range(steps):
-        step = torch.linalg.solve(h_fn(theta, w), g_fn(theta, w).unsqueeze(-1)).squeeze(-1)
+        try:
+            step = torch.linalg.solve(h_fn(theta, w), g_fn(theta, w).unsqueeze(-1)).squeeze(-1)
+        except torch.linalg.LinAlgError as e:
+            raise DunegrassError(
+                f"the Hessian is singular ({e}): exact refits need a strictly convex objective; pass the L2 "
+                "coefficient the model was trained with (l2 > 0; a softmax has directions its loss never sees)"
+            ) from e
         theta = theta - step
         if step.norm(dim=1).max() < tol:
-            break
-    return theta
+            return theta
+    raise DunegrassError(
+        f"Newton's method did not converge in {steps} steps (last step norm {float(step.norm(dim=1).max()):.3g}): "
+        "exact refits are for convex models (linear or logistic regression with l2 > 0), not networks; use "
+        "subset_retraining for those"
+    )
 
 
 def trainable_names(model: nn.Module) -> list[str]:
