@@ -38,6 +38,9 @@ def test_sequences_of_different_lengths_without_padding_name_the_fix():
     with pytest.raises(dg.DunegrassError, match=r"batch from example 4 holds tensors of different lengths.*Padded"):
         list(iterate_batches(_Sequences(8, 0), 4, start=4))
     assert len(list(iterate_batches(Padded(_Sequences(8, 0)), 4))) == 2
+    rows = [{"input_ids": list(range(n))} for n in (3, 5)]  # as a Hugging Face dataset without torch format
+    with pytest.raises(dg.DunegrassError, match="batch from example 0 holds tensors of different lengths"):
+        list(iterate_batches(rows, 2))
 
 
 @pytest.mark.parametrize("name", ["logra", "gradient"])

@@ -97,7 +97,11 @@ def iterate_batches(
         try:
             batch = next(batches)
         except RuntimeError as e:
-            if "stack expects each tensor to be equal size" not in str(e):
+            unequal = (
+                "stack expects each tensor to be equal size",
+                "each element in list of batch should be of equal size",
+            )
+            if not any(text in str(e) for text in unequal):  # torch's words for tensors, and for lists (a HF dataset)
                 raise
             raise DunegrassError(
                 f"the batch from example {start + i * batch_size} holds tensors of different lengths, which torch's "

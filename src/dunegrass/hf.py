@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DunegrassError
+from .seeding import seeded_generators
 
 
 def require_transformers():
@@ -44,8 +45,7 @@ def causal_lm_from_config(config: Any, seed: int = 0, attn_implementation: str =
             raise DunegrassError("a config dict needs 'model_type', e.g. {'model_type': 'gpt2', 'n_layer': 2}")
         config = tf.AutoConfig.for_model(kind, **fields)
     config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_generators(seed):  # built on the CPU
         model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
 

@@ -197,7 +197,7 @@ class DenseSink:
 def topk_nan_last(values: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
     """``torch.topk`` along dim 1 with NaN ranked after every number (torch ranks it above +inf): a diverged
     score is never a query's top proponent or opponent. Returns (values, positions)."""
-    key = values.nan_to_num(nan=float("-inf") if largest else float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    key = torch.where(values.isnan(), float("-inf") if largest else float("inf"), values)
     _, pos = torch.topk(key, k, dim=1, largest=largest)
     return values.gather(1, pos), pos
 

@@ -324,7 +324,9 @@ class CausalLMTask(Task):
             out = model(**kwargs)
         except RuntimeError as e:
             hint = _transform_hint(e)
-            raise DunegrassError(f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}. {hint}") from e
+            raise DunegrassError(
+                f"the model failed on input_ids of shape {tuple(ids.shape)}: {e}. {hint}".strip()
+            ) from e
         except IndexError as e:  # an embedding lookup past the vocabulary (cannot be checked inside vmap)
             embeddings = getattr(model, "get_input_embeddings", lambda: None)()
             rows = f"[0, {embeddings.num_embeddings})" if hasattr(embeddings, "num_embeddings") else "the vocabulary"
@@ -337,10 +339,7 @@ class CausalLMTask(Task):
     def check_batch(self, batch: Any, output_shape: torch.Size) -> None:
         """Say when an example has no token with a loss: its gradient is 0 and every score of it is 0."""
         _, mask, labels = self._fields(batch)
-        counted = labels[:, 1:] != -100
-        if mask is not None:
-            counted = counted & (mask[:, :-1] != 0)
-        empty = int((~counted.any(1)).sum())
+        empty = int((~_counted(mask, labels).any(1)).sum())
         if empty:
             notice_once(
                 "causal-lm-no-loss-tokens",
@@ -352,11 +351,7 @@ class CausalLMTask(Task):
     def _token_logprobs(self, outputs: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
         """Log-probabilities of each next-token label ``[B, T-1]`` and the mask of counted tokens."""
         _, mask, labels = self._fields(batch)
-        logits, target = outputs[:, :-1], labels[:, 1:]
-        counted = target != -100
-        if mask is not None:
-            # A left-padded row would otherwise predict its first real token from a pad position.
-            counted = counted & (mask[:, :-1] != 0)
+        logits, target, counted = outputs[:, :-1], labels[:, 1:], _counted(mask, labels)
         # at least float32: half-precision logits lose the tokens' differences
         logits = logits if logits.dtype == torch.float64 else logits.float()
         index = target.clamp_min(0).unsqueeze(-1)
@@ -383,6 +378,15 @@ class CausalLMTask(Task):
         if self.measurement_name == "loss":
             return self.loss(outputs, batch)
         return self._token_logprobs(outputs, batch)[0].sum(1)
+
+
+def _counted(mask: Tensor | None, labels: Tensor) -> Tensor:
+    """``[B, T-1]``: the next-token labels that carry a loss (not -100, and predicted from a real token)."""
+    counted = labels[:, 1:] != -100
+    if mask is not None:
+        # A left-padded row would otherwise predict its first real token from a pad position.
+        counted = counted & (mask[:, :-1] != 0)
+    return counted
 
 
 def _transform_hint(error: RuntimeError) -> str:

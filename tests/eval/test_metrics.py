@@ -62,7 +62,7 @@ def test_lds_rejects_mismatched_shapes():
 def test_metrics_refuse_top_k_scores_by_name():
     """They failed with torch's 'Could not infer dtype of TopScores'."""
     gt = GroundTruth(random_subsets(10, 5, 0.5, 0), torch.zeros(5, 3))
-    top = dg.Scores(torch.randn(3, 10)).top(2)
+    top = dg.TopScores.from_scores(dg.Scores(torch.randn(3, 10)), 2)
     for call in (lambda: dg.lds(top, gt), lambda: dg.mislabel_auc(top, torch.zeros(10, dtype=torch.bool))):
         with pytest.raises(dg.DunegrassError, match="metrics take the scores of every training example"):
             call()

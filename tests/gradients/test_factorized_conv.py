@@ -227,12 +227,14 @@ def test_a_bias_beside_a_frozen_weight_is_named_as_such(monkeypatch):
     from dunegrass import notices
 
     monkeypatch.setattr(notices, "_said", set())
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    model[1].weight.requires_grad_(False)
     model[2].weight.requires_grad_(False)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         assert [layer.name for layer in factor_layers(model)] == ["0"]
-    (note,) = [str(w.message) for w in said]
+    note, other = sorted(str(w.message) for w in said)
+    assert other.startswith("the factorised methods") and "(1.bias)" in other
     assert (
         note.startswith("1 trainable bias whose layer's weight is frozen (2.bias) is left out") and "modules=" in note
     )

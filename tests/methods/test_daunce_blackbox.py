@@ -73,8 +73,9 @@ def test_a_new_process_refits_the_local_members_that_died_with_the_old_one(tiny_
             return super().losses(handle, data) + 1e-3 * torch.rand(len(data), dtype=torch.float64)
 
     noisy = BlackBoxDaunce(_Noisy(model, task, CONFIG), num_models=4).fit(train, cache_dir=tmp_path)
-    with pytest.raises(dg.DunegrassError, match="member 0 is gone .* does not reproduce its stored training losses"):
-        noisy.score((test[0][:3], test[1][:3]))
+    for _ in range(2):  # asked again, the stand-in that failed the check is not used either
+        with pytest.raises(dg.DunegrassError, match="member 0 is gone .* does not reproduce its stored training"):
+            noisy.score((test[0][:3], test[1][:3]))
 
 
 def test_a_local_cache_belongs_to_its_base_weights(tiny_classification, tmp_path):

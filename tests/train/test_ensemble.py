@@ -211,3 +211,6 @@ def test_reinitialising_reaches_every_trainable_parameter_or_refuses():
 
     with pytest.raises(dg.DunegrassError, match=r"cannot re-initialise w: .*from_scratch=False"):
         reinitialize(OwnWeights(), 0)
+    # torch's attention re-initialises through its private _reset_parameters
+    attention = torch.nn.MultiheadAttention(8, 2)
+    assert not torch.equal(reinitialize(attention, 0)["in_proj_weight"], attention.in_proj_weight)

@@ -23,6 +23,7 @@ from ..seeding import derive_seed
 from ..store.atomic import atomic_write_bytes
 from ..task import Task
 from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, reinitialize, stack_states
+from ..train.ensemble import trainable_names
 from ..train.newton import newton_fit
 
 
@@ -111,6 +112,7 @@ def subset_retraining(
         "num_seeds": num_seeds,
         "seed": seed,
         "from_scratch": from_scratch,
+        "max_members": max_members,  # a train-mode dropout's masks depend on which members train together
         "train_config": config.to_dict(),
         "task": task.config(),
         "member_seeds": [m.seed for m in members],
@@ -152,10 +154,10 @@ def leave_one_out(
 
 
 def _unflatten(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
+    """The trainable parameters (``newton_fit``'s order) of a flat vector, by name."""
     from ..influence.exact import flat_parameters
 
-    names = [n for n, _ in model.named_parameters()]
-    _, unflatten = flat_parameters(model, names)
+    _, unflatten = flat_parameters(model, trainable_names(model))
     return unflatten(flat)
 
 
@@ -163,6 +165,6 @@ def _query_loss_flat(model: nn.Module, task: Task, queries, thetas: Tensor) -> T
     import copy
 
     model64 = copy.deepcopy(model).to(torch.float64)
-    stacked = {k: torch.stack([_unflatten(model64, t)[k] for t in thetas]) for k in dict(model64.named_parameters())}
+    stacked = {k: torch.stack([_unflatten(model64, t)[k] for t in thetas]) for k in trainable_names(model64)}
     q = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in queries.slice(slice(None)))
     return ensemble_outputs(model64, task, stacked, q, fn=task.query_loss)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DunegrassError
-from ..scores import Scores
+from ..scores import Scores, TopScores
 from .ground_truth import GroundTruth
 
 
@@ -51,12 +51,16 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> MeanCI:
 def _values(scores: Scores | Tensor) -> Tensor:
     if isinstance(scores, Scores):
         return scores.values.to(torch.float64)
-    if isinstance(scores, (Tensor, np.ndarray)):
-        return torch.as_tensor(scores).to(torch.float64)
-    raise DunegrassError(
-        f"metrics take the scores of every training example (dg.Scores or a tensor), got {type(scores).__name__}"
-        + ("; score without top_k for them" if type(scores).__name__ == "TopScores" else "")
-    )
+    if isinstance(scores, TopScores):
+        raise DunegrassError(
+            "metrics take the scores of every training example, not each query's top_k: score without top_k"
+        )
+    try:
+        return torch.as_tensor(scores, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DunegrassError(
+            f"metrics take the scores of every training example (dg.Scores or a tensor), got {type(scores).__name__}"
+        ) from e
 
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -268,9 +268,12 @@ def _say_what_is_left_out(model: nn.Module, layers: list[FactorLayer]) -> None:
 
 
 def _weight_is_frozen(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is the bias of a layer factorised capture supports whose weight is frozen."""
     owner, _, leaf = name.rpartition(".")
-    weight = getattr(model.get_submodule(owner), "weight", None)
-    return leaf == "bias" and isinstance(weight, nn.Parameter) and not weight.requires_grad
+    module = model.get_submodule(owner)
+    weight = getattr(module, "weight", None)
+    frozen = leaf == "bias" and isinstance(weight, nn.Parameter) and not weight.requires_grad
+    return frozen and _describe(module, False) is not None
 
 
 linear_layers = factor_layers  # the former name (dunegrass.gradients exported it)

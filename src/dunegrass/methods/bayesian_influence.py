@@ -6,9 +6,8 @@ as Daunce's members (draw d of chain c is model c·draws + d). Scores are the co
 draws, S = B_cᵀ A_c / (K − 1) with K = chains × draws: **positive = proponent** (the paper's BIF is
 −Cov in its loss-change sign; here, as for Daunce, a training example whose loss goes down with the
 query's is a proponent). Draws within a chain are correlated, so standard errors are batch means over
-the chains (over ten runs of draws with one chain) — an estimate from that many blocks, so with few chains a
-normal interval under-covers (4 chains: the 95 % t quantile with 3 degrees of freedom is 3.18, not 1.96): use
-≥ 10 chains, or that quantile.
+the chains (over ten runs of draws with one chain) — an estimate from that many blocks, so a 95 % interval takes
+the t quantile with blocks − 1 degrees of freedom (3.18 for 4 chains, 2.26 for 10), not 1.96.
 
 Each draw costs one SGLD step and one evaluation pass, instead of a member's fine-tune. Under a Laplace
 approximation the scores are g_zᵀ(nβH + γI)⁻¹g_i: damped influence with λ = γ/nβ, scaled by 1/nβ

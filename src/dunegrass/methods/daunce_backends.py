@@ -31,10 +31,11 @@ from ..gradients.per_sample import FunctionalModel, frozen_tensors
 from ..influence.exact import flat_parameters
 from ..task import Task
 from ..train import EnsembleTrainer, Member, TrainConfig, ensemble_outputs, member_state, stack_states
+from ..train.ensemble import trainable_names
 from ..train.finetune import finetune
 from ..train.frozen_prefix import FrozenPrefix
 from ..train.lora import LoraConfig, add_lora, load_state, lora_state, remove_lora, reset_lora
-from ..train.newton import newton_minimize, trainable_names
+from ..train.newton import newton_minimize
 from .daunce_objectives import Terms, anchored_objective, theta0_anchors
 
 Signal = Callable[[Tensor, Any], Tensor]
@@ -170,9 +171,7 @@ class FinetuneBackend:
             self.prefix = FrozenPrefix.install(self.net, prefix_bytes)
         else:
             self.net = model
-            self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-            if not self.names:
-                raise DunegrassError("the model has no trainable parameters (requires_grad) to fine-tune")
+            self.names = trainable_names(model)
         self.objective = None
         if terms is not None:
             self.objective = anchored_objective(task, terms, self._theta0_outputs if anchored else None)

@@ -48,9 +48,11 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
     takes the settings a fit recorded in ``DIR/run.json`` as the defaults that the file and flags override."""
     if argv and not argv[0].startswith("-"):  # dunegrass fit CONFIG [--flags]
         argv = ["--config", argv[0], *argv[1:]]
-    for flag, value in zip(argv, argv[1:]):
-        if flag == "--config" and not os.path.isfile(value):  # else jsonargparse reads the name as TOML text
-            raise DunegrassError(f"the config file {value} does not exist (from {os.getcwd()})")
+    configs = [v for f, v in zip(argv, argv[1:]) if f == "--config"]
+    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in configs:
+        if not os.path.isfile(path):  # else jsonargparse reads the name as TOML text
+            raise DunegrassError(f"the config file {path} does not exist (from {os.getcwd()})")
     argv = _lora_switches(_bare_flags(argv, boolean_flags(kind)), ("--daunce.lora", "--bif.lora"))
     run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
     mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
@@ -138,9 +140,9 @@ def _lora_switches(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 def boolean_flags(kind: type) -> tuple[str, ...]:
     """The flags of ``kind``'s boolean fields, its sections' included (``--dense``, ``--daunce.normalize``)."""
-    flags = []
+    flags, hints = [], typing.get_type_hints(kind)
     for f in dataclasses.fields(kind):
-        hint = typing.get_type_hints(kind)[f.name]
+        hint = hints[f.name]
         if hint is bool:
             flags.append(f"--{f.name}")
         elif dataclasses.is_dataclass(hint):
@@ -190,7 +192,6 @@ def say_ignored_options(cfg: FitConfig) -> None:
 
 def build(cfg: FitConfig, loaded: Loaded) -> m.Attributor:
     """The attributor ``cfg.method`` names, with the config's settings."""
-    say_ignored_options(cfg)
     model, task, o = loaded.model, loaded.task, cfg.method_options
     params = o.params or None
     modules = o.modules or None
@@ -219,6 +220,7 @@ def build(cfg: FitConfig, loaded: Loaded) -> m.Attributor:
 
 def prepare(cfg: FitConfig, *paths: str) -> tuple[m.Attributor, Loaded | None, list[Examples]]:
     """The attributor, the loaded model (None through a service) and the examples at ``paths``."""
+    say_ignored_options(cfg)
     if cfg.method == "daunce-api":
         return build_api(cfg), None, [load_pairs(p) for p in paths]
     loaded = load_model(cfg.model, cfg.weights, cfg.task, cfg.device)

@@ -2,8 +2,9 @@
 
 Parameters are stacked along a leading member dimension and one step is ``vmap(grad(loss))`` over
 members. Member j sees its own stream of mini-batches (its subset, reshuffled each epoch by its own
-seed), so the result equals training the members one by one with the same streams (tested). The
-optimiser arithmetic is elementwise and needs no vmap.
+seed), so the result equals training the members one by one with the same streams (tested) — except for a
+dropout layer in train mode, whose masks are drawn for the members vmapped together (so they depend on
+``max_members``). The optimiser arithmetic is elementwise and needs no vmap.
 
 Running statistics (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``) are
 per-member state too: each member gets its own stacked copy, which a train-mode forward pass updates
@@ -29,7 +30,7 @@ from ..errors import DunegrassError
 from ..gradients.attention import vmap_safe_attention
 from ..gradients.per_sample import FunctionalModel, check_finite, frozen_tensors
 from ..modes import module_mode, running_stat_names
-from ..seeding import derive_seed
+from ..seeding import derive_seed, seeded_generators
 from ..task import Task
 from .config import TrainConfig
 from .optim import FunctionalOptimizer
@@ -75,17 +76,35 @@ def running_stats(model: nn.Module) -> dict[str, Tensor]:
     return {n: buffers[n].detach().clone() for n in running_stat_names(model)}
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """The names of the parameters training changes (requires_grad); an error naming the fix when there are none."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise DunegrassError(
+            "the model has no trainable parameters (requires_grad) to train; unfreeze the ones to attribute "
+            "over with p.requires_grad_(True)"
+        )
+    return names
+
+
+def _resetter(module: nn.Module) -> Callable[[], None] | None:
+    """The module's own re-initialiser: ``reset_parameters``, or torch's private ``_reset_parameters``
+    (nn.MultiheadAttention, nn.Transformer)."""
+    return getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+
+
 def reinitialize(model: nn.Module, seed: int) -> dict[str, Tensor]:
-    """Fresh parameters (and reset running statistics) under ``seed``, as the modules' own ``reset_parameters``
+    """Fresh parameters (and reset running statistics) under ``seed``, as the modules' own re-initialisers
     draw them, then, for a Hugging Face model, as its ``_init_weights`` does (transformers' ``Conv1D`` has no
-    ``reset_parameters``). A trainable parameter that neither reaches is refused, never left at its trained value."""
+    ``reset_parameters``; that method is trusted to reach the rest). In any other model a trainable parameter no
+    re-initialiser reaches is refused, never left at its trained value."""
     clone = copy.deepcopy(model)
     hf_init = getattr(clone, "_init_weights", None)
     if not callable(hf_init):
         left = [
             f"{prefix}.{name}" if prefix else name
             for prefix, mod in clone.named_modules()
-            if not hasattr(mod, "reset_parameters")
+            if _resetter(mod) is None
             for name, p in mod.named_parameters(recurse=False)
             if p.requires_grad
         ]
@@ -94,11 +113,11 @@ def reinitialize(model: nn.Module, seed: int) -> dict[str, Tensor]:
                 f"cannot re-initialise {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}: their modules have no "
                 "reset_parameters(); give those modules one, or retrain from the model's weights (from_scratch=False)"
             )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 0x696E6974))
+    with seeded_generators(derive_seed(seed, 0x696E6974), {p.device for p in clone.parameters()}):
         for mod in clone.modules():
-            if hasattr(mod, "reset_parameters"):
-                mod.reset_parameters()
+            reset = _resetter(mod)
+            if reset is not None:
+                reset()
         if callable(hf_init):
             for obj in (*clone.modules(), *clone.parameters()):  # a loaded model's are marked done: init skips them
                 if getattr(obj, "_is_hf_initialized", False):
@@ -140,12 +159,7 @@ class EnsembleTrainer:
     ):
         self.model, self.task, self.config, self.objective = model, task, config, objective
         self.progress, self.train_mode = progress, train_mode
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not names:
-            raise DunegrassError(
-                "the model has no trainable parameters (requires_grad) to train; unfreeze the ones to attribute "
-                "over with p.requires_grad_(True)"
-            )
+        names = trainable_names(model)
         self.names = names
         self.stats = running_stat_names(model)  # per-member state beside the parameters
         self.consts = frozen_tensors(model, [*names, *self.stats])
@@ -173,7 +187,7 @@ class EnsembleTrainer:
         (default, and for the running statistics it lacks: the model's).
         ``shared``: per-training-example tensors ``[n, ...]`` handed to the objective for each batch;
         ``per_member``: the same, different per member ``[M, n, ...]``. ``max_members`` bounds how many
-        members are vmapped at once (memory); the result does not depend on it.
+        members are vmapped at once (memory); the result does not depend on it, but for a train-mode dropout's masks.
         """
         data = as_data(data)
         if not isinstance(data, TensorData):
@@ -227,9 +241,8 @@ class EnsembleTrainer:
         with (
             module_mode(self.model, self.train_mode),
             vmap_safe_attention(self.model),
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            seeded_generators(seed, [device]),
         ):
-            torch.manual_seed(seed)
             self._check_modes()
             for t in tqdm(range(steps), desc="train ensemble", disable=not self.progress, leave=False):
                 idx = sched[t]  # [M, B]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DunegrassError
-from ..seeding import derive_seed
+from ..seeding import derive_seed, seeded_generators
 from .frozen_prefix import block_index, block_list
 
 MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
@@ -128,9 +128,7 @@ def reset_lora(model: nn.Module, seed: int) -> None:
     """Fresh adapters for one member: A from peft's initialiser under ``seed``, B = 0 (θ = θ₀)."""
     # Seeded through the global generators (peft's initialiser draws from them) on a forked state, so the
     # caller's random streams — the CPU's and those of the model's accelerators — are left as they were.
-    cuda = sorted({p.device.index for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(derive_seed(seed, 0x6C6F7261))
+    with seeded_generators(derive_seed(seed, 0x6C6F7261), {p.device for p in model.parameters()}):
         for mod in model.modules():
             if hasattr(mod, "reset_lora_parameters") and hasattr(mod, "lora_A"):
                 for adapter in list(mod.lora_A.keys()):

@@ -19,6 +19,7 @@ from ..errors import DunegrassError, NonFiniteError
 from ..gradients.per_sample import FunctionalModel
 from ..influence.exact import flat_parameters
 from ..task import Task
+from .ensemble import trainable_names
 
 
 def newton_fit(
@@ -37,18 +38,22 @@ def newton_fit(
     removed, as in scikit-learn's ``C Σ ℓ_i + ½‖θ‖²`` and in the influence-function definition
     (removal = up-weighting by −1/n).
 
-    Returns flat float64 parameters ``[M, p]`` (order of ``model.named_parameters()``), starting
-    from ``init`` (default: the model's weights). Stops when every member's step norm is below ``tol``.
+    Returns flat float64 trainable parameters ``[M, p]`` (``trainable_names`` order; frozen ones stay as they
+    are), starting from ``init`` (default: the model's weights). Stops when every member's step norm is below
+    ``tol``; an error if it does not within ``steps``.
     """
     data = as_data(data)
     if not isinstance(data, TensorData):
         raise DunegrassError("newton_fit needs in-memory tensors: pass the data as a tuple (X, y)")
-    names = [n for n, _ in model.named_parameters()]
+    if steps < 1:
+        raise DunegrassError(f"newton_fit needs steps >= 1, got {steps}")
+    names = trainable_names(model)
     model64 = _as_double(model)
     if init is not None:
         with torch.no_grad():
             for n, p in model64.named_parameters():
-                p.copy_(init[n].to(torch.float64))
+                if n in names:
+                    p.copy_(init[n].to(torch.float64))
     flat, unflatten = flat_parameters(model64, names)
     batch = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in data.slice(slice(None)))
     w = weights.to(torch.float64)
@@ -78,17 +83,6 @@ def newton_fit(
     )
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    """The names of the parameters Newton's method minimises over: those with requires_grad."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not names:
-        raise DunegrassError(
-            "the model has no trainable parameters (requires_grad) to train; unfreeze the ones to attribute "
-            "over with p.requires_grad_(True)"
-        )
-    return names
-
-
 def _as_double(model: nn.Module) -> nn.Module:
     import copy
 
@@ -96,12 +90,14 @@ def _as_double(model: nn.Module) -> nn.Module:
 
 
 def load_flat(model: nn.Module, flat: Tensor) -> None:
-    """Write flat parameters (``newton_fit`` order) into ``model`` in place."""
-    names = [n for n, _ in model.named_parameters()]
+    """Write flat parameters (``newton_fit`` order: the trainable ones) into ``model`` in place."""
+    names = trainable_names(model)
     _, unflatten = flat_parameters(model, names)
+    values = unflatten(flat.to(next(model.parameters()).dtype))
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(unflatten(flat.to(p.dtype))[n])
+            if n in values:
+                p.copy_(values[n])
 
 
 def newton_minimize(

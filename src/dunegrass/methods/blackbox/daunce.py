@@ -75,6 +75,7 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         self.confirm, self.normalize = bool(confirm), bool(normalize)
         self.store: SignalStore | None = None
         self._planned_queries: str | None = None
+        self._rejected: set[int] = set()  # members fine-tuned again that did not reproduce their training losses
 
     def describe(self) -> dict:
         return {
@@ -202,21 +203,30 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
             requests = len(missing) * self.backend.requests(len(q))
             plan = {"jobs": 0, "training_examples": 0, "training_tokens_approx": None, "scoring_requests": requests}
             self._confirm(plan, "score")
+        handles = {index: self.store.load_handle(index) for index in missing}
+        lost = [i for i, handle in handles.items() if i in self._rejected or not self.backend.has_model(handle)]
+        if lost and self.backend.paid:
+            members = draw_members(self.n_train, self.num_models, self.ratio, self.seed)
+            size = sum(len(members[k].indices) for k in lost)
+            plan = {"jobs": len(lost), "training_examples": size, "training_tokens_approx": None}
+            self._confirm({**plan, "scoring_requests": 2 * len(lost) * self.backend.requests(len(q))}, "score")
+        stored = self.store.train_signals() if lost else None  # [K, n_train], read once
         for index in missing:
-            handle = self.store.load_handle(index)
-            if not self.backend.has_model(handle):
-                handle = self._fine_tune_again(index)
+            handle = handles[index]
+            if index in lost:
+                handle = self._fine_tune_again(index, stored[index])
             qstore.write(index, {"signal": self._losses(handle, q, index)[None].numpy()})
         return torch.from_numpy(qstore.load("signal"))
 
-    def _fine_tune_again(self, index: int) -> str:
+    def _fine_tune_again(self, index: int, stored: Tensor) -> str:
         """Member ``index`` fine-tuned again, for a back end that no longer has it (LocalBackend's members live
-        as long as its process): the same subset and seed, checked against the training losses stored for it,
-        so that new queries are scored against the members the training signals came from."""
+        as long as its process): the same subset and seed, kept only if it reproduces the training losses
+        ``stored`` for it, so that new queries are scored against the members the training signals came from."""
         member = draw_members(self.n_train, self.num_models, self.ratio, self.seed)[index]
         handle = self._fine_tune(self.train_data, member, index)
-        again, stored = self._losses(handle, self.train_data, index), self.store.train_signals()[index]
+        again = self._losses(handle, self.train_data, index)
         if not torch.allclose(again, stored, rtol=1e-5, atol=1e-6):
+            self._rejected.add(index)  # the stand-in is not the member (its handle may be the old name): never use it
             worst = float((again - stored).abs().max())
             raise DunegrassError(
                 f"member {index} is gone from the back end ({type(self.backend).__name__}), and fine-tuned again it "
