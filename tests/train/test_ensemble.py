@@ -179,9 +179,12 @@ def test_train_mode_dropout_draws_a_mask_per_member_from_the_members_seeds(tiny_
     trainer = EnsembleTrainer(model, dg.ClassificationTask(), config)
     torch.manual_seed(1)
     state = torch.get_rng_state()
+    on_device = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     first = trainer.train(train, twins)
     assert not torch.equal(first["0.weight"][0], first["0.weight"][1])
     assert torch.equal(torch.get_rng_state(), state) and model.training
+    if on_device is not None:  # the masks are drawn on the device: its generator is restored too
+        assert torch.equal(torch.cuda.get_rng_state(device), on_device)
     torch.manual_seed(2)
     again = trainer.train(train, twins)
     assert all(torch.equal(first[n], again[n]) for n in first)
