@@ -209,7 +209,8 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
             members = draw_members(self.n_train, self.num_models, self.ratio, self.seed)
             size = sum(len(members[k].indices) for k in lost)
             plan = {"jobs": len(lost), "training_examples": size, "training_tokens_approx": None}
-            self._confirm({**plan, "scoring_requests": 2 * len(lost) * self.backend.requests(len(q))}, "score")
+            requests = len(lost) * (self.backend.requests(self.n_train) + self.backend.requests(len(q)))
+            self._confirm({**plan, "scoring_requests": requests}, "score")
         stored = self.store.train_signals() if lost else None  # [K, n_train], read once
         for index in missing:
             handle = handles[index]
