@@ -114,3 +114,18 @@ def test_a_service_cache_grows_with_k(tiny_classification, tmp_path):
     assert backend.tunes == 3
     fresh = BlackBoxDaunce(LocalBackend(model, task, CONFIG), num_models=3).fit(train)
     torch.testing.assert_close(grown.score(test).values, fresh.score(test).values, rtol=1e-5, atol=1e-8)
+
+
+def test_fine_tuning_lost_members_again_on_a_paid_service_asks_first(tiny_classification, tmp_path, capsys):
+    """Re-fine-tuning starts jobs: on a paid back end it is planned and needs confirm=True above the limits."""
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+
+    class _Paid(LocalBackend):
+        paid = True
+
+    BlackBoxDaunce(_Paid(model, task, CONFIG), num_models=4, confirm=True).fit(train, cache_dir=tmp_path)
+    later = BlackBoxDaunce(_Paid(model, task, CONFIG), num_models=4).fit(train, cache_dir=tmp_path)  # members gone
+    with pytest.raises(dg.DunegrassError, match="would start 4 fine-tuning jobs .* pass confirm=True"):
+        later.score(test)
+    assert "this score starts 4 fine-tuning jobs" in capsys.readouterr().err
