@@ -10,7 +10,11 @@ and the peak device memory. Deterministic methods must agree to float precision 
 cuDNN's TF32 convolutions are the only expected difference); Daunce trains its members on each
 device, whose rounding differs, so its threshold is 0.95.
 
-Part 2 — ``dunegrass bench factorized`` on the device (GPT-2-small shape, k = 4096 per layer).
+Part 2 — ground truth for a model with dropout in train mode (a GPT-2 as ``GPT2LMHeadModel(GPT2Config())``
+builds it): subset retraining from scratch on the device twice gives the same values (each member's masks come
+from the members' seeds), and the device's random generator is as it was.
+
+Part 3 — ``dunegrass bench factorized`` on the device (GPT-2-small shape, k = 4096 per layer).
 
 Prints one table per part, writes JSON, exits non-zero when a check fails. ``--device cpu --quick``
 runs it on the CPU in seconds (the test suite does, so it stays runnable). Well under five minutes on
@@ -118,6 +122,34 @@ def methods_on_device(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
+def retraining_with_dropout(device: torch.device) -> dict:
+    """Part 2: see the module docstring."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=1, n_head=2)  # dropout 0.1 everywhere
+    model = GPT2LMHeadModel(config).to(device)  # in train mode, as built
+    train, queries = _lm_data(32, 16, 96, 2), _lm_data(4, 16, 96, 3)
+    recipe = dg.TrainConfig(optimizer="adam", lr=1e-3, steps=5, batch_size=8)
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    _sync(device)
+    start = time.perf_counter()
+    runs = [
+        dg.subset_retraining(model, dg.CausalLMTask(), train, queries, recipe, num_subsets=4).values for _ in range(2)
+    ]
+    _sync(device)
+    after = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    row = {
+        "seconds": time.perf_counter() - start,
+        "deterministic": bool(torch.equal(runs[0], runs[1])),
+        "generator_restored": bool(torch.equal(state, after)),
+        "finite": bool(torch.isfinite(runs[0]).all()),
+        "still_in_train_mode": model.training,
+    }
+    row["ok"] = all(row[k] for k in ("deterministic", "generator_restored", "finite", "still_in_train_mode"))
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -132,6 +164,8 @@ def main() -> int:
     rows = methods_on_device(device, args.quick)
     print(f"\nevery method on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'host'}):")
     print_table(rows, ["model", "method", "seconds", "pearson_vs_cpu", "top5_agreement", "peak_device_mb", "ok"])
+    retraining = retraining_with_dropout(device)
+    print(f"\nground truth with train-mode dropout on {device}: {retraining}")
     n_layer, vocab, seq, steps = (1, 8192, 128, 1) if args.quick else (12, 50257, 512, 2)
     factorized = factorized_bench.run(n_layer, vocab, 4, seq, steps, repeats=3, device=str(device))
     print(f"\nfactorised compression on {device}:")
@@ -141,12 +175,13 @@ def main() -> int:
         "device": str(device),
         "quick": args.quick,
         "rows": rows,
+        "retraining": retraining,
         "factorized": factorized,
         "seconds": time.perf_counter() - start,
     }
     atomic_write_json(args.json, doc)
     print(f"\nwrote {args.json} ({doc['seconds']:.0f} s in all)")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(r["ok"] for r in rows) and retraining["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -18,5 +18,6 @@ def test_gpu_smoke_runs_on_the_cpu(tmp_path):
     methods = {(r["model"], r["method"]) for r in doc["rows"]}
     assert len(methods) == 15, methods
     assert all(r["ok"] for r in doc["rows"]), [r for r in doc["rows"] if not r["ok"]]
+    assert doc["retraining"]["ok"], doc["retraining"]  # train-mode dropout: deterministic, generator restored
     assert {r["method"] for r in doc["factorized"]["rows"]} == {"logra", "factgrass", "materialized"}
     assert "every method on cpu" in done.stdout
