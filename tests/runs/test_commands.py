@@ -307,3 +307,15 @@ def test_method_options_the_method_does_not_read_are_named(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         say_ignored_options(FitConfig(model="m", data="d", method="logra", method_options=MethodOptions(k_in=8)))
+
+
+def test_a_max_length_that_cuts_off_the_completion_is_refused(tmp_path, capsys, monkeypatch):
+    """The cut left no token with a loss: every score was 0 in a normal-looking report."""
+    run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    _tiny_lm_dir(tmp_path / "model", False)
+    rows = [{"prompt": " ".join(s.split()[:3]), "completion": " ".join(s.split()[3:])} for s in SENTENCES]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["fit", "--model", "model", "--data", "train.jsonl", "--method", "grass", "--method_options.k", "16"]
+    done = run(*args, "--max_length", "3")
+    assert done.returncode == 1 and "example 1: its prompt takes 3 tokens, so max_length=3 leaves none" in done.stderr
+    assert run(*args, "--max_length", "16").returncode == 0

@@ -159,3 +159,16 @@ def test_lora_dropout_is_off_so_members_are_reproducible():
         return daunce.fit(data).signals()[0]
 
     torch.testing.assert_close(signals(), signals(), rtol=0, atol=0)
+
+
+def test_lora_on_a_model_that_already_has_adapters_is_refused_before_anything_changes():
+    """Unloading our adapters stripped the user's too (and crashed inside peft): a user's LoRA fine-tune."""
+    import peft
+
+    model, data = _tiny_gpt2()
+    users = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    before = {n: p.detach().clone() for n, p in users.named_parameters()}
+    with pytest.raises(dg.DunegrassError, match="already carries LoRA adapters.*without lora="):
+        Daunce(users, dg.CausalLMTask(), num_models=2, lora=LoraConfig(rank=4), steps=2).fit(data)
+    after = dict(users.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)

@@ -232,6 +232,12 @@ def _tokenised(rows: list[dict], loaded: Loaded, max_length: int, path: str) -> 
         else:
             wanted = '{"text", "label"}' if loaded.kind == "classification" else '{"prompt", "completion"} or {"text"}'
             raise DunegrassError(f"{path}, example {number}: rows here are {wanted}; got the keys {sorted(row)}")
+        if loaded.kind != "classification" and first >= min(len(ids), max_length):
+            raise DunegrassError(
+                f"{path}, example {number}: its prompt takes {first} tokens, so max_length={max_length} leaves none "
+                f"of its completion to attribute (it would score 0 against everything); raise --max_length (the "
+                f"example has {len(ids)} tokens) or shorten the prompt"
+            )
         ids = torch.tensor(ids[:max_length], dtype=torch.long)
         example = {"input_ids": ids}
         if loaded.kind == "classification":

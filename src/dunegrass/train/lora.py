@@ -93,7 +93,14 @@ def in_last_blocks(model: nn.Module, targets: list[str], m: int) -> list[str]:
 
 
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """A copy-free peft wrapper of ``model`` with one adapter; undo with ``remove_lora``."""
+    """A copy-free peft wrapper of ``model`` with one adapter; undo with ``remove_lora``. A model that already
+    carries adapters is refused before anything is changed: unloading ours would strip the user's too."""
+    if getattr(model, "peft_config", None) or any(hasattr(m, "lora_A") for m in model.modules()):
+        raise DunegrassError(
+            "the model already carries LoRA adapters (a peft model); lora= would add its own and unload them "
+            "afterwards, which strips yours. Attribute over your adapters without lora= (they are the trainable "
+            "parameters), or merge them into the weights first (model.merge_and_unload())"
+        )
     peft = _peft()
     targets = list(config.target_modules) if config.target_modules is not None else mlp_projections(model)
     if config.last_layers is not None:
