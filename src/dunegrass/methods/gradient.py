@@ -252,7 +252,7 @@ class GradientInfluence(Attributor):
         """``[n_query, k]`` features of queries ``[start, stop)`` under checkpoint ``m``, on the model's device."""
         self._require_fit()
         with eval_mode(self.model), load_weights(self.model, self.checkpoints[m]):
-            if start == 0:
+            if start == 0 and m == 0:  # once per scoring: the shapes do not depend on the checkpoint
                 self._preflight(queries, queries=True)
             rows = [
                 self._arrays(m, batch, self.options.query_signal, extras=False)["features"].detach()

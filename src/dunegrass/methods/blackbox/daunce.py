@@ -30,6 +30,7 @@ def _dataset(data: Any) -> Any:
     return as_data(data)
 
 
+STORED_COLUMNS = 65536  # training examples per read of the stored signals (K × this many numbers in memory)
 PENDING = "pending-job:"  # prefix of a stored handle that is a started job's id, not yet a model
 # On a paid service a fit (or a score) that starts more jobs, trains on more tokens or makes more scoring
 # requests than this needs confirm=True.
@@ -211,7 +212,9 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
             plan = {"jobs": len(lost), "training_examples": size, "training_tokens_approx": None}
             requests = len(lost) * (self.backend.requests(self.n_train) + self.backend.requests(len(q)))
             self._confirm({**plan, "scoring_requests": requests}, "score")
-        stored = self.store.train_signals() if lost else None  # [K, n_train], read once
+        # the lost members' stored training rows [len(lost), n_train], read a few columns of all K at a time
+        rows = [chunk[lost] for _, chunk in self.store.train_chunks(STORED_COLUMNS)] if lost else []
+        stored = dict(zip(lost, torch.cat(rows, dim=1))) if lost else {}
         for index in missing:
             handle = handles[index]
             if index in lost:
