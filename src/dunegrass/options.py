@@ -164,7 +164,7 @@ class DaunceOptions:
     query_signal: str = "loss"
     train: TrainConfig | None = None
     trainer: str = "auto"
-    lora: LoraConfig | None = None
+    lora: LoraConfig | bool | None = None
     l2: float = 0.0
     max_members: int = 128
     keep_members: bool = True
@@ -254,7 +254,7 @@ class BayesianInfluenceOptions:
     every: int = 1
     train_signal: str = "loss"
     query_signal: str = "loss"
-    lora: LoraConfig | None = None
+    lora: LoraConfig | bool | None = None
     max_chains: int = 16
     eval_batch_size: int | None = None
     prefix_cache_mib: int = 1024

@@ -224,6 +224,8 @@ def test_score_takes_a_fits_settings_from_its_run_directory(tmp_path, capsys, mo
         -2000:
     ]
     assert "new run (dunegrass fit" in changed.stderr
+    # named as the flag the user typed; the model and data paths, relative to another directory, are unchanged
+    assert "Changed since the fit (run.json): --method_options.k_in 4 (fitted: 8). To" in changed.stderr
     other = run("score", "--run", "../runs/words", "--method", "grass", "--queries", "q.jsonl", cwd=elsewhere)
     assert other.returncode == 1 and "is a logra run; --method grass needs its own fit" in other.stderr
     missing = run("score", "--run", "nowhere", "--queries", "q.jsonl", cwd=elsewhere)
@@ -241,9 +243,9 @@ LORA_FLAGS = [
 
 @pytest.mark.parametrize(
     "config, flags, daunce_rank, bif_rank",
-    # a mapping as a flag's value is YAML, so not with a TOML config (where --daunce.lora.rank 8 says it)
+    # a flag's value is read as YAML whatever the config file's format, so a mapping works with TOML too
     [(c, *case) for c in ("flags", "toml", "yaml") for case in LORA_FLAGS]
-    + [(c, ["--daunce.lora", "{rank: 8}", "--bif.lora", "True"], 8, 64) for c in ("flags", "yaml")],
+    + [(c, ["--daunce.lora", "{rank: 8}", "--bif.lora", "True"], 8, 64) for c in ("flags", "toml", "yaml")],
 )
 def test_lora_is_switched_on_by_a_bare_or_true_flag(config, flags, daunce_rank, bif_rank, tmp_path):
     from dunegrass.runs.commands import parse
@@ -256,6 +258,46 @@ def test_lora_is_switched_on_by_a_bare_or_true_flag(config, flags, daunce_rank, 
     cfg = parse(FitConfig, [*base, *flags], "dunegrass fit")
     assert (cfg.daunce.lora and cfg.daunce.lora.rank) == daunce_rank
     assert (cfg.bif.lora and cfg.bif.lora.rank) == bif_rank
+
+
+@pytest.mark.parametrize("fmt", ["toml", "yaml"])
+def test_lora_switched_on_in_a_config_file(fmt, tmp_path):
+    """``lora = true`` under ``[daunce]`` (or ``lora: true``) was refused by the config's type check."""
+    from dunegrass.runs.commands import parse
+    from dunegrass.runs.config import FitConfig
+
+    text = {
+        "toml": 'model = "m"\ndata = "d.jsonl"\n[daunce]\nlora = true\n[bif]\nlora = false\n',
+        "yaml": "model: m\ndata: d.jsonl\ndaunce:\n  lora: true\nbif:\n  lora: false\n",
+    }[fmt]
+    (tmp_path / f"run.{fmt}").write_text(text)
+    cfg = parse(FitConfig, [str(tmp_path / f"run.{fmt}")], "dunegrass fit")
+    assert cfg.daunce.lora == dg.LoraConfig() and cfg.bif.lora is None
+
+
+def test_print_config_writes_toml_that_reads_back_and_files_are_read_by_their_extension(tmp_path, capsys):
+    """``--print_config`` with a TOML config needed the third-party ``toml`` package (an ImportError); now it
+    writes TOML that reads back to the same settings. A YAML file beside a TOML one is read as YAML."""
+    import tomllib
+
+    from dunegrass.runs.commands import parse
+    from dunegrass.runs.config import FitConfig
+
+    (tmp_path / "run.toml").write_text('model = "m"\ndata = "d.jsonl"\n[method_options]\nk_in = 8\n')
+    (tmp_path / "more.yaml").write_text("method: daunce\ndaunce:\n  num_models: 4\n  lora: {rank: 8}\n")
+    argv = [str(tmp_path / "run.toml"), "--config", str(tmp_path / "more.yaml"), "--method_options.modules", "[a, b.*]"]
+    cfg = parse(FitConfig, argv, "dunegrass fit")
+    assert (cfg.method, cfg.daunce.num_models, cfg.daunce.lora.rank) == ("daunce", 4, 8)
+    assert (cfg.method_options.k_in, cfg.method_options.modules) == (8, ["a", "b.*"])
+    with pytest.raises(SystemExit):
+        parse(FitConfig, [*argv, "--print_config"], "dunegrass fit")
+    printed = capsys.readouterr().out
+    settings = tomllib.loads(printed)  # valid TOML, unset fields (None) as comments
+    assert settings["daunce"]["num_models"] == 4 and settings["method_options"]["modules"] == ["a", "b.*"]
+    assert "# weights = (none)" in printed
+    (tmp_path / "printed.toml").write_text(printed)
+    again = parse(FitConfig, [str(tmp_path / "printed.toml")], "dunegrass fit")
+    assert again.to_dict() == cfg.to_dict()
 
 
 def test_a_recorded_run_gives_no_consent_and_old_or_unknown_settings_are_named(tmp_path):

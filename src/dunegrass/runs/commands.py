@@ -21,18 +21,16 @@ import time
 import typing
 
 import jsonargparse
-import tomllib
+import yaml
 
 from .. import methods as m
 from ..errors import ConfigMismatchError, DunegrassError
 from ..notices import notice_once
 from ..scores import TopScores
 from ..store.atomic import atomic_write_bytes, atomic_write_json
-from ..train.lora import LoraConfig
+from . import config_files
 from .config import FitConfig, MethodOptions, ScoreConfig
 from .loaders import Examples, Loaded, load_data, load_model, load_pairs
-
-jsonargparse.set_loader("toml", tomllib.loads)
 
 
 def parser(kind: type[FitConfig], prog: str, mode: str = "yaml") -> jsonargparse.ArgumentParser:
@@ -55,8 +53,10 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
             raise DunegrassError(f"the config file {path} does not exist (from {os.getcwd()})")
     argv = _lora_switches(_bare_flags(argv, boolean_flags(kind)), ("--daunce.lora", "--bif.lora"))
     run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
-    mode = "toml" if any(a.endswith(".toml") for a in argv) else "yaml"
-    p = parser(kind, prog, mode)
+    toml = any(a.lower().endswith(".toml") for a in argv)
+    print_toml = toml and "--print_config" in argv  # jsonargparse would print YAML (or need the toml package)
+    argv = [a for a in argv if a != "--print_config"] if print_toml else argv
+    p = parser(kind, prog, config_files.MODE)  # each file read by its extension, flag values as YAML
     if kind is ScoreConfig:
         p.add_argument("--run", help="CACHE_DIR/NAME: score that fitted run with the settings its fit recorded")
     if run is not None:
@@ -65,7 +65,11 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
         if unknown:  # a run fitted by another version: its other settings still apply
             notice_once(f"run-{run}", f"{run}/run.json records settings this version does not know, ignored: {unknown}")
         p.set_defaults({k: v for k, v in recorded.items() if k in known})
-    ns = p.instantiate(p.parse_args(argv))
+    parsed = p.parse_args(argv)
+    if print_toml:
+        print(config_files.dumps(yaml.safe_load(p.dump(parsed, skip_none=False))), end="")
+        raise SystemExit(0)
+    ns = p.instantiate(parsed)
     if ns.get("run") is not None:  # --run was taken from argv above, so this came from a config file
         raise DunegrassError("--run is read from the command line only, not from a config file")
     return kind(**{f.name: ns[f.name] for f in dataclasses.fields(kind)})
@@ -120,7 +124,7 @@ def recorded_settings(run: str) -> dict:
 def _lora_switches(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     """``--daunce.lora`` alone or ``true`` means LoRA with the default adapters, ``false`` none (``null``); a
     mapping or ``--daunce.lora.rank 8`` pass through."""
-    on = lambda flag: [f"{flag}.rank", str(LoraConfig().rank)]  # noqa: E731 (a mapping flag TOML mode cannot read)
+    on = lambda flag: [flag, "true"]  # noqa: E731 (the options turn True into the default LoraConfig)
     out, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
@@ -280,9 +284,11 @@ def score(cfg: ScoreConfig) -> TopScores:
     start = time.perf_counter()
     recorded = os.path.join(run_dir(cfg), "run.json")
     fitted_here = not os.path.isfile(recorded)  # then the fit below is this run's: record it as `fit` does
+    fit_record = {}
     if not fitted_here:
         with open(recorded) as f:
-            fitted = json.load(f)["config"].get("method")
+            fit_record = json.load(f)
+        fitted = fit_record["config"].get("method")
         if fitted != cfg.method:
             raise DunegrassError(
                 f"{run_dir(cfg)} is a {fitted} run; --method {cfg.method} needs its own fit (dunegrass fit ... "
@@ -292,9 +298,10 @@ def score(cfg: ScoreConfig) -> TopScores:
     try:
         attr.fit(train.data, queries=queries.data, cache_dir=run_dir(cfg))  # the run's cache: nothing to redo
     except ConfigMismatchError as e:
+        changed = changed_settings(fit_record, cfg)
         raise ConfigMismatchError(
-            f"{e}. To score with settings that change what was fitted, fit them as a new run (dunegrass fit ... "
-            "--name ANOTHER_NAME)"
+            f"{e}. {f'Changed since the fit (run.json): {changed}. ' if changed else ''}To score with settings "
+            "that change what was fitted, fit them as a new run (dunegrass fit ... --name ANOTHER_NAME)"
         ) from e
     if fitted_here:
         record_fit(cfg)
@@ -318,6 +325,27 @@ def score(cfg: ScoreConfig) -> TopScores:
         f"{', scores.npz' if cfg.dense else ''} and report.html"
     )
     return top
+
+
+def changed_settings(fit_record: dict, cfg: FitConfig) -> str:
+    """The flags whose values differ from those the fit recorded (``run.json``), as ``--flag NOW (fitted:
+    THEN)``: a cache's refusal names its own internal keys, this names what the user typed. Paths naming the
+    same file (relative to where the fit ran) are the same setting."""
+    fitted, cwd = fit_record.get("config", {}), fit_record.get("cwd") or os.getcwd()
+    fields = {f.name for f in dataclasses.fields(FitConfig)} - {"yes", "cache_dir", "name", "device"}
+    now, changes = cfg.to_dict(), []
+    for key in sorted(fields & set(fitted)):
+        old, new = fitted[key], now.get(key)
+        if key in ("model", "data", "weights") and isinstance(old, str) and isinstance(new, str):
+            if os.path.realpath(os.path.join(cwd, old)) == os.path.realpath(new):
+                continue
+        pairs = (
+            [(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
+            if isinstance(old, dict) and isinstance(new, dict)
+            else [(key, old, new)]
+        )
+        changes += [f"--{flag} {json.dumps(b)} (fitted: {json.dumps(a)})" for flag, a, b in pairs if a != b]
+    return ", ".join(changes)
 
 
 def ranked_rows(top: TopScores, train_texts: list[str] | None, query_texts: list[str] | None) -> list[dict]:

@@ -1,0 +1,79 @@
+"""Config files in TOML or YAML, chosen per file by its extension (one command may read both), and the
+settings written back as TOML (``--print_config`` after a TOML file).
+
+jsonargparse reads every file and flag value with one mode's loader; the mode registered here picks TOML
+for ``.toml`` files and YAML for everything else — YAML also reads flag values (``[fc1, fc2]``, ``null``)
+the way the YAML mode does, and what jsonargparse dumps and reads back internally. The standard library
+reads TOML but does not write it, hence ``dumps``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jsonargparse
+import tomllib
+import yaml
+
+MODE = "dunegrass"  # the parser mode: the loader and dumper below
+
+
+def load(text: str, path=None):
+    """A config file's (or a flag value's) contents: TOML for a ``.toml`` path, else YAML."""
+    if path is not None and str(path).lower().endswith(".toml"):
+        return tomllib.loads(text)
+    return yaml.safe_load(text)
+
+
+def dumps(config: dict) -> str:
+    """``config`` (scalars, lists, nested sections) as TOML; a None, which TOML cannot hold, is written as a
+    comment naming the key, so the printed config still shows every field."""
+    lines: list[str] = []
+    _table(config, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _table(table: dict, path: list[str], lines: list[str]) -> None:
+    sections = {k: v for k, v in table.items() if isinstance(v, dict)}
+    if path:
+        lines += ["", f"[{'.'.join(_key(p) for p in path)}]"]
+    for key, value in table.items():
+        if key in sections:
+            continue
+        lines.append(f"# {_key(key)} = (none)" if value is None else f"{_key(key)} = {_value(value)}")
+    for key, value in sections.items():
+        _table(value, [*path, key], lines)
+
+
+def _key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string uses JSON's escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        items = (f"{_key(k)} = {_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + ", ".join(items) + " }"
+    raise TypeError(f"a config value of type {type(value).__name__} has no TOML form: {value!r}")
+
+
+def _yaml(data) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+jsonargparse.set_loader(MODE, load, exceptions=(tomllib.TOMLDecodeError, yaml.YAMLError))
+jsonargparse.set_dumper(MODE, _yaml)  # jsonargparse dumps parts of a config and reads them back with ``load``
