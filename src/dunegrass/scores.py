@@ -69,6 +69,17 @@ class Scores:
     def __len__(self) -> int:
         return self.values.shape[0]
 
+    def __getitem__(self, key) -> Tensor:
+        """``scores[q]``, ``scores[:, i]``: the values, indexed as the tensor ``scores.values`` is."""
+        return self.values[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """``np.asarray(scores)``: the values as a NumPy array (float32, shared with ``scores.values``
+        unless a copy or another dtype is asked for)."""
+        out = self.values.numpy()
+        out = out if dtype is None else out.astype(dtype, copy=False)
+        return out.copy() if copy else out
+
     def top(self, k: int = 10) -> Ranked:
         """Most helpful training examples per query, best first: ``Ranked(indices, values)`` (NaN scores last)."""
         k = min(_rank_count(k), self.values.shape[1])

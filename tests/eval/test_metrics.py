@@ -84,6 +84,19 @@ def test_a_nan_score_is_ranked_last_not_first():
     assert top.bottom().indices[0].tolist() == [2, 0, 3] and torch.isnan(top.top().values[1, 2])
 
 
+def test_scores_index_and_convert_like_their_values():
+    """``scores[q]`` raised 'Scores is not subscriptable'; np.asarray made a 0-d object array."""
+    values = torch.randn(3, 5)
+    scores = dg.Scores(values)
+    assert torch.equal(scores[1], values[1]) and torch.equal(scores[:, 2], values[:, 2])
+    assert [row.tolist() for row in scores] == values.tolist()
+    as_array = np.asarray(scores)
+    assert as_array.shape == (3, 5) and as_array.dtype == np.float32 and np.array_equal(as_array, values.numpy())
+    assert np.asarray(scores, dtype=np.float64).dtype == np.float64
+    assert np.shares_memory(np.asarray(scores), scores.values.numpy())
+    assert not np.shares_memory(np.array(scores, copy=True), scores.values.numpy())
+
+
 def test_subsets_have_the_requested_size_and_differ():
     masks = random_subsets(100, 50, 0.5, seed=0)
     assert masks.shape == (50, 100) and (masks.sum(1) == 50).all()
