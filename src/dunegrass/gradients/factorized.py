@@ -76,6 +76,11 @@ class FactorLayer:
     kind: str
 
     @property
+    def label(self) -> str:
+        """The name to show in a message (a model that is itself one layer has the empty name)."""
+        return repr(self.name) if self.name else "(the model itself)"
+
+    @property
     def in_dim(self) -> int:
         return self.in_features + int(self.has_bias)
 
@@ -383,7 +388,7 @@ def capture_factors(
                 raise DunegrassError(f"the objective must return one value per example [B], got {tuple(values.shape)}")
             check_finite(values.detach(), "per-example loss")
             state["batch"] = values.shape[0]
-            idle = [layer.name for i, layer in enumerate(layers) if i not in ran]
+            idle = [layer.label for i, layer in enumerate(layers) if i not in ran]
             if idle:
                 raise DunegrassError(
                     f"selected layers never ran as modules in the forward pass: {', '.join(idle[:6])}"
@@ -403,7 +408,7 @@ def _deliver(
 ):
     if x._version != version:
         raise DunegrassError(
-            f"the input of layer {layer.name!r} was modified in place after the layer ran, so its captured "
+            f"the input of layer {layer.label} was modified in place after the layer ran, so its captured "
             "factor is no longer the input the layer saw; make that operation out of place"
         )
     inputs, grads = layer.factors(x, grad, state["batch"])  # a Conv2d's patches are unfolded here

@@ -43,7 +43,7 @@ class FactorizedFeaturizer(Featurizer):
         for layer, comp in zip(layers, compressors):
             if (comp.layer_in, comp.layer_out, comp.bias) != (layer.in_dim, layer.out_dim, layer.has_bias):
                 raise DunegrassError(
-                    f"the compressor for {layer.name!r} takes {comp.layer_in} -> {comp.layer_out} (bias={comp.bias}), "
+                    f"the compressor for {layer.label} takes {comp.layer_in} -> {comp.layer_out} (bias={comp.bias}), "
                     f"the layer is {layer.in_dim} -> {layer.out_dim} (bias={layer.has_bias}; in_dim counts it)"
                 )
         self.model, self.layers, self.compressors = model, list(layers), list(compressors)

@@ -8,6 +8,7 @@ saved and swapped between members.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -116,7 +117,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         fan_in_fan_out=fan_in_fan_out,
         **config.extra,
     )
-    return peft.get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated flag name; not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return peft.get_peft_model(model, cfg)
 
 
 def remove_lora(peft_model: nn.Module, requires_grad: Mapping[str, bool]) -> nn.Module:

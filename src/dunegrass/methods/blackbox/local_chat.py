@@ -12,6 +12,7 @@ reported with its log-probability and the ``top_logprobs`` best alternatives, as
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -76,6 +77,10 @@ class TorchChatClient:
         vocab = tokenizer.get_vocab()
         stops = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN if t in vocab}
         self.stops = {s for s in stops if isinstance(s, int)}
+        # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's forward takes **kw
+        forward = inspect.signature(base.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
 
     @torch.no_grad()
     def _create(self, *, model: str, messages: list, max_tokens: int, top_logprobs: int, **ignored: Any):
@@ -84,8 +89,9 @@ class TorchChatClient:
         ids, past = torch.tensor([ids], device=device), None
         content = []
         for _ in range(max_tokens):
-            out = self.model(input_ids=ids, past_key_values=past, use_cache=True)  # the prompt once, then a token
-            past = out.past_key_values
+            # the prompt once, then a token at a time on the cache
+            out = self.model(input_ids=ids, use_cache=True, **({} if past is None else {self.cache_kwarg: past}))
+            past = out["cache"] if "cache" in out else out.get("past_key_values")
             logp = torch.log_softmax(out.logits[0, -1].double(), -1)
             best = logp.topk(max(1, top_logprobs))  # the greedy token is the first
             token = int(best.indices[0])
