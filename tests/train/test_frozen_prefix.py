@@ -153,6 +153,45 @@ def test_daunce_scores_equal_with_and_without_the_prefix_cache(kind, padded_batc
     assert not lora_names(model) and all("forward" not in vars(m) for m in model.modules())  # left as it was
 
 
+def test_the_black_box_back_end_keeps_the_states_across_members_until_the_weights_change(
+    padded_batch, device, monkeypatch
+):
+    """LocalBackend kept θ₀'s states for one member's epochs only: each member and each loss evaluation ran
+    every frozen block again. Now they are shared (same losses as without them) and dropped when the model's
+    weights change."""
+    from dunegrass.methods.blackbox import BlackBoxDaunce, LocalBackend
+
+    data = _lm_data(padded_batch, n=16)
+    queries = _lm_data(padded_batch, n=3, seed=1)
+    made = []
+    install = FrozenPrefix.install.__func__
+    monkeypatch.setattr(FrozenPrefix, "install", classmethod(lambda cls, *a, **k: made.append(install(cls, *a, **k))
+                                                             or made[-1]))  # fmt: skip
+    recipe = dg.TrainConfig(lr=1e-2, steps=4, batch_size=4)
+
+    def run(mib):
+        model = _model("llama", device)
+        backend = LocalBackend(
+            model, dg.CausalLMTask(), recipe, LoraConfig(rank=4, last_layers=1), prefix_cache_mib=mib
+        )
+        return BlackBoxDaunce(backend, num_models=3, seed=1).fit(data).score(queries).values, backend, model
+
+    kept, backend, model = run(1)
+    installs = [p for p in made if p is not None]
+    # per member a fine-tune and its training losses, then each member's query losses; one set of states
+    assert len(installs) == 3 * 3 and len({id(p.kept) for p in installs}) == 1 and len(backend.kept.states) == 16 + 3
+    # after the first member's fine-tune and losses every training row is known: no frozen block runs again
+    assert [(p.hits, p.misses) for p in installs[2:6]] == [(4, 0), (1, 0), (4, 0), (1, 0)]
+    assert installs[6].misses == 1 and [(p.hits, p.misses) for p in installs[7:]] == [(1, 0), (1, 0)]  # queries
+    plain, _, _ = run(0)
+    assert kept.abs().max() > 0
+    torch.testing.assert_close(kept, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+    assert not lora_names(model) and all("forward" not in vars(m) for m in model.modules())  # left as it was
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # other weights: the kept states are not theirs
+    assert backend.kept.for_weights(model).states == {}
+
+
 def test_last_layers_takes_short_target_names_and_checks_itself(device):
     model = _model("llama", device)
     net = add_lora(model, LoraConfig(rank=4, target_modules=["q_proj", "v_proj"], last_layers=1))

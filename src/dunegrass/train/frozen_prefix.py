@@ -53,14 +53,15 @@ class FrozenPrefix:
     """Installed on ``model`` by ``FrozenPrefix.install`` (None when there is nothing to skip); ``close``
     puts the model back as it was."""
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, first: int, max_bytes: int):
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, first: int, max_bytes: int, kept: KeptStates | None = None
+    ):
         self.model, self.blocks, self.first, self.max_bytes = model, blocks, first, max_bytes
-        self.cache: dict[bytes, Tensor] = {}
-        self.bytes = 0
+        self.kept = KeptStates() if kept is None else kept  # another install's states, when passed
+        self._own = kept is None
         self.hits = self.misses = 0
         self._rows: list[tuple[bytes, Tensor]] | None = None  # this call's (key, kept positions) per row
         self._skip = False
-        self._tail: tuple | None = None  # the non-hidden part of a skipped block's tuple output
         self._usable = True
         self._handles = [
             model.register_forward_pre_hook(self._on_call, with_kwargs=True),
@@ -72,10 +73,20 @@ class FrozenPrefix:
         for block in blocks[:first]:
             block.forward = self._skippable(block.forward)
 
+    @property
+    def cache(self) -> dict[bytes, Tensor]:
+        return self.kept.states
+
+    @property
+    def bytes(self) -> int:
+        return self.kept.bytes
+
     @classmethod
-    def install(cls, model: nn.Module, max_bytes: int = 1 << 30) -> FrozenPrefix | None:
+    def install(cls, model: nn.Module, max_bytes: int = 1 << 30, kept: KeptStates | None = None) -> FrozenPrefix | None:
         """Hooks on ``model`` when its trainable parameters all lie in blocks ``first ≥ 1`` of its block
-        stack and it is in eval mode; None otherwise (or when ``max_bytes`` is 0)."""
+        stack and it is in eval mode; None otherwise (or when ``max_bytes`` is 0). ``kept``: states kept
+        by earlier installs on the same frozen blocks, reused and added to (the caller vouches that those
+        blocks have not changed; ``KeptStates.for_weights`` checks it)."""
         found = block_list(model)
         if found is None or max_bytes <= 0 or model.training:
             return None
@@ -84,7 +95,7 @@ class FrozenPrefix:
         where = [block_index(n, prefix) for n in trainable]
         if not trainable or any(i is None for i in where) or min(where) < 1:
             return None
-        return cls(model, blocks, min(where), max_bytes)
+        return cls(model, blocks, min(where), max_bytes, kept)
 
     def close(self) -> None:
         for h in self._handles:
@@ -94,8 +105,8 @@ class FrozenPrefix:
                 vars(block).pop("forward", None)  # the class's forward again
             else:
                 block.forward = forward
-        self.cache.clear()
-        self.bytes = 0
+        if self._own:  # shared states outlive this install
+            self.kept.clear()
 
     # -- hooks -------------------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -121,7 +132,7 @@ class FrozenPrefix:
             (ids_h[r][keep_h[r]].numpy().tobytes() + b"|" + pos_h[r][keep_h[r]].numpy().tobytes(), keep[r])
             for r in range(ids.shape[0])
         ]
-        self._skip = self._tail is not None and all(key in self.cache for key, _ in self._rows)
+        self._skip = self.kept.tail is not None and all(key in self.cache for key, _ in self._rows)
         self.hits += self._skip
         self.misses += not self._skip
 
@@ -135,7 +146,7 @@ class FrozenPrefix:
                 self._learn_output_form(out)
                 return out
             hidden = args[0] if args else kwargs["hidden_states"]
-            return hidden if self._tail == () else (hidden, *self._tail)
+            return hidden if self.kept.tail == () else (hidden, *self.kept.tail)
 
         return maybe_skip
 
@@ -143,9 +154,9 @@ class FrozenPrefix:
         """A skipped block returns what the real one did: its hidden states alone, or a tuple whose
         other entries are None (anything else, e.g. a key-value cache, and nothing is skipped)."""
         if isinstance(out, Tensor):
-            self._tail = ()
+            self.kept.tail = ()
         elif isinstance(out, tuple) and out and all(o is None for o in out[1:]):
-            self._tail = tuple(out[1:])
+            self.kept.tail = tuple(out[1:])
         else:
             self._usable = False
             warnings.warn(
@@ -169,7 +180,31 @@ class FrozenPrefix:
             if key not in self.cache:
                 state = hidden[r, keep.to(hidden.device)].detach().clone()
                 size = state.numel() * state.element_size()
-                if self.bytes + size <= self.max_bytes:
+                if self.kept.bytes + size <= self.max_bytes:
                     self.cache[key] = state
-                    self.bytes += size
+                    self.kept.bytes += size
         return None
+
+
+class KeptStates:
+    """The hidden states ``FrozenPrefix`` keeps (row key → states), shareable between installs on one model
+    whose frozen blocks do not change (a back end that fine-tunes member after member)."""
+
+    def __init__(self):
+        self.states: dict[bytes, Tensor] = {}
+        self.bytes = 0
+        self.tail: tuple | None = None  # the non-hidden part of a frozen block's tuple output, once seen
+        self._weights: tuple | None = None
+
+    def clear(self) -> None:
+        self.states.clear()
+        self.bytes, self.tail = 0, None
+
+    def for_weights(self, model: nn.Module) -> KeptStates:
+        """Self, emptied first if any of ``model``'s parameters was replaced or changed in place since the
+        last call (its storage or version counter moved): states of other weights are never reused."""
+        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if weights != self._weights:
+            self.clear()
+            self._weights = weights
+        return self
