@@ -206,3 +206,21 @@ def test_a_model_that_is_one_linear_layer(device, tiny_classification, name):
     got = build(linear).fit(train).score(test).values
     want = build(torch.nn.Sequential(linear)).fit(train).score(test).values
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_messages_name_a_root_layer(device):
+    """A model that is itself the layer has the empty name: messages showed '' where the layer goes."""
+    from dunegrass.errors import DunegrassError
+    from dunegrass.gradients.factorized import capture_factors, factor_layers
+
+    model = torch.nn.Linear(4, 2).to(device)
+    (layer,) = factor_layers(model)
+    assert layer.label == "(the model itself)" and factor_layers(torch.nn.Sequential(model))[0].label == "'0'"
+
+    def objective(m, batch):
+        out = m(batch).sum(1)
+        batch.mul_(2.0)  # changes the input the layer saw, after it ran
+        return out
+
+    with pytest.raises(DunegrassError, match=r"the input of layer \(the model itself\) was modified in place"):
+        capture_factors(model, [layer], objective, torch.randn(3, 4, device=device), lambda i, a, g: None)
