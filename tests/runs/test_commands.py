@@ -300,6 +300,48 @@ def test_print_config_writes_toml_that_reads_back_and_files_are_read_by_their_ex
     assert again.to_dict() == cfg.to_dict()
 
 
+def test_print_config_edge_cases_and_yaml_values_read_as_jsonargparse_reads_them(tmp_path, capsys):
+    """Found in review: a YAML date-like value became a date (refused as a name); a TOML file without
+    model/data could not print its settings; --print_config=skip_null printed YAML; an argument ending in .toml
+    that is not a config file switched the print to TOML; a null setting was silently lost in TOML."""
+    import tomllib
+
+    from dunegrass.runs.commands import parse
+    from dunegrass.runs.config import FitConfig
+
+    (tmp_path / "dated.yaml").write_text("model: m\ndata: d.jsonl\nname: 2024-01-01\n")
+    assert parse(FitConfig, [str(tmp_path / "dated.yaml")], "dunegrass fit").name == "2024-01-01"
+    (tmp_path / "partial.toml").write_text("[influence]\ndamping = 0.2\n")
+
+    def printed(*argv):
+        with pytest.raises(SystemExit) as done:
+            parse(FitConfig, list(argv), "dunegrass fit")
+        assert done.value.code in (0, None)
+        return capsys.readouterr()
+
+    out = printed(str(tmp_path / "partial.toml"), "--print_config=skip_null")
+    assert tomllib.loads(out.out)["influence"]["damping"] == 0.2 and "# model = (none)" in out.out
+    out = printed(str(tmp_path / "dated.yaml"), "--data", "x.toml", "--print_config")
+    assert "data: x.toml" in out.out  # YAML: the config file is YAML
+    out = printed(str(tmp_path / "partial.toml"), "--model", "m", "--influence.damping", "null", "--print_config")
+    assert "damping" not in tomllib.loads(out.out)["influence"]
+    assert "TOML cannot write null; give --influence.damping null" in out.err
+
+
+def test_changed_settings_name_nested_flags_and_ignore_what_one_side_does_not_know():
+    from dunegrass.runs.commands import changed_settings
+    from dunegrass.runs.config import FitConfig
+
+    fitted = FitConfig(model="m", data="d", method="daunce").to_dict()
+    recipe = dg.DaunceOptions().recipe
+    now = FitConfig(model="m", data="d", method="daunce", daunce=dg.DaunceOptions(train=recipe))
+    assert changed_settings({"config": fitted}, now) == ""
+    recipe.lr = 0.01
+    assert changed_settings({"config": fitted}, now) == "--daunce.train.lr 0.01 (fitted: 0.001)"
+    del fitted["daunce"]["train"]["lr"], fitted["influence"]["seed"]  # an older run.json
+    assert changed_settings({"config": fitted}, now) == ""
+
+
 def test_a_recorded_run_gives_no_consent_and_old_or_unknown_settings_are_named(tmp_path):
     """``--run``: the fit's --yes (consent to a paid service's charges) is not carried over; a setting this
     version does not know is named and ignored; a missing value is an error, not the next flag."""

@@ -187,9 +187,17 @@ def test_the_black_box_back_end_keeps_the_states_across_members_until_the_weight
     assert kept.abs().max() > 0
     torch.testing.assert_close(kept, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
     assert not lora_names(model) and all("forward" not in vars(m) for m in model.modules())  # left as it was
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)  # other weights: the kept states are not theirs
-    assert backend.kept.for_weights(model).states == {}
+    edits = [
+        lambda: next(model.parameters()).add_(1.0),
+        lambda: model.model.layers[0].mlp.down_proj.weight.data.mul_(2.0),  # no version counter moves
+        lambda: model.model.rotary_emb.inv_freq.mul_(1.5),  # a buffer
+    ]
+    for edit in edits:  # other weights: the kept states are not theirs
+        backend.kept.states[b"row"] = torch.zeros(1)
+        assert backend.kept.for_weights(model).states  # unchanged weights: kept
+        with torch.no_grad():
+            edit()
+        assert backend.kept.for_weights(model).states == {}
 
 
 def test_last_layers_takes_short_target_names_and_checks_itself(device):

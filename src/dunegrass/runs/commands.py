@@ -21,7 +21,6 @@ import time
 import typing
 
 import jsonargparse
-import yaml
 
 from .. import methods as m
 from ..errors import ConfigMismatchError, DunegrassError
@@ -53,9 +52,10 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
             raise DunegrassError(f"the config file {path} does not exist (from {os.getcwd()})")
     argv = _lora_switches(_bare_flags(argv, boolean_flags(kind)), ("--daunce.lora", "--bif.lora"))
     run, argv = _pop_option(argv, "--run") if kind is ScoreConfig else (None, argv)
-    toml = any(a.lower().endswith(".toml") for a in argv)
-    print_toml = toml and "--print_config" in argv  # jsonargparse would print YAML (or need the toml package)
-    argv = [a for a in argv if a != "--print_config"] if print_toml else argv
+    printing = [a for a in argv if a.split("=", 1)[0] == "--print_config"]
+    # after a TOML file, the settings are printed as TOML (jsonargparse would need the toml package)
+    print_toml = printing and any(c.lower().endswith(".toml") for c in configs)
+    argv = [a for a in argv if a not in printing] if print_toml else argv
     p = parser(kind, prog, config_files.MODE)  # each file read by its extension, flag values as YAML
     if kind is ScoreConfig:
         p.add_argument("--run", help="CACHE_DIR/NAME: score that fitted run with the settings its fit recorded")
@@ -65,11 +65,10 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
         if unknown:  # a run fitted by another version: its other settings still apply
             notice_once(f"run-{run}", f"{run}/run.json records settings this version does not know, ignored: {unknown}")
         p.set_defaults({k: v for k, v in recorded.items() if k in known})
-    parsed = p.parse_args(argv)
     if print_toml:
-        print(config_files.dumps(yaml.safe_load(p.dump(parsed, skip_none=False))), end="")
+        config_files.print_toml(p, argv)
         raise SystemExit(0)
-    ns = p.instantiate(parsed)
+    ns = p.instantiate(p.parse_args(argv))
     if ns.get("run") is not None:  # --run was taken from argv above, so this came from a config file
         raise DunegrassError("--run is read from the command line only, not from a config file")
     return kind(**{f.name: ns[f.name] for f in dataclasses.fields(kind)})
@@ -330,22 +329,29 @@ def score(cfg: ScoreConfig) -> TopScores:
 def changed_settings(fit_record: dict, cfg: FitConfig) -> str:
     """The flags whose values differ from those the fit recorded (``run.json``), as ``--flag NOW (fitted:
     THEN)``: a cache's refusal names its own internal keys, this names what the user typed. Paths naming the
-    same file (relative to where the fit ran) are the same setting."""
+    same file (relative to where the fit ran) are the same setting; a setting only one side knows (another
+    version's) is not counted."""
     fitted, cwd = fit_record.get("config", {}), fit_record.get("cwd") or os.getcwd()
-    fields = {f.name for f in dataclasses.fields(FitConfig)} - {"yes", "cache_dir", "name", "device"}
-    now, changes = cfg.to_dict(), []
-    for key in sorted(fields & set(fitted)):
-        old, new = fitted[key], now.get(key)
-        if key in ("model", "data", "weights") and isinstance(old, str) and isinstance(new, str):
+    now = cfg.to_dict()
+    for key in ("yes", "cache_dir", "name", "device"):  # not part of what was fitted
+        now.pop(key, None)
+    for key in ("model", "data", "weights"):
+        old, new = fitted.get(key), now.get(key)
+        if isinstance(old, str) and isinstance(new, str):
             if os.path.realpath(os.path.join(cwd, old)) == os.path.realpath(new):
-                continue
-        pairs = (
-            [(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
-            if isinstance(old, dict) and isinstance(new, dict)
-            else [(key, old, new)]
-        )
-        changes += [f"--{flag} {json.dumps(b)} (fitted: {json.dumps(a)})" for flag, a, b in pairs if a != b]
+                now.pop(key)
+    changes = [f"--{flag} {json.dumps(b)} (fitted: {json.dumps(a)})" for flag, a, b in _differences(fitted, now)]
     return ", ".join(changes)
+
+
+def _differences(old: dict, new: dict, prefix: str = ""):
+    """(dotted key, old, new) for each value the two settings both hold and hold differently."""
+    for key in sorted(set(old) & set(new)):
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
 
 
 def ranked_rows(top: TopScores, train_texts: list[str] | None, query_texts: list[str] | None) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import jsonargparse
 import tomllib
@@ -19,11 +20,14 @@ import yaml
 MODE = "dunegrass"  # the parser mode: the loader and dumper below
 
 
+_YAML = jsonargparse.get_loader("yaml")  # jsonargparse's own: reads 2024-01-01 as text, not as a date
+
+
 def load(text: str, path=None):
     """A config file's (or a flag value's) contents: TOML for a ``.toml`` path, else YAML."""
     if path is not None and str(path).lower().endswith(".toml"):
         return tomllib.loads(text)
-    return yaml.safe_load(text)
+    return _YAML(text)
 
 
 def dumps(config: dict) -> str:
@@ -47,7 +51,12 @@ def _table(table: dict, path: list[str], lines: list[str]) -> None:
 
 
 def _key(key: str) -> str:
-    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare else _string(key)
+
+
+def _string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML's escapes are JSON's, and DEL
 
 
 def _value(value) -> str:
@@ -62,13 +71,39 @@ def _value(value) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a TOML basic string uses JSON's escapes
+        return _string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v) for v in value if v is not None) + "]"
     if isinstance(value, dict):
         items = (f"{_key(k)} = {_value(v)}" for k, v in value.items() if v is not None)
         return "{ " + ", ".join(items) + " }"
     raise TypeError(f"a config value of type {type(value).__name__} has no TOML form: {value!r}")
+
+
+def print_toml(parser: jsonargparse.ArgumentParser, argv: list[str]) -> None:
+    """``--print_config`` after a TOML file: every setting the run would use, as TOML, required fields given
+    or not (as jsonargparse's own print does). TOML has no null: a setting set to null where its default is
+    not is named on stderr, as the printed file reads back with the default there."""
+    parsed = parser.parse_args(argv, _skip_validation=True)
+    settings = json.loads(parser.dump(parsed, format="json", skip_validation=True, skip_unset=False))
+    defaults = _flat(
+        json.loads(parser.dump(parser.get_defaults(), format="json", skip_validation=True, skip_unset=False))
+    )
+    lost = [key for key, value in _flat(settings).items() if value is None and defaults.get(key) is not None]
+    print(dumps(settings), end="")
+    if lost:
+        flags = " ".join(f"--{key} null" for key in lost)
+        print(f"# note: TOML cannot write null; give {flags} with this file to keep them", file=sys.stderr)
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _yaml(data) -> str:

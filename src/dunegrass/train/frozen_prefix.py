@@ -201,9 +201,14 @@ class KeptStates:
         self.bytes, self.tail = 0, None
 
     def for_weights(self, model: nn.Module) -> KeptStates:
-        """Self, emptied first if any of ``model``'s parameters was replaced or changed in place since the
-        last call (its storage or version counter moved): states of other weights are never reused."""
-        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        """Self, emptied first if ``model``'s weights differ from the last call's: states of other weights
+        are never reused. Compared by content (each floating tensor's sum and norm, one transfer), since
+        writes through ``.data`` (peft's merge, a user's edit) move no version counter; two reductions over
+        the weights cost far less than the fine-tune or loss pass each call precedes."""
+        with torch.no_grad():
+            tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+            sums = [torch.stack([t.sum(dtype=torch.float64), t.norm(dtype=torch.float64)]) for t in tensors]
+            weights = (len(tensors), tuple(torch.cat(sums).cpu().tolist()) if sums else ())
         if weights != self._weights:
             self.clear()
             self._weights = weights
