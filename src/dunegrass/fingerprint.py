@@ -55,6 +55,35 @@ def model_fingerprint(model: nn.Module, state: Mapping[str, Tensor] | None = Non
     return h.hexdigest()
 
 
+def weights_signature(model: nn.Module) -> tuple:
+    """A cheap content signature of ``model``'s floating tensors (parameters and buffers), computed where they
+    live with one transfer: per tensor, in float64, its sum, its sum of squares and a position-weighted sum
+    (so that a permutation of rows or columns moves it too). Unlike ``model_fingerprint`` it reads no byte to
+    the host, so it can be checked at every ``score``; it catches edits through ``.data`` (no version counter
+    moves) and ``load_state_dict`` alike. Float64 temporaries are bounded by chunks of 4M elements."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return ()
+    parts = []
+    with torch.no_grad():
+        for t in tensors:
+            flat = t.detach().reshape(t.shape[0] if t.ndim > 1 else 1, -1)
+            rows, cols = flat.shape
+            wc = _position_weights(cols, flat.device)
+            total = torch.zeros(3, dtype=torch.float64, device=flat.device)
+            step = max(1, (1 << 22) // max(cols, 1))
+            for start in range(0, rows, step):
+                chunk = flat[start : start + step].to(torch.float64)
+                wr = _position_weights(rows, flat.device)[start : start + step]
+                total += torch.stack([chunk.sum(), (chunk * chunk).sum(), wr @ (chunk @ wc)])
+            parts.append(total)
+    return tuple(torch.cat(parts).cpu().tolist())
+
+
+def _position_weights(n: int, device: torch.device) -> Tensor:
+    return 1.5 + torch.sin(torch.arange(n, dtype=torch.float64, device=device) * 1.618)
+
+
 class RowHasher:
     """sha256 of examples fed batch by batch, one example at a time: the digest does not depend on how the
     examples were batched. Tensors are hashed by their bytes, other per-example values (a list of strings

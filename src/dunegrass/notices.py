@@ -20,10 +20,10 @@ def notice_once(key: str, message: str) -> None:
     if key in _said:
         return
     _said.add(key)
-    warnings.warn(message, DunegrassWarning, stacklevel=_outside_dunegrass())
+    warnings.warn(message, DunegrassWarning, stacklevel=user_stacklevel())
 
 
-def _outside_dunegrass() -> int:
+def user_stacklevel() -> int:
     """The stacklevel of the first frame outside this package (the user's line)."""
     here = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1

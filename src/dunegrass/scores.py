@@ -42,11 +42,15 @@ def _rank_count(k: object) -> int:
     return k
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def _host(t: Tensor | None) -> Tensor | None:
     return None if t is None else torch.as_tensor(t).detach().to("cpu", torch.float32)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Scores:
     values: Tensor  # [n_query, n_train], on the host
     stderr: Tensor | None = None  # [n_query, n_train], standard error of each value
@@ -68,6 +72,21 @@ class Scores:
 
     def __len__(self) -> int:
         return self.values.shape[0]
+
+    def __repr__(self) -> str:  # the method's settings (meta) can run to pages
+        errors = ", with stderr" if self.stderr is not None else ""
+        return f"Scores(method={self.method!r}, shape={self.shape}{errors})"
+
+    def __eq__(self, other: object) -> bool:
+        """Same values and standard errors (NaN equal to NaN), method and metadata."""
+        if not isinstance(other, Scores):
+            return NotImplemented
+        return (
+            _same(self.values, other.values)
+            and (self.stderr is None) == (other.stderr is None)
+            and (self.stderr is None or _same(self.stderr, other.stderr))
+            and (self.method, self.meta) == (other.method, other.meta)
+        )
 
     def __getitem__(self, key) -> Tensor:
         """``scores[q]``, ``scores[:, i]``: the values, indexed as the tensor ``scores.values`` is."""

@@ -95,6 +95,11 @@ def test_scores_index_and_convert_like_their_values():
     assert np.asarray(scores, dtype=np.float64).dtype == np.float64
     assert np.shares_memory(np.asarray(scores), scores.values.numpy())
     assert not np.shares_memory(np.array(scores, copy=True), scores.values.numpy())
+    # == compares contents (a RuntimeError from the tensors before), repr is short (the meta ran to pages)
+    nan = dg.Scores(torch.tensor([[float("nan"), 1.0]]), method="m", meta={"seeds": list(range(1000))})
+    assert nan == dg.Scores(torch.tensor([[float("nan"), 1.0]]), method="m", meta={"seeds": list(range(1000))})
+    assert nan != dg.Scores(torch.tensor([[float("nan"), 2.0]]), method="m", meta={"seeds": list(range(1000))})
+    assert scores != nan and repr(nan) == "Scores(method='m', shape=(1, 2))"
 
 
 def test_subsets_have_the_requested_size_and_differ():

@@ -216,6 +216,8 @@ def test_messages_name_a_root_layer(device):
     model = torch.nn.Linear(4, 2).to(device)
     (layer,) = factor_layers(model)
     assert layer.label == "(the model itself)" and factor_layers(torch.nn.Sequential(model))[0].label == "'0'"
+    with pytest.raises(DunegrassError, match=r"supported layers are: '' \(the model itself\)"):
+        factor_layers(model, ["fc"])
 
     def objective(m, batch):
         out = m(batch).sum(1)
@@ -224,3 +226,30 @@ def test_messages_name_a_root_layer(device):
 
     with pytest.raises(DunegrassError, match=r"the input of layer \(the model itself\) was modified in place"):
         capture_factors(model, [layer], objective, torch.randn(3, 4, device=device), lambda i, a, g: None)
+
+
+@pytest.mark.parametrize("name", ["logra", "gradient", "daunce", "blackbox"])
+def test_weights_changed_after_fit_are_refused_not_mixed(device, tiny_classification, name):
+    """A model edited between fit and score (an in-place update, a write through .data) gave scores that mixed
+    the fitted training features or signals with the new weights, silently; now score says so. Scoring
+    again after the weights are put back works."""
+    from dunegrass.errors import DunegrassError
+    from dunegrass.methods.blackbox import BlackBoxDaunce, LocalBackend
+
+    model, train, test = tiny_classification
+    task = dg.ClassificationTask()
+    recipe = dg.TrainConfig(lr=1e-2, steps=4, batch_size=16)
+    attr = {
+        "logra": lambda: dg.LoGra(model, task, k_in=4, k_out=3),
+        "gradient": lambda: dg.GradientInfluence(model, task, compressor="identity"),
+        "daunce": lambda: dg.Daunce(model, task, num_models=3, train=recipe),
+        "blackbox": lambda: BlackBoxDaunce(LocalBackend(model, task, recipe), num_models=3),
+    }[name]().fit(train)
+    before = attr.score(test).values
+    weight = next(model.parameters())
+    kept = weight.detach().clone()
+    weight.data.mul_(1.5)
+    with pytest.raises(DunegrassError, match="the model's weights changed since fit"):
+        attr.score(test)
+    weight.data.copy_(kept)
+    torch.testing.assert_close(attr.score(test).values, before)

@@ -319,8 +319,12 @@ def test_print_config_edge_cases_and_yaml_values_read_as_jsonargparse_reads_them
         assert done.value.code in (0, None)
         return capsys.readouterr()
 
-    out = printed(str(tmp_path / "partial.toml"), "--print_config=skip_null")
+    out = printed(str(tmp_path / "partial.toml"), "--print_config")
     assert tomllib.loads(out.out)["influence"]["damping"] == 0.2 and "# model = (none)" in out.out
+    out = printed(str(tmp_path / "partial.toml"), "--print_config=skip_null")
+    assert "(none)" not in out.out and tomllib.loads(out.out)["influence"]["damping"] == 0.2
+    out = printed(str(tmp_path / "partial.toml"), "--model", "m", "--print_config=skip_default")
+    assert tomllib.loads(out.out) == {"model": "m", "influence": {"damping": 0.2}}
     out = printed(str(tmp_path / "dated.yaml"), "--data", "x.toml", "--print_config")
     assert "data: x.toml" in out.out  # YAML: the config file is YAML
     out = printed(str(tmp_path / "partial.toml"), "--model", "m", "--influence.damping", "null", "--print_config")
@@ -340,6 +344,44 @@ def test_changed_settings_name_nested_flags_and_ignore_what_one_side_does_not_kn
     assert changed_settings({"config": fitted}, now) == "--daunce.train.lr 0.01 (fitted: 0.001)"
     del fitted["daunce"]["train"]["lr"], fitted["influence"]["seed"]  # an older run.json
     assert changed_settings({"config": fitted}, now) == ""
+
+
+def test_a_partial_recipe_changes_only_its_fields_and_files_never_override_flags(tmp_path):
+    """From a new-user trial: --daunce.train.lr with LoRA replaced the whole LoRA recipe (AdamW, 1 epoch) by
+    TrainConfig's defaults (Adam, 20 epochs); a config file given after a flag overrode the flag; a TOML file
+    named without .toml was read as one YAML string ('Unexpected config')."""
+    from dunegrass.options import DEFAULT_RECIPE, LORA_RECIPE
+    from dunegrass.runs.commands import parse
+    from dunegrass.runs.config import FitConfig
+
+    base = ["--model", "m", "--data", "d.jsonl", "--method", "daunce"]
+    lora = parse(FitConfig, [*base, "--daunce.lora", "--daunce.train.lr", "0.01"], "dunegrass fit").daunce.recipe
+    assert lora.to_dict() == {**LORA_RECIPE.to_dict(), "lr": 0.01}
+    plain = parse(FitConfig, [*base, "--daunce.train.batch_size", "8"], "dunegrass fit").daunce.recipe
+    assert plain.to_dict() == {**DEFAULT_RECIPE.to_dict(), "batch_size": 8}
+    (tmp_path / "run.cfg").write_text('model = "m"\ndata = "d.jsonl"\nname = "from-file"\n[daunce.train]\nlr = 0.02\n')
+    cfg = parse(FitConfig, ["--name", "from-flag", "--method", "daunce", "--config", str(tmp_path / "run.cfg")], "x")
+    assert cfg.name == "from-flag" and cfg.daunce.recipe.to_dict() == {**DEFAULT_RECIPE.to_dict(), "lr": 0.02}
+
+
+def test_scoring_with_more_members_says_so_and_records_it(tmp_path, capsys, monkeypatch):
+    """A score with a larger --daunce.num_models trained the new members silently and left run.json at the old
+    count, so the next score --run used the old K."""
+    run = lambda *a: _call(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    _tiny_lm_dir(tmp_path / "model", False)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": SENTENCES[2]}) + "\n")
+    steps = ["--daunce.train.steps", "2"]
+    fit = run("fit", "--model", "model", "--data", "train.jsonl", "--method", "daunce", "--name", "d",
+              "--daunce.num_models", "3", *steps)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    more = run("score", "--run", "runs/d", "--queries", "q.jsonl", "--daunce.num_models", "5")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "trained 2 more members (3 → 5)" in more.stdout
+    assert json.loads((tmp_path / "runs" / "d" / "run.json").read_text())["config"]["daunce"]["num_models"] == 5
+    same = run("score", "--run", "runs/d", "--queries", "q.jsonl")
+    assert same.returncode == 0 and "more members" not in same.stdout
+    assert dg.TopScores.load(tmp_path / "runs" / "d" / "top.npz").meta["num_models"] == 5
 
 
 def test_a_recorded_run_gives_no_consent_and_old_or_unknown_settings_are_named(tmp_path):

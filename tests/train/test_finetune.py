@@ -122,6 +122,19 @@ def test_lora_adapts_the_mlp_projections_and_starts_at_theta0():
         assert torch.equal(p.detach(), base[n]) and p.requires_grad == flags[n]
 
 
+def test_lora_targets_that_match_nothing_are_named_and_short_names_find_conv1d(recwarn):
+    """A typo in target_modules was peft's NoMatchingPeftModuleError traceback; a short name of a GPT-2 Conv1D
+    (c_fc) left fan_in_fan_out off, which peft warned about and corrected."""
+    model, _ = _tiny_gpt2()
+    with pytest.raises(dg.DunegrassError, match=r"target_modules \['q_proj'\] match no module of GPT2LMHeadModel; "
+                       r"its linear layers are named c_attn, c_fc, c_proj"):  # fmt: skip
+        add_lora(model, LoraConfig(target_modules=["q_proj"]))
+    assert not lora_names(model)
+    net = add_lora(model, LoraConfig(rank=2, target_modules=["c_fc"]))
+    assert lora_names(net) and not [w for w in recwarn if "fan_in_fan_out" in str(w.message)]
+    remove_lora(net, {n: True for n, _ in model.named_parameters()})
+
+
 def test_daunce_with_lora_on_a_causal_lm_leaves_the_model_unchanged(tmp_path):
     model, data = _tiny_gpt2()
     task = dg.CausalLMTask()

@@ -191,6 +191,9 @@ def test_the_black_box_back_end_keeps_the_states_across_members_until_the_weight
         lambda: next(model.parameters()).add_(1.0),
         lambda: model.model.layers[0].mlp.down_proj.weight.data.mul_(2.0),  # no version counter moves
         lambda: model.model.rotary_emb.inv_freq.mul_(1.5),  # a buffer
+        lambda: model.model.embed_tokens.weight.index_copy_(  # two rows swapped: sum and norm unchanged
+            0, torch.tensor([1, 2], device=device), model.model.embed_tokens.weight[[2, 1]].clone()
+        ),
     ]
     for edit in edits:  # other weights: the kept states are not theirs
         backend.kept.states[b"row"] = torch.zeros(1)

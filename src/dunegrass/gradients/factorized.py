@@ -328,7 +328,7 @@ def _match(item: str | type, named: dict[str, nn.Module], supported: dict[str, F
 
 
 def _preview(names) -> str:
-    names = list(names)
+    names = ["'' (the model itself)" if n == "" else n for n in names]
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "(none)"
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..errors import DunegrassError
+from ..notices import user_stacklevel
 from ..store.blocks import BlockStore
 from ..store.feature_store import FeatureStore
 from .auto_damping import auto_ratio
@@ -165,7 +166,7 @@ class BlockPreconditioner:
         warnings.warn(
             f"block {a}:{b} of the damped Fisher is not positive definite in floating point; flooring its "
             "eigenvalues at the damping (increase damping to avoid this)",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         evals, evecs = torch.linalg.eigh(mat)
         return torch.linalg.cholesky((evecs * evals.clamp_min(float(lam))) @ evecs.T), float(ratio)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DunegrassError
+from ..fingerprint import weights_signature
 from ..modes import eval_mode
 from ..options import deprecated
 from ..scores import Scores, TopScores
@@ -51,6 +52,22 @@ class Attributor(ABC):
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.n_train: int | None = None
 
+    @property
+    def n_train(self) -> int | None:
+        """The number of training examples fitted (None before ``fit``)."""
+        return self._n_train
+
+    @n_train.setter
+    def n_train(self, n: int | None) -> None:
+        # set by every fit: the weights fitted are recorded with it, and checked by every score
+        self._n_train = n
+        watched = None if n is None else self._watched_model()
+        self._fitted_weights = None if watched is None else weights_signature(watched)
+
+    def _watched_model(self) -> nn.Module | None:
+        """The model whose weights the fit depends on (a local back end's, for black-box Daunce)."""
+        return self.model
+
     def _device(self) -> torch.device:
         """The model's device, where the work runs (the CPU for a model without parameters)."""
         p = next(iter(self.model.parameters()), None)
@@ -75,6 +92,13 @@ class Attributor(ABC):
     def _require_fit(self) -> None:
         if self.n_train is None:
             raise DunegrassError(f"{type(self).__name__}: call fit(train) before score()/self_scores()")
+        watched = self._watched_model()
+        if self._fitted_weights is not None and weights_signature(watched) != self._fitted_weights:
+            raise DunegrassError(
+                f"{type(self).__name__}: the model's weights changed since fit() (scores would mix what was fitted "
+                "with the new weights); call fit() again — with a cache_dir, another one, as the old cache holds "
+                "the old weights' results"
+            )
 
     def _fit_args(self, args: tuple, queries: Any, cache_dir: Any, legacy: tuple[str, ...]) -> tuple[Any, Any]:
         """``(queries, cache_dir)``, also from the positional arguments of an earlier release (``legacy`` order),

@@ -25,6 +25,7 @@ import jsonargparse
 from .. import methods as m
 from ..errors import ConfigMismatchError, DunegrassError
 from ..notices import notice_once
+from ..options import DEFAULT_RECIPE, LORA_RECIPE
 from ..scores import TopScores
 from ..store.atomic import atomic_write_bytes, atomic_write_json
 from . import config_files
@@ -45,6 +46,7 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
     takes the settings a fit recorded in ``DIR/run.json`` as the defaults that the file and flags override."""
     if argv and not argv[0].startswith("-"):  # dunegrass fit CONFIG [--flags]
         argv = ["--config", argv[0], *argv[1:]]
+    argv = _config_files_first(argv)  # flags override the files wherever they stand (jsonargparse: last wins)
     configs = [v for f, v in zip(argv, argv[1:]) if f == "--config"]
     configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     for path in configs:
@@ -65,13 +67,39 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
         if unknown:  # a run fitted by another version: its other settings still apply
             notice_once(f"run-{run}", f"{run}/run.json records settings this version does not know, ignored: {unknown}")
         p.set_defaults({k: v for k, v in recorded.items() if k in known})
+    _partial_recipe_from_daunces(p, argv)
     if print_toml:
-        config_files.print_toml(p, argv)
+        config_files.print_toml(p, argv, ",".join(a.partition("=")[2] for a in printing))
         raise SystemExit(0)
     ns = p.instantiate(p.parse_args(argv))
     if ns.get("run") is not None:  # --run was taken from argv above, so this came from a config file
         raise DunegrassError("--run is read from the command line only, not from a config file")
     return kind(**{f.name: ns[f.name] for f in dataclasses.fields(kind)})
+
+
+def _config_files_first(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config FILE`` (and ``--config=FILE``) moved to the front, in their order."""
+    files, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            files += argv[i : i + 2]
+            i += 2
+            continue
+        (files if argv[i].startswith("--config=") else rest).append(argv[i])
+        i += 1
+    return files + rest
+
+
+def _partial_recipe_from_daunces(p: jsonargparse.ArgumentParser, argv: list[str]) -> None:
+    """``--daunce.train.lr 0.01`` (or a ``[daunce.train]`` table naming some fields) changes those fields of
+    the recipe Daunce would use — with LoRA, AdamW for one epoch — not of TrainConfig's own defaults (Adam, 20
+    epochs), which replaced the whole recipe silently."""
+    if p.get_defaults().get("daunce.train") is not None:  # a recorded run's recipe is the base already
+        return
+    first = p.parse_args(argv, _skip_validation=True)
+    if first.get("daunce.train") is not None:
+        recipe = LORA_RECIPE if first.get("daunce.lora") else DEFAULT_RECIPE
+        p.set_defaults({"daunce.train": recipe.to_dict()})
 
 
 def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
@@ -302,8 +330,8 @@ def score(cfg: ScoreConfig) -> TopScores:
             f"{e}. {f'Changed since the fit (run.json): {changed}. ' if changed else ''}To score with settings "
             "that change what was fitted, fit them as a new run (dunegrass fit ... --name ANOTHER_NAME)"
         ) from e
-    if fitted_here:
-        record_fit(cfg)
+    if fitted_here or _grew(fit_record, cfg):
+        record_fit(cfg)  # the run's record follows what its cache now holds
     out = cfg.out or run_dir(cfg)
     os.makedirs(out, exist_ok=True)
     if cfg.dense:
@@ -324,6 +352,19 @@ def score(cfg: ScoreConfig) -> TopScores:
         f"{', scores.npz' if cfg.dense else ''} and report.html"
     )
     return top
+
+
+def _grew(fit_record: dict, cfg: FitConfig) -> bool:
+    """Whether this score trained members (Daunce) or chains (BIF) the run did not hold, and says so."""
+    section, field = {"daunce": ("daunce", "num_models"), "bif": ("bif", "chains")}.get(cfg.method, (None, None))
+    if section is None:
+        return False
+    before, now = fit_record["config"].get(section, {}).get(field), getattr(getattr(cfg, section), field)
+    if not isinstance(before, int) or now <= before:
+        return False
+    print(f"dunegrass score: trained {now - before} more {'members' if section == 'daunce' else 'chains'} "
+          f"({before} → {now}); {run_dir(cfg)}/run.json records the run as it now is")  # fmt: skip
+    return True
 
 
 def changed_settings(fit_record: dict, cfg: FitConfig) -> str:

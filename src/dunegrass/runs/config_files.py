@@ -27,7 +27,13 @@ def load(text: str, path=None):
     """A config file's (or a flag value's) contents: TOML for a ``.toml`` path, else YAML."""
     if path is not None and str(path).lower().endswith(".toml"):
         return tomllib.loads(text)
-    return _YAML(text)
+    loaded = _YAML(text)
+    if path is not None and not isinstance(loaded, dict):  # TOML under another extension reads as one string
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            pass
+    return loaded
 
 
 def dumps(config: dict) -> str:
@@ -80,20 +86,38 @@ def _value(value) -> str:
     raise TypeError(f"a config value of type {type(value).__name__} has no TOML form: {value!r}")
 
 
-def print_toml(parser: jsonargparse.ArgumentParser, argv: list[str]) -> None:
-    """``--print_config`` after a TOML file: every setting the run would use, as TOML, required fields given
-    or not (as jsonargparse's own print does). TOML has no null: a setting set to null where its default is
-    not is named on stderr, as the printed file reads back with the default there."""
+def print_toml(parser: jsonargparse.ArgumentParser, argv: list[str], flags: str = "") -> None:
+    """``--print_config[=skip_null,skip_default]`` after a TOML file: the settings the run would use, as TOML,
+    required fields given or not (as jsonargparse's own print does). TOML has no null: a setting set to null
+    where its default is not is named on stderr, as the printed file reads back with the default there."""
+    skip = {word.strip() for word in flags.split(",") if word.strip()}
     parsed = parser.parse_args(argv, _skip_validation=True)
     settings = json.loads(parser.dump(parsed, format="json", skip_validation=True, skip_unset=False))
     defaults = _flat(
         json.loads(parser.dump(parser.get_defaults(), format="json", skip_validation=True, skip_unset=False))
     )
     lost = [key for key, value in _flat(settings).items() if value is None and defaults.get(key) is not None]
-    print(dumps(settings), end="")
+    print(dumps(_pruned(settings, defaults, skip)), end="")
     if lost:
         flags = " ".join(f"--{key} null" for key in lost)
         print(f"# note: TOML cannot write null; give {flags} with this file to keep them", file=sys.stderr)
+
+
+def _pruned(settings: dict, defaults: dict, skip: set[str], prefix: str = "") -> dict:
+    """``settings`` without its nulls (``skip_null``) or the values equal to their defaults (``skip_default``),
+    sections left empty dropped."""
+    out = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            inner = _pruned(value, defaults, skip, f"{name}.")
+            if inner or "skip_default" not in skip:
+                out[key] = inner
+        elif not (value is None and "skip_null" in skip) and not (
+            "skip_default" in skip and name in defaults and defaults[name] == value
+        ):
+            out[key] = value
+    return out
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:

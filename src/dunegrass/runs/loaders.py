@@ -81,6 +81,7 @@ def _from_directory(path: str, task: str) -> Loaded:
     names = " ".join(config.architectures or [])
     kind = task if task != "auto" else ("classification" if "SequenceClassification" in names else "causal_lm")
     auto = tf.AutoModelForSequenceClassification if kind == "classification" else tf.AutoModelForCausalLM
+    tf.utils.logging.disable_progress_bar()  # the command prints its own one-line summary
     try:
         model = auto.from_pretrained(path, local_files_only=True)
         tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..notices import DunegrassWarning
+from ..fingerprint import weights_signature
+from ..notices import DunegrassWarning, user_stacklevel
 
 KEYED = ("input_ids", "attention_mask", "position_ids", "return_dict")  # what a row's key covers (and a flag)
 
@@ -163,7 +164,7 @@ class FrozenPrefix:
                 "FrozenPrefix: the transformer blocks return more than their hidden states (e.g. a key-value "
                 "cache, as older transformers releases do); the frozen blocks are not skipped",
                 DunegrassWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     def _at_first_adapted(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -201,14 +202,10 @@ class KeptStates:
         self.bytes, self.tail = 0, None
 
     def for_weights(self, model: nn.Module) -> KeptStates:
-        """Self, emptied first if ``model``'s weights differ from the last call's: states of other weights
-        are never reused. Compared by content (each floating tensor's sum and norm, one transfer), since
-        writes through ``.data`` (peft's merge, a user's edit) move no version counter; two reductions over
-        the weights cost far less than the fine-tune or loss pass each call precedes."""
-        with torch.no_grad():
-            tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-            sums = [torch.stack([t.sum(dtype=torch.float64), t.norm(dtype=torch.float64)]) for t in tensors]
-            weights = (len(tensors), tuple(torch.cat(sums).cpu().tolist()) if sums else ())
+        """Self, emptied first if ``model``'s weights differ from the last call's (``weights_signature``, by
+        content: writes through ``.data``, as peft's merge makes, move no version counter); a pass over the
+        weights costs far less than the fine-tune or loss evaluation each call precedes."""
+        weights = weights_signature(model)
         if weights != self._weights:
             self.clear()
             self._weights = weights

@@ -85,12 +85,31 @@ def in_last_blocks(model: nn.Module, targets: list[str], m: int) -> list[str]:
     prefix, blocks = found
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= len(blocks):
         raise DunegrassError(f"last_layers must be an integer in [1, {len(blocks)}] (the model's blocks), got {m!r}")
-    # A target names a module by its full name or its last components (as peft matches them).
-    names = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    names = [n for n, _ in _targeted(model, targets)]
     kept = [n for n in names if (i := block_index(n, prefix)) is not None and i >= len(blocks) - m]
     if not kept:
         raise DunegrassError(f"none of the LoRA target modules lies in the last {m} block(s) of {prefix}")
     return kept
+
+
+def _targeted(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules the targets name: by full name or by last components (as peft matches them)."""
+    return [(n, m) for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Each target names a module by its full name or its last components (as peft matches them); a name
+    that matches none is refused here, naming the layers there are (peft's own error is a traceback)."""
+    missing = [t for t in targets if not _targeted(model, [t])]
+    if missing:
+        linear = (m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+        ids = {id(m) for m in linear}
+        short = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if id(m) in ids})
+        raise DunegrassError(
+            f"LoRA target_modules {missing} match no module of {type(model).__name__}; its linear layers are "
+            f"named {', '.join(short[:12]) or '(none)'}{', ...' if len(short) > 12 else ''} (a target is a full "
+            "module name or its last part)"
+        )
 
 
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
@@ -104,11 +123,11 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         )
     peft = _peft()
     targets = list(config.target_modules) if config.target_modules is not None else mlp_projections(model)
+    _check_targets(model, targets)
     if config.last_layers is not None:
         targets = in_last_blocks(model, targets, config.last_layers)
-    modules = dict(model.named_modules())
     # HF Conv1D (GPT-2) stores its weight transposed; peft must be told.
-    fan_in_fan_out = any(type(modules.get(t)).__name__ == "Conv1D" for t in targets)
+    fan_in_fan_out = any(type(m).__name__ == "Conv1D" for _, m in _targeted(model, targets))
     cfg = peft.LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ...data import as_data
@@ -77,6 +77,11 @@ class BlackBoxDaunce(CovarianceScoring, Attributor):
         self.store: SignalStore | None = None
         self._planned_queries: str | None = None
         self._rejected: set[int] = set()  # members fine-tuned again that did not reproduce their training losses
+
+    def _watched_model(self) -> nn.Module | None:
+        """A local back end's model (a service's is out of reach): its weights are checked as white-box ones."""
+        model = getattr(self.backend, "model", None)
+        return model if isinstance(model, nn.Module) else None
 
     def describe(self) -> dict:
         return {

@@ -130,6 +130,10 @@ class LocalChatBackend(BlackBoxBackend):
         self.protocol = ChatProtocol(max_answer_tokens, top_logprobs)
 
     @property
+    def model(self) -> nn.Module:
+        return self.local.model
+
+    @property
     def stats(self) -> dict:
         return dict(self.protocol.stats)
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ...errors import DunegrassError
-from ...notices import DunegrassWarning
+from ...notices import DunegrassWarning, user_stacklevel
 from .examples import PromptCompletions
 
 CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English, used only to estimate costs before a fit
@@ -200,7 +200,7 @@ class ChatProtocol(ScoringProtocol):
                 f"top {self.top_logprobs} alternatives, or cut short): their losses are lower bounds; see "
                 "backend.stats",
                 DunegrassWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),  # the user's line, however deep the call
             )
         return torch.tensor(out, dtype=torch.float64)
 
