@@ -150,3 +150,24 @@ def test_task_settings_that_are_functions_or_objects_key_a_cache_the_same_in_eve
 
     config = WithFunction().config()
     assert config["criterion"] == "torch.nn.functional.cross_entropy" and "0x" not in str(config)
+
+
+def test_the_weights_signature_follows_content_not_version_counters(device):
+    """It is what every score checks against its fit: stable for unchanged weights, moved by an edit made
+    through .data (no version counter moves), by a permutation (same sum and norm) and by a buffer."""
+    from dunegrass.fingerprint import weights_signature
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).to(device)
+    signature = weights_signature(model)
+    assert weights_signature(model) == signature and len(signature) == 3 * 6  # 2 + 2 parameters, 2 float buffers
+    weight = model[0].weight
+    for edit in (
+        lambda: weight.data.__setitem__((1, 2), weight.data[1, 2] + 1e-3),
+        lambda: weight.data.copy_(weight.data[[1, 0, 2, 3]]),
+        lambda: model[1].running_mean.add_(0.5),
+    ):
+        before = weights_signature(model)
+        with torch.no_grad():
+            edit()
+        assert weights_signature(model) != before
