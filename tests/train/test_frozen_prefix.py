@@ -128,15 +128,21 @@ def test_nothing_is_installed_where_nothing_can_be_skipped(device):
         add_lora(torch.nn.Sequential(torch.nn.Linear(3, 3)), LoraConfig(target_modules=["0"], last_layers=1))
 
 
+def _record_installs(monkeypatch) -> list:
+    """Every FrozenPrefix.install's result (None where nothing was installed), in order."""
+    made = []
+    install = FrozenPrefix.install.__func__
+    monkeypatch.setattr(FrozenPrefix, "install", classmethod(lambda cls, *a, **k: made.append(install(cls, *a, **k))
+                                                             or made[-1]))  # fmt: skip
+    return made
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_daunce_scores_equal_with_and_without_the_prefix_cache(kind, padded_batch, device, monkeypatch):
     data = _lm_data(padded_batch, n=20)
     queries = _lm_data(padded_batch, n=3, seed=1)
 
-    made = []
-    install = FrozenPrefix.install.__func__
-    monkeypatch.setattr(FrozenPrefix, "install", classmethod(lambda cls, *a, **k: made.append(install(cls, *a, **k))
-                                                             or made[-1]))  # fmt: skip
+    made = _record_installs(monkeypatch)
 
     def run(mib):
         model = _model(kind, device)
@@ -163,10 +169,7 @@ def test_the_black_box_back_end_keeps_the_states_across_members_until_the_weight
 
     data = _lm_data(padded_batch, n=16)
     queries = _lm_data(padded_batch, n=3, seed=1)
-    made = []
-    install = FrozenPrefix.install.__func__
-    monkeypatch.setattr(FrozenPrefix, "install", classmethod(lambda cls, *a, **k: made.append(install(cls, *a, **k))
-                                                             or made[-1]))  # fmt: skip
+    made = _record_installs(monkeypatch)
     recipe = dg.TrainConfig(lr=1e-2, steps=4, batch_size=4)
 
     def run(mib):
