@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -60,9 +61,20 @@ class Attributor(ABC):
     @n_train.setter
     def n_train(self, n: int | None) -> None:
         # set by every fit: the weights fitted are recorded with it, and checked by every score
-        self._n_train = n
+        self._n_train, self._weights_checked = n, False
         watched = None if n is None else self._watched_model()
         self._fitted_weights = None if watched is None else weights_signature(watched)
+
+    @contextlib.contextmanager
+    def _checked_once(self):
+        """``_require_fit`` once for a whole scoring, not again in each of its parts (the weights' check
+        reads every weight)."""
+        self._require_fit()
+        self._weights_checked = True
+        try:
+            yield
+        finally:
+            self._weights_checked = False
 
     def _watched_model(self) -> nn.Module | None:
         """The model whose weights the fit depends on (a local back end's, for black-box Daunce)."""
@@ -92,8 +104,9 @@ class Attributor(ABC):
     def _require_fit(self) -> None:
         if self.n_train is None:
             raise DunegrassError(f"{type(self).__name__}: call fit(train) before score()/self_scores()")
-        watched = self._watched_model()
-        if self._fitted_weights is not None and weights_signature(watched) != self._fitted_weights:
+        if self._weights_checked or self._fitted_weights is None:
+            return
+        if weights_signature(self._watched_model()) != self._fitted_weights:
             raise DunegrassError(
                 f"{type(self).__name__}: the model's weights changed since fit() (scores would mix what was fitted "
                 "with the new weights); call fit() again — with a cache_dir, another one, as the old cache holds "

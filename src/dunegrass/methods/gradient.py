@@ -275,17 +275,17 @@ class GradientInfluence(Attributor):
         checkpoint); each chunk streams the training features once. Under ``torchrun`` each rank
         scores its contiguous share of the queries and every rank returns all of them.
         """
-        self._require_fit()
         queries = as_data(queries)
         lo, hi = distributed.my_rows(len(queries))
         scale = self._column_scale()
         parts = []
-        for a in range(lo, hi, self._query_chunk()):
-            b = min(a + self._query_chunk(), hi)
-            left = [pre.solve(self.query_features(queries, m, a, b)) for m, pre in enumerate(self.preconditioners)]
-            sink = make_sink(b - a, self.n_train, top_k)
-            stream_scores(left, self.stores, self.checkpoint_weights, sink, scale)
-            parts.append(sink.result(self.method_name, self.describe()))
+        with self._checked_once():
+            for a in range(lo, hi, self._query_chunk()):
+                b = min(a + self._query_chunk(), hi)
+                left = [pre.solve(self.query_features(queries, m, a, b)) for m, pre in enumerate(self.preconditioners)]
+                sink = make_sink(b - a, self.n_train, top_k)
+                stream_scores(left, self.stores, self.checkpoint_weights, sink, scale)
+                parts.append(sink.result(self.method_name, self.describe()))
         if not parts:  # a rank with no queries (fewer queries than ranks) still joins the gather
             parts.append(make_sink(0, self.n_train, top_k).result(self.method_name, self.describe()))
         return concat_scores(parts, gather=distributed.active(), device=self._device())
