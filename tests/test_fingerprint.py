@@ -171,3 +171,28 @@ def test_the_weights_signature_follows_content_not_version_counters(device):
         with torch.no_grad():
             edit()
         assert weights_signature(model) != before
+
+
+def test_the_weights_signature_is_thread_independent_and_takes_any_tensor():
+    """Found in review: a wide row was reduced by several threads (another thread count, a false refusal); a
+    NaN never equalled itself (always refused); an empty first dimension crashed; a bf16 edit of 1 % was
+    rounded away."""
+    from dunegrass.fingerprint import weights_signature
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 50_000)  # its bias: one row of 50k
+    model.register_buffer("nan", torch.tensor([float("nan"), float("inf"), -float("inf")]))
+    model.register_buffer("empty", torch.empty(0, 8))
+    threads = torch.get_num_threads()
+    signature = weights_signature(model)
+    try:
+        torch.set_num_threads(1)
+        assert weights_signature(model) == signature
+    finally:
+        torch.set_num_threads(threads)
+    half = torch.nn.Linear(1024, 512).bfloat16()
+    for row in range(5):
+        before = weights_signature(half)
+        with torch.no_grad():
+            half.weight[row * 100, row * 7] *= 1.01
+        assert weights_signature(half) != before

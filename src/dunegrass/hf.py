@@ -11,6 +11,7 @@ gradients, vmapped Daunce members) switch it to eager for the call and back (``g
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -30,6 +31,19 @@ def require_transformers():
             "this needs Hugging Face transformers; install the extra: pip install 'dunegrass[hf]'"
         ) from e
     return transformers
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' progress bars off for a load or save whose own line says what happened, then as before."""
+    logging = require_transformers().utils.logging
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
 
 
 def causal_lm_from_config(config: Any, seed: int = 0, attn_implementation: str = "eager") -> nn.Module:

@@ -24,11 +24,15 @@ def notice_once(key: str, message: str) -> None:
 
 
 def user_stacklevel() -> int:
-    """The stacklevel of the first frame outside this package (the user's line)."""
+    """The stacklevel of the user's line: the caller of the outermost frame of this package (a warning raised in
+    a hook, under torch's and the model's own frames, still points at the user's ``fit`` or ``score``)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (
-        os.path.abspath(frame.f_code.co_filename).startswith(here) or frame.f_code.co_filename == contextlib.__file__
-    ):  # a context manager of ours warns from contextlib's frames
+    frame, level, outermost, inside = sys._getframe(1), 1, 1, True
+    while frame is not None:
+        name = frame.f_code.co_filename
+        # ours, or contextlib's running a context manager of ours (it calls the generator's code)
+        inside = os.path.abspath(name).startswith(here) or (inside and name == contextlib.__file__)
+        if inside:
+            outermost = level
         frame, level = frame.f_back, level + 1
-    return level
+    return outermost + 1

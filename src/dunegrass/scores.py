@@ -137,7 +137,7 @@ class Scores:
 _TOP_FIELDS = ("top_indices", "top_values", "bottom_indices", "bottom_values", "top_stderr", "bottom_stderr")
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class TopScores:
     """Each query's ``k`` largest and ``k`` smallest scores (``score(queries, top_k=k)``).
 
@@ -158,6 +158,19 @@ class TopScores:
 
     def __len__(self) -> int:
         return self.top_values.shape[0]
+
+    def __repr__(self) -> str:
+        errors = ", with stderr" if self.top_stderr is not None else ""
+        k = self.top_values.shape[1]
+        return f"TopScores(method={self.method!r}, n_query={len(self)}, k={k}, n_train={self.n_train}{errors})"
+
+    def __eq__(self, other: object) -> bool:
+        """Same rankings, scores and standard errors (NaN equal to NaN), method and metadata."""
+        if not isinstance(other, TopScores):
+            return NotImplemented
+        mine, theirs = (getattr(self, f) for f in _TOP_FIELDS), (getattr(other, f) for f in _TOP_FIELDS)
+        same = all((a is None) == (b is None) and (a is None or _same(a, b)) for a, b in zip(mine, theirs))
+        return same and (self.n_train, self.method, self.meta) == (other.n_train, other.method, other.meta)
 
     @classmethod
     def from_scores(cls, scores: Scores, k: int) -> TopScores:

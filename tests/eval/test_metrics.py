@@ -100,6 +100,9 @@ def test_scores_index_and_convert_like_their_values():
     assert nan == dg.Scores(torch.tensor([[float("nan"), 1.0]]), method="m", meta={"seeds": list(range(1000))})
     assert nan != dg.Scores(torch.tensor([[float("nan"), 2.0]]), method="m", meta={"seeds": list(range(1000))})
     assert scores != nan and repr(nan) == "Scores(method='m', shape=(1, 2))"
+    top = dg.TopScores.from_scores(scores, 2)
+    assert top == dg.TopScores.from_scores(dg.Scores(values), 2) and top != dg.TopScores.from_scores(nan, 1)
+    assert repr(top) == "TopScores(method='', n_query=3, k=2, n_train=5)"
 
 
 def test_subsets_have_the_requested_size_and_differ():

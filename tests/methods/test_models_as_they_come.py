@@ -228,7 +228,7 @@ def test_messages_name_a_root_layer(device):
         capture_factors(model, [layer], objective, torch.randn(3, 4, device=device), lambda i, a, g: None)
 
 
-@pytest.mark.parametrize("name", ["logra", "gradient", "daunce", "blackbox"])
+@pytest.mark.parametrize("name", ["logra", "gradient", "trak", "ekfac", "daunce", "blackbox"])
 def test_weights_changed_after_fit_are_refused_not_mixed(device, tiny_classification, name):
     """A model edited between fit and score (an in-place update, a write through .data) gave scores that mixed
     the fitted training features or signals with the new weights, silently; now score says so. Scoring
@@ -242,6 +242,8 @@ def test_weights_changed_after_fit_are_refused_not_mixed(device, tiny_classifica
     attr = {
         "logra": lambda: dg.LoGra(model, task, k_in=4, k_out=3),
         "gradient": lambda: dg.GradientInfluence(model, task, compressor="identity"),
+        "trak": lambda: dg.TRAK(model, task, k=16),
+        "ekfac": lambda: dg.EKFAC(model, task),
         "daunce": lambda: dg.Daunce(model, task, num_models=3, train=recipe),
         "blackbox": lambda: BlackBoxDaunce(LocalBackend(model, task, recipe), num_models=3),
     }[name]().fit(train)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import dunegrass as dg
 from dunegrass import cli
@@ -346,7 +347,7 @@ def test_changed_settings_name_nested_flags_and_ignore_what_one_side_does_not_kn
     assert changed_settings({"config": fitted}, now) == ""
 
 
-def test_a_partial_recipe_changes_only_its_fields_and_files_never_override_flags(tmp_path):
+def test_a_partial_recipe_changes_only_its_fields_and_files_never_override_flags(tmp_path, capsys):
     """From a new-user trial: --daunce.train.lr with LoRA replaced the whole LoRA recipe (AdamW, 1 epoch) by
     TrainConfig's defaults (Adam, 20 epochs); a config file given after a flag overrode the flag; a TOML file
     named without .toml was read as one YAML string ('Unexpected config')."""
@@ -362,6 +363,14 @@ def test_a_partial_recipe_changes_only_its_fields_and_files_never_override_flags
     (tmp_path / "run.cfg").write_text('model = "m"\ndata = "d.jsonl"\nname = "from-file"\n[daunce.train]\nlr = 0.02\n')
     cfg = parse(FitConfig, ["--name", "from-flag", "--method", "daunce", "--config", str(tmp_path / "run.cfg")], "x")
     assert cfg.name == "from-flag" and cfg.daunce.recipe.to_dict() == {**DEFAULT_RECIPE.to_dict(), "lr": 0.02}
+    (tmp_path / "table.cfg").write_text("[influence]\ndamping = 0.3\n")  # a table first: a YAML parse error
+    assert parse(FitConfig, [*base, "--config", str(tmp_path / "table.cfg")], "x").influence.damping == 0.3
+    # --print_config (YAML here) shows the recipe the run uses, not TrainConfig's defaults
+    (tmp_path / "run.yaml").write_text("model: m\ndata: d.jsonl\nmethod: daunce\n")
+    with pytest.raises(SystemExit):
+        parse(FitConfig, [str(tmp_path / "run.yaml"), "--daunce.train.lr", "0.01", "--print_config"], "x")
+    printed = yaml.safe_load(capsys.readouterr().out)["daunce"]["train"]
+    assert printed == {**DEFAULT_RECIPE.to_dict(), "lr": 0.01, "betas": list(DEFAULT_RECIPE.betas)}
 
 
 def test_scoring_with_more_members_says_so_and_records_it(tmp_path, capsys, monkeypatch):
@@ -375,10 +384,11 @@ def test_scoring_with_more_members_says_so_and_records_it(tmp_path, capsys, monk
     fit = run("fit", "--model", "model", "--data", "train.jsonl", "--method", "daunce", "--name", "d",
               "--daunce.num_models", "3", *steps)  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-2000:]
-    more = run("score", "--run", "runs/d", "--queries", "q.jsonl", "--daunce.num_models", "5")
+    more = run("score", "--run", "runs/d", "--queries", "q.jsonl", "--daunce.num_models", "5", "--daunce.normalize")
     assert more.returncode == 0, more.stderr[-2000:]
     assert "trained 2 more members (3 → 5)" in more.stdout
-    assert json.loads((tmp_path / "runs" / "d" / "run.json").read_text())["config"]["daunce"]["num_models"] == 5
+    recorded = json.loads((tmp_path / "runs" / "d" / "run.json").read_text())["config"]["daunce"]
+    assert recorded["num_models"] == 5 and recorded["normalize"] is False  # the count, not this score's settings
     same = run("score", "--run", "runs/d", "--queries", "q.jsonl")
     assert same.returncode == 0 and "more members" not in same.stdout
     assert dg.TopScores.load(tmp_path / "runs" / "d" / "top.npz").meta["num_models"] == 5

@@ -277,9 +277,9 @@ class GradientInfluence(Attributor):
         """
         queries = as_data(queries)
         lo, hi = distributed.my_rows(len(queries))
-        scale = self._column_scale()
         parts = []
         with self._checked_once():
+            scale = self._column_scale()
             for a in range(lo, hi, self._query_chunk()):
                 b = min(a + self._query_chunk(), hi)
                 left = [pre.solve(self.query_features(queries, m, a, b)) for m, pre in enumerate(self.preconditioners)]

@@ -327,6 +327,7 @@ class KFAC(Attributor):
     def _require_fit(self) -> None:
         if not self.blocks or self.blocks[0].eigenvalues is None:
             raise DunegrassError(f"call fit before scoring with {type(self).__name__}")
+        super()._require_fit()  # and the weights are those fitted
 
 
 class EKFAC(KFAC):

@@ -96,7 +96,7 @@ def _partial_recipe_from_daunces(p: jsonargparse.ArgumentParser, argv: list[str]
     epochs), which replaced the whole recipe silently."""
     if p.get_defaults().get("daunce.train") is not None:  # a recorded run's recipe is the base already
         return
-    first = p.parse_args(argv, _skip_validation=True)
+    first = p.parse_args([a for a in argv if not a.startswith("--print_config")], _skip_validation=True)
     if first.get("daunce.train") is not None:
         recipe = LORA_RECIPE if first.get("daunce.lora") else DEFAULT_RECIPE
         p.set_defaults({"daunce.train": recipe.to_dict()})
@@ -330,8 +330,10 @@ def score(cfg: ScoreConfig) -> TopScores:
             f"{e}. {f'Changed since the fit (run.json): {changed}. ' if changed else ''}To score with settings "
             "that change what was fitted, fit them as a new run (dunegrass fit ... --name ANOTHER_NAME)"
         ) from e
-    if fitted_here or _grew(fit_record, cfg):
-        record_fit(cfg)  # the run's record follows what its cache now holds
+    if fitted_here:
+        record_fit(cfg)
+    elif _grew(fit_record, cfg):  # the record follows what the cache now holds, this score's other settings not
+        atomic_write_json(recorded, fit_record)
     out = cfg.out or run_dir(cfg)
     os.makedirs(out, exist_ok=True)
     if cfg.dense:
@@ -355,13 +357,16 @@ def score(cfg: ScoreConfig) -> TopScores:
 
 
 def _grew(fit_record: dict, cfg: FitConfig) -> bool:
-    """Whether this score trained members (Daunce) or chains (BIF) the run did not hold, and says so."""
+    """Whether this score trained members (Daunce) or chains (BIF) the run did not hold; if so, says so and
+    puts the new count in ``fit_record``."""
     section, field = {"daunce": ("daunce", "num_models"), "bif": ("bif", "chains")}.get(cfg.method, (None, None))
     if section is None:
         return False
-    before, now = fit_record["config"].get(section, {}).get(field), getattr(getattr(cfg, section), field)
+    recorded = fit_record["config"].get(section, {})
+    before, now = recorded.get(field), getattr(getattr(cfg, section), field)
     if not isinstance(before, int) or now <= before:
         return False
+    recorded[field] = now
     print(f"dunegrass score: trained {now - before} more {'members' if section == 'daunce' else 'chains'} "
           f"({before} → {now}); {run_dir(cfg)}/run.json records the run as it now is")  # fmt: skip
     return True

@@ -27,12 +27,18 @@ def load(text: str, path=None):
     """A config file's (or a flag value's) contents: TOML for a ``.toml`` path, else YAML."""
     if path is not None and str(path).lower().endswith(".toml"):
         return tomllib.loads(text)
-    loaded = _YAML(text)
-    if path is not None and not isinstance(loaded, dict):  # TOML under another extension reads as one string
+    try:
+        loaded = _YAML(text)
+    except yaml.YAMLError:
+        if path is None:
+            raise
+        loaded = None
+    if path is not None and not isinstance(loaded, dict):  # TOML under another extension: not a YAML mapping
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError:
-            pass
+            if loaded is None:
+                return _YAML(text)  # the YAML error, which names the line
     return loaded
 
 

@@ -14,7 +14,7 @@ import json
 import os
 
 from ..errors import DunegrassError
-from ..hf import require_transformers, tiny_gpt2
+from ..hf import quiet_progress_bars, require_transformers, tiny_gpt2
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -58,7 +58,6 @@ def pairs() -> list[dict]:
 def save_tiny_lm(path: str, texts: list[str], chat: bool = True, seed: int = 1) -> None:
     """A word-level tokenizer trained on ``texts`` and a tiny GPT-2 with random weights, saved to ``path``."""
     require_transformers()
-    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,8 +69,8 @@ def save_tiny_lm(path: str, texts: list[str], chat: bool = True, seed: int = 1) 
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
-    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" for a file of a few kB
-    tiny_gpt2(vocab_size=len(fast), n_positions=96, n_embd=32, seed=seed).save_pretrained(path)
+    with quiet_progress_bars():  # "Writing model shards" for a file of a few kB
+        tiny_gpt2(vocab_size=len(fast), n_positions=96, n_embd=32, seed=seed).save_pretrained(path)
 
 
 def write_example(directory: str) -> None:

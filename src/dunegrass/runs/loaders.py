@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..data import Padded, TensorData
 from ..errors import DunegrassError
-from ..hf import require_transformers
+from ..hf import quiet_progress_bars, require_transformers
 from ..task import CausalLMTask, ClassificationTask, Task
 
 
@@ -81,9 +81,9 @@ def _from_directory(path: str, task: str) -> Loaded:
     names = " ".join(config.architectures or [])
     kind = task if task != "auto" else ("classification" if "SequenceClassification" in names else "causal_lm")
     auto = tf.AutoModelForSequenceClassification if kind == "classification" else tf.AutoModelForCausalLM
-    tf.utils.logging.disable_progress_bar()  # the command prints its own one-line summary
     try:
-        model = auto.from_pretrained(path, local_files_only=True)
+        with quiet_progress_bars():  # the command prints its own one-line summary
+            model = auto.from_pretrained(path, local_files_only=True)
         tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise DunegrassError(f"cannot load the model or tokenizer from {path}: {e}") from e
