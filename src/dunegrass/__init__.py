@@ -30,7 +30,7 @@ from .methods import (
 from .notices import DunegrassWarning
 from .options import BayesianInfluenceOptions, DaunceOptions, InfluenceOptions
 from .scores import Ranked, Scores, TopScores
-from .task import CausalLMTask, ClassificationTask, Task
+from .task import CausalLMTask, ClassificationTask, SequenceClassificationTask, Task
 from .train import EnsembleTrainer, LoraConfig, Member, TrainConfig
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "BlackBoxDaunce",
     "CausalLMTask",
     "ClassificationTask",
+    "SequenceClassificationTask",
     "Compressor",
     "ConfigMismatchError",
     "CorruptCacheError",

@@ -91,7 +91,9 @@ def iterate_batches(
             yield lo, data.slice(slice(lo, min(lo + batch_size, stop)))
         return
     collate_fn = collate_fn or getattr(data, "collate_fn", None)  # a dataset may say how to batch itself
-    loader = DataLoader(Subset(data, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    # its own generator: an iterator draws a seed from it, which would advance the user's global RNG
+    subset, generator = Subset(data, range(start, stop)), torch.Generator()
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, generator=generator)
     batches = iter(loader)
     for i in range(len(loader)):
         try:
@@ -126,9 +128,10 @@ def subset(data: Any, indices: Sequence[int] | Tensor) -> TensorData | Dataset:
 class Padded(Dataset):
     """A dataset of token sequences of different lengths, batched by padding each batch to its longest.
 
-    Each example is a dict with ``"input_ids"`` (1-D) and optionally ``"labels"`` (the same length, -100 for
-    tokens without a loss); a batch gets ``attention_mask`` (1 on real tokens) and ``pad_id``/-100 in the
-    padding, on the ``side`` given. Per-example results do not depend on the padding (CausalLMTask masks
+    Each example is a dict with ``"input_ids"`` (1-D) and optionally ``"labels"``: the same length, -100 for
+    tokens without a loss (a language model), or one class index (a sequence classifier, with
+    ``dg.SequenceClassificationTask``); a batch gets ``attention_mask`` (1 on real tokens) and ``pad_id``/-100
+    in the padding, on the ``side`` given. Per-example results do not depend on the padding (CausalLMTask masks
     it). ``dg.data.Padded(my_dataset)`` wraps any such dataset, a Hugging Face one included.
     """
 
@@ -154,7 +157,8 @@ class Padded(Dataset):
             fill = (gap, 0) if self.side == "left" else (0, gap)
             out["input_ids"].append(torch.nn.functional.pad(ids, fill, value=self.pad_id))
             out["attention_mask"].append(torch.nn.functional.pad(torch.ones_like(ids), fill, value=0))
-            out["labels"].append(torch.nn.functional.pad(labels, fill, value=-100))
+            # a class index per sequence is not padded
+            out["labels"].append(labels if labels.ndim == 0 else torch.nn.functional.pad(labels, fill, value=-100))
         return {k: torch.stack(v) for k, v in out.items()}
 
 

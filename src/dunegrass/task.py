@@ -271,6 +271,23 @@ def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
     return torch.arange(num_classes, device=labels.device)[None, :] == labels[:, None]
 
 
+class SequenceClassificationTask(ClassificationTask):
+    """Classification with a Hugging Face sequence classifier (``…ForSequenceClassification``): batches
+    ``{"input_ids", "attention_mask", "labels"}`` (``dg.data.Padded`` pads them), outputs the model's
+    ``logits``; measurements as ClassificationTask."""
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        kwargs = {"input_ids": batch["input_ids"]}
+        if "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        return model(**kwargs).logits
+
+    def _labels(self, outputs: Tensor, batch: Any) -> Tensor:
+        if not isinstance(batch, dict) or "labels" not in batch:
+            raise DunegrassError("a sequence classifier's batches are {'input_ids', 'attention_mask', 'labels'}")
+        return super()._labels(outputs, (batch["input_ids"], batch["labels"]))
+
+
 class CausalLMTask(Task):
     """Next-token prediction on batches ``{"input_ids", "attention_mask"?, "labels"?}`` (Hugging Face style).
 

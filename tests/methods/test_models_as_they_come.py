@@ -255,3 +255,52 @@ def test_weights_changed_after_fit_are_refused_not_mixed(device, tiny_classifica
         attr.score(test)
     weight.data.copy_(kept)
     torch.testing.assert_close(attr.score(test).values, before)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_an_encoder_classifier_with_padding_gets_exact_per_example_gradients(device, attention):
+    """A BERT-style classifier (bidirectional masks) failed in every per-example-gradient method: transformers
+    reads the padding mask (``.all()``) to skip it, which vmap cannot run, whatever the attention. Scores with
+    the identity compressor and no damping are g_q · g_i; each g is checked against autograd on the example
+    alone, unpadded. TRAK runs through the task it is given (it replaced it with a plain ClassificationTask)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=3, attn_implementation=attention,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(1, 40, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen),
+         "labels": torch.tensor(i % 3)}
+        for i in range(6)
+    ]  # fmt: skip
+    task = dg.SequenceClassificationTask()
+    got = dg.GradientInfluence(model, task, compressor="identity", damping=None).fit(dg.data.Padded(rows))
+    scores = got.score(dg.data.Padded(rows[:2])).values
+
+    def alone(row):
+        batch = {"input_ids": row["input_ids"][None].to(device), "labels": row["labels"][None].to(device)}
+        model.zero_grad()
+        task.loss(task.outputs(model, batch), batch).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).cpu()
+
+    grads = torch.stack([alone(r) for r in rows])
+    model.zero_grad()
+    want = grads[:2] @ grads.T
+    torch.testing.assert_close(scores, want, rtol=1e-3, atol=1e-5 * want.abs().max().item())
+    trak = dg.TRAK(model, task, k=16).fit(dg.data.Padded(rows)).score(dg.data.Padded(rows[:2]))
+    assert trak.values.isfinite().all() and trak.top(1).indices.flatten().tolist() == [0, 1]
+
+
+def test_attributing_a_dataset_leaves_the_global_random_state_alone(tiny_classification):
+    """torch's DataLoader drew its seed from the global generator: a user's seeded run after attribution
+    changed whenever the data came as a Dataset or a list of examples."""
+    model, (x, y), _ = tiny_classification
+    rows = [(x[i], y[i]) for i in range(len(y))]
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    dg.LoGra(model, dg.ClassificationTask(), k_in=4, k_out=3).fit(rows).score(rows[:2])
+    assert torch.equal(torch.rand(3), want)

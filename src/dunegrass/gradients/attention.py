@@ -36,9 +36,38 @@ def _attention_owner(model: nn.Module) -> nn.Module | None:
 def vmap_safe_attention(model: nn.Module) -> Iterator[None]:
     owner = _attention_owner(model)
     current = None if owner is None else owner.config._attn_implementation
-    if current in SAFE:
+    with _materialised_bidirectional_masks(owner is not None):
+        if current in SAFE:
+            yield
+            return
+        with _eager(owner, current):
+            yield
+
+
+@contextlib.contextmanager
+def _materialised_bidirectional_masks(active: bool) -> Iterator[None]:
+    """An encoder's (BERT's) mask preparation skips the mask when no token is padded, which it learns by
+    reading the data (``padding_mask.all()``) whatever the attention: vmap cannot run that. For the call, the
+    mask is always built (the same values: an all-ones padding mask masks nothing)."""
+    masking = None
+    if active:
+        try:
+            from transformers import masking_utils as masking
+        except ImportError:
+            masking = None
+    skip = getattr(masking, "_ignore_bidirectional_mask_sdpa", None)
+    if skip is None:
         yield
         return
+    masking._ignore_bidirectional_mask_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        masking._ignore_bidirectional_mask_sdpa = skip
+
+
+@contextlib.contextmanager
+def _eager(owner: nn.Module, current: str) -> Iterator[None]:
     name = type(owner).__name__
     notice_once(
         f"attention:{name}:{current}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -49,7 +50,8 @@ class TRAK(GradientInfluence):
         if compressor is None:
             k = default_k(model, kwargs.get("params"), 2048, "TRAK") if k is None else positive_int(k, "k")
             compressor = f"{projector}:{k}"
-        logodds = ClassificationTask(measurement="logodds")
+        logodds = copy.copy(task)  # the user's task (its own outputs, its batches), measuring the log-odds
+        logodds.measurement_name, logodds.measurement_higher_is_better = "logodds", True
         super().__init__(
             model, logodds, compressor=compressor, train_signal="measurement", query_signal="measurement", **kwargs
         )

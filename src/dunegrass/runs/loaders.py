@@ -22,23 +22,7 @@ from torch import Tensor, nn
 from ..data import Padded, TensorData
 from ..errors import DunegrassError
 from ..hf import quiet_progress_bars, require_transformers
-from ..task import CausalLMTask, ClassificationTask, Task
-
-
-class SequenceClassificationTask(ClassificationTask):
-    """Classification with a Hugging Face sequence classifier: batches ``{"input_ids", "attention_mask",
-    "labels"}``, outputs the model's ``logits``."""
-
-    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
-        kwargs = {"input_ids": batch["input_ids"]}
-        if "attention_mask" in batch:
-            kwargs["attention_mask"] = batch["attention_mask"]
-        return model(**kwargs).logits
-
-    def _labels(self, outputs: Tensor, batch: Any) -> Tensor:
-        if not isinstance(batch, dict) or "labels" not in batch:
-            raise DunegrassError("a sequence classifier's batches are {'input_ids', 'attention_mask', 'labels'}")
-        return super()._labels(outputs, (batch["input_ids"], batch["labels"]))
+from ..task import CausalLMTask, SequenceClassificationTask, Task
 
 
 @dataclass
