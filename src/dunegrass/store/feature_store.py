@@ -289,6 +289,14 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
+# what a fingerprint's change means, beside its hashes
+_MEANING = {
+    "data": " — the training data differ",
+    "weights": " — the model's weights (or a checkpoint's) differ",
+    "queries": " — the queries differ",
+}
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> str:
     """The first setting that differs, by its path (``featurizer.layers[0].proj_in.out_dim: cached 8, ...``)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
@@ -296,7 +304,8 @@ def _diff(old: Any, new: Any, prefix: str = "") -> str:
     elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         pairs = [(f"{prefix}[{i}]", a, b) for i, (a, b) in enumerate(zip(old, new))]
     else:
-        return f"{prefix}: cached {_short(old)}, requested {_short(new)}"
+        said = _MEANING.get(prefix, "")
+        return f"{prefix}: cached {_short(old)}, requested {_short(new)}{said}"
     for path, a, b in pairs:
         if a != b:
             return _diff(a, b, path)
