@@ -43,6 +43,14 @@ def test_sequences_of_different_lengths_without_padding_name_the_fix():
         list(iterate_batches(rows, 2))
 
 
+def test_padded_class_labels_stay_one_per_row():
+    """A sequence classifier's rows carry one class index ("labels", or a Hugging Face dataset's "label"):
+    it was padded like token labels (a raw padding error), and "label" was ignored (ids taken as labels)."""
+    rows = [{"input_ids": [1, 2, 3], "label": 2}, {"input_ids": [4], "labels": torch.tensor(0)}]
+    batch = Padded(rows, pad_id=9).collate_fn(rows)
+    assert batch["labels"].tolist() == [2, 0] and batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+
+
 @pytest.mark.parametrize("name", ["logra", "gradient"])
 def test_scores_of_padded_sequences_do_not_depend_on_the_batch_size(device, name):
     """Without a collate that pads, such a dataset failed with a raw 'stack expects each tensor to be equal size'."""

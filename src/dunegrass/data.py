@@ -128,9 +128,9 @@ def subset(data: Any, indices: Sequence[int] | Tensor) -> TensorData | Dataset:
 class Padded(Dataset):
     """A dataset of token sequences of different lengths, batched by padding each batch to its longest.
 
-    Each example is a dict with ``"input_ids"`` (1-D) and optionally ``"labels"``: the same length, -100 for
-    tokens without a loss (a language model), or one class index (a sequence classifier, with
-    ``dg.SequenceClassificationTask``); a batch gets ``attention_mask`` (1 on real tokens) and ``pad_id``/-100
+    Each example is a dict with ``"input_ids"`` (1-D) and optionally ``"labels"`` (or ``"label"``): the same
+    length, -100 for tokens without a loss (a language model), or one class index (a sequence classifier,
+    with ``dg.SequenceClassificationTask``); a batch gets ``attention_mask`` (1 on real tokens) and ``pad_id``/-100
     in the padding, on the ``side`` given. Per-example results do not depend on the padding (CausalLMTask masks
     it). ``dg.data.Padded(my_dataset)`` wraps any such dataset, a Hugging Face one included.
     """
@@ -152,7 +152,8 @@ class Padded(Dataset):
         out: dict[str, list[Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for ex in examples:
             ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
-            labels = torch.as_tensor(ex["labels"], dtype=torch.long) if "labels" in ex else ids
+            given = ex["labels"] if "labels" in ex else ex.get("label")  # "label": a Hugging Face dataset's column
+            labels = ids if given is None else torch.as_tensor(given, dtype=torch.long)
             gap = longest - len(ids)
             fill = (gap, 0) if self.side == "left" else (0, gap)
             out["input_ids"].append(torch.nn.functional.pad(ids, fill, value=self.pad_id))

@@ -189,3 +189,43 @@ def test_preflight_runs_the_loss_on_the_models_device(tiny_classification):
     with pytest.raises(Exception) as info:  # a meta model has no values to check; it must fail later than that
         attr._preflight(train)
     assert "expected device" not in str(info.value) and "is not on the expected device" not in str(info.value)
+
+
+def test_trak_measures_the_log_odds_through_the_users_task(tiny_classification):
+    """TRAK replaced the task by a plain ClassificationTask (a task's own outputs were ignored); then, in
+    review, a copy with its measurement renamed (a task that computes its measurement its own way was
+    explained instead, and a read-only measurement_name failed). Now the task's outputs and labels, the
+    log-odds as the measurement, and the cache key of a plain task as it always was."""
+    from dunegrass.methods.presets import _LogOddsOf
+
+    model, train, test = tiny_classification
+
+    class Shifted(dg.ClassificationTask):  # its own outputs: TRAK must go through them
+        def outputs(self, model, batch):
+            x, _ = batch
+            return model(x * 2.0)
+
+    class OwnMeasurement(dg.ClassificationTask):  # TRAK explains the log-odds, not this
+        measurement_name = property(lambda self: "margin")
+
+        def __init__(self):
+            pass
+
+        def measurement(self, outputs, batch):
+            return outputs[:, 0] - outputs[:, 1]
+
+    def trak(task):
+        return dg.TRAK(model, task, k=32).fit(train).score(test).values
+
+    plain = trak(dg.ClassificationTask())
+    torch.testing.assert_close(trak(OwnMeasurement()), plain)
+    shifted = trak(Shifted())
+    want = dg.TRAK(torch.nn.Sequential(_Doubling(), model), dg.ClassificationTask(), k=32).fit(train).score(test)
+    torch.testing.assert_close(shifted, want.values, rtol=1e-4, atol=1e-6 * want.values.abs().max().item())
+    assert not torch.allclose(shifted, plain)
+    assert _LogOddsOf(dg.ClassificationTask()).config() == dg.ClassificationTask("logodds").config()
+
+
+class _Doubling(torch.nn.Module):
+    def forward(self, x):
+        return x * 2.0

@@ -304,3 +304,20 @@ def test_attributing_a_dataset_leaves_the_global_random_state_alone(tiny_classif
     torch.manual_seed(0)
     dg.LoGra(model, dg.ClassificationTask(), k_in=4, k_out=3).fit(rows).score(rows[:2])
     assert torch.equal(torch.rand(3), want)
+
+
+def test_interleaved_calls_keep_the_encoder_masks_built_and_restore_transformers_after_the_last():
+    """Found in review: each call saved and restored transformers' function itself, so two interleaved ones
+    (two generators, two threads) left the patch installed for good, and the second ran unpatched."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    from dunegrass.gradients.attention import _materialised_bidirectional_masks
+
+    original = masking_utils._ignore_bidirectional_mask_sdpa
+    first, second = _materialised_bidirectional_masks(True), _materialised_bidirectional_masks(True)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert masking_utils._ignore_bidirectional_mask_sdpa is not original  # the second still needs it
+    assert masking_utils._ignore_bidirectional_mask_sdpa(torch.ones(1, 3, dtype=torch.bool), 3) is False
+    second.__exit__(None, None, None)
+    assert masking_utils._ignore_bidirectional_mask_sdpa is original

@@ -10,6 +10,7 @@ rounding) and back afterwards, and says so once per model class.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 from torch import nn
@@ -44,26 +45,41 @@ def vmap_safe_attention(model: nn.Module) -> Iterator[None]:
             yield
 
 
+_masks = {"users": 0, "original": None}  # how many calls need the masks built, and transformers' own skip
+_masks_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _materialised_bidirectional_masks(active: bool) -> Iterator[None]:
     """An encoder's (BERT's) mask preparation skips the mask when no token is padded, which it learns by
-    reading the data (``padding_mask.all()``) whatever the attention: vmap cannot run that. For the call, the
-    mask is always built (the same values: an all-ones padding mask masks nothing)."""
+    reading the data (``padding_mask.all()``) whatever the attention: vmap cannot run that. While any such
+    call runs, the mask is always built (the same values: an all-ones padding mask masks nothing); counted,
+    so that interleaved calls (two generators, two threads) restore transformers' function only after the last."""
     masking = None
     if active:
         try:
             from transformers import masking_utils as masking
         except ImportError:
             masking = None
-    skip = getattr(masking, "_ignore_bidirectional_mask_sdpa", None)
-    if skip is None:
+    if getattr(masking, "_ignore_bidirectional_mask_sdpa", None) is None:
         yield
         return
-    masking._ignore_bidirectional_mask_sdpa = lambda *args, **kwargs: False
+    with _masks_lock:
+        if _masks["users"] == 0:
+            _masks["original"] = masking._ignore_bidirectional_mask_sdpa
+            masking._ignore_bidirectional_mask_sdpa = _never_skip
+        _masks["users"] += 1
     try:
         yield
     finally:
-        masking._ignore_bidirectional_mask_sdpa = skip
+        with _masks_lock:
+            _masks["users"] -= 1
+            if _masks["users"] == 0:
+                masking._ignore_bidirectional_mask_sdpa = _masks["original"]
+
+
+def _never_skip(*args, **kwargs) -> bool:
+    return False
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -14,6 +13,37 @@ from ..options import choice, deprecated, positive_int
 from ..task import ClassificationTask, Task
 from .featurize import CompressorSpec, default_k, load_weights
 from .gradient import GradientInfluence
+
+
+class _LogOddsOf(Task):
+    """A classification task as the user wrote it (outputs, labels, batch checks) whose measurement is the
+    log-odds of the correct class, TRAK's, whatever measurement the task itself names."""
+
+    measurement_higher_is_better = True
+
+    def __init__(self, task: ClassificationTask):
+        self.task = task
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.task.outputs(model, batch)
+
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        return self.task.loss(outputs, batch)
+
+    def measurement(self, outputs: Tensor, batch: Any) -> Tensor:
+        return self.task.logodds(outputs, batch)
+
+    def probability_correct(self, outputs: Tensor, batch: Any) -> Tensor:
+        return self.task.probability_correct(outputs, batch)
+
+    def batch_size(self, batch: Any) -> int:
+        return self.task.batch_size(batch)
+
+    def check_batch(self, batch: Any, output_shape: torch.Size) -> None:
+        self.task.check_batch(batch, output_shape)
+
+    def config(self) -> dict:  # the task's own, measuring the log-odds (a plain task's is as it always was)
+        return {**self.task.config(), "measurement_name": "logodds", "measurement_higher_is_better": True}
 
 
 class TRAK(GradientInfluence):
@@ -50,8 +80,7 @@ class TRAK(GradientInfluence):
         if compressor is None:
             k = default_k(model, kwargs.get("params"), 2048, "TRAK") if k is None else positive_int(k, "k")
             compressor = f"{projector}:{k}"
-        logodds = copy.copy(task)  # the user's task (its own outputs, its batches), measuring the log-odds
-        logodds.measurement_name, logodds.measurement_higher_is_better = "logodds", True
+        logodds = _LogOddsOf(task)  # the user's task (its outputs, its batches), measuring the log-odds
         super().__init__(
             model, logodds, compressor=compressor, train_signal="measurement", query_signal="measurement", **kwargs
         )
