@@ -2,7 +2,6 @@
 training shards, Fisher blocks and queries."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -29,9 +28,9 @@ def _method(model):
     )
 
 
-def _worker(rank, world, port, cache, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, store, cache, out):
+    # a file store, not a TCP port: a port picked free can be taken before rank 0 binds it (a flaky abort)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     factored, scored = [], []
     original_factor, original_features = BlockPreconditioner._factor, dg.GradientInfluence.query_features
     BlockPreconditioner._factor = lambda self, i, g: factored.append(i) or original_factor(self, i, g)
@@ -53,15 +52,9 @@ def _worker(rank, world, port, cache, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process_and_split_the_work(tmp_path):
     cache = tmp_path / "cache"
-    mp.spawn(_worker, args=(2, _free_port(), str(cache), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(cache), str(tmp_path)), nprocs=2, join=True)
     model, train, queries = _setup()
     single = _method(model).fit(train)
     want = single.score(queries).values.numpy()
