@@ -84,10 +84,10 @@ def weights_signature(model: nn.Module) -> tuple:
             wide = flat.dtype in (torch.float32, torch.float64)
             for block in rows:
                 step = block.shape[0] if wide else _ROWS_PER_STEP  # half precision: float32 copies, bounded
+                wc = _position_weights(block.shape[1], block.device).to(flat.dtype if wide else torch.float32)
                 for start in range(0, block.shape[0], step):
                     chunk = block[start : start + step]
                     chunk = chunk if wide else chunk.float()
-                    wc = _position_weights(chunk.shape[1], chunk.device).to(chunk.dtype)
                     wr = row_weights[first : first + chunk.shape[0]]
                     first += chunk.shape[0]
                     sums = chunk.sum(1).to(acc)

@@ -33,9 +33,11 @@ from .config import FitConfig, MethodOptions, ScoreConfig
 from .loaders import Examples, Loaded, load_data, load_model, load_pairs
 
 
-def parser(kind: type[FitConfig], prog: str, mode: str = "yaml") -> jsonargparse.ArgumentParser:
-    """The command's parser, built from its dataclass: ``--config FILE`` then any field as a flag."""
-    p = jsonargparse.ArgumentParser(prog=prog, description=(kind.__doc__ or "").split("\n\n")[0], parser_mode=mode)
+def parser(kind: type[FitConfig], prog: str) -> jsonargparse.ArgumentParser:
+    """The command's parser, built from its dataclass: ``--config FILE`` then any field as a flag; each file
+    read by its extension, flag values as YAML (``config_files``)."""
+    description = (kind.__doc__ or "").split("\n\n")[0]
+    p = jsonargparse.ArgumentParser(prog=prog, description=description, parser_mode=config_files.MODE)
     p.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a YAML or TOML file of the fields below")
     p.add_class_arguments(kind, None)
     return p
@@ -58,7 +60,7 @@ def parse(kind: type[FitConfig], argv: list[str], prog: str) -> FitConfig:
     # after a TOML file, the settings are printed as TOML (jsonargparse would need the toml package)
     print_toml = printing and any(c.lower().endswith(".toml") for c in configs)
     argv = [a for a in argv if a not in printing] if print_toml else argv
-    p = parser(kind, prog, config_files.MODE)  # each file read by its extension, flag values as YAML
+    p = parser(kind, prog)
     if kind is ScoreConfig:
         p.add_argument("--run", help="CACHE_DIR/NAME: score that fitted run with the settings its fit recorded")
     if run is not None:
